@@ -1,0 +1,2 @@
+//! Orders, order events, execution confirmations and account state
+//! (filled in by the execution/accounts work).

@@ -1,0 +1,1 @@
+//! Raw and standardized signals (filled in by the signal-ingress work).
