@@ -123,7 +123,10 @@ impl OrderStatus {
     pub const fn is_terminal(self) -> bool {
         matches!(
             self,
-            OrderStatus::Filled | OrderStatus::Cancelled | OrderStatus::Rejected | OrderStatus::Expired
+            OrderStatus::Filled
+                | OrderStatus::Cancelled
+                | OrderStatus::Rejected
+                | OrderStatus::Expired
         )
     }
 }
@@ -229,19 +232,28 @@ mod tests {
             assert_eq!(serde_json::from_str::<OrderStatus>(&json).unwrap(), *s);
             assert_eq!(s.as_str().parse::<OrderStatus>().unwrap(), *s);
         }
-        assert_eq!("scale_in".parse::<SignalType>().unwrap(), SignalType::ScaleIn);
+        assert_eq!(
+            "scale_in".parse::<SignalType>().unwrap(),
+            SignalType::ScaleIn
+        );
         assert_eq!(SizingMode::TargetWeight.to_string(), "TARGET_WEIGHT");
     }
 
     #[test]
     fn parse_error_names_kind_and_choices() {
         let e = "UP".parse::<Direction>().unwrap_err();
-        assert_eq!(e.to_string(), "`UP` is not a valid direction (expected one of: LONG, SHORT)");
+        assert_eq!(
+            e.to_string(),
+            "`UP` is not a valid direction (expected one of: LONG, SHORT)"
+        );
     }
 
     #[test]
     fn terminal_states() {
-        let terminal: Vec<_> = OrderStatus::ALL.iter().filter(|s| s.is_terminal()).collect();
+        let terminal: Vec<_> = OrderStatus::ALL
+            .iter()
+            .filter(|s| s.is_terminal())
+            .collect();
         assert_eq!(terminal.len(), 4);
         assert!(!OrderStatus::PartiallyFilled.is_terminal());
     }

@@ -1,1 +1,262 @@
-//! Harness (in progress).
+//! Test harness: real servers per test, never mocks.
+//!
+//! - [`NatsServer`]: a nats-server with JetStream on a free loopback port and a
+//!   temp store dir; can be killed (`SIGKILL`) and restarted on the same port
+//!   and store.
+//! - [`MongoServer`]: the MongoDB-wire-compatible SecantusDB on a free port
+//!   with a temp storage dir; can be stopped and started again.
+//! - [`unique`]: fresh stream prefixes / database names so tests run in
+//!   parallel without interfering.
+//!
+//! Child processes are killed on drop and, through `PR_SET_PDEATHSIG`, also
+//! when the test process dies (a panic that aborts, a killed test runner).
+//! Binaries come from `NATS_SERVER_BIN` / `SECANTUS_BIN`, else from the
+//! project-local install made by `deploy/local/servers.sh install`.
+
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// The repository root (parent of this crate).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Locate a server binary: `$env_var`, else `.local/venv/bin/<name>`, else PATH.
+pub fn server_bin(name: &str, env_var: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env_var) {
+        return PathBuf::from(p);
+    }
+    let local = repo_root().join(".local/venv/bin").join(name);
+    if local.exists() {
+        return local;
+    }
+    if let Ok(path) = std::env::var("PATH") {
+        for d in std::env::split_paths(&path) {
+            let c = d.join(name);
+            if c.exists() {
+                return c;
+            }
+        }
+    }
+    panic!("{name} not found: run `deploy/local/servers.sh install` or set {env_var}");
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// A name no other test in any process uses (letters and digits only).
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}{}x{n}x{:x}", std::process::id(), t % 0xffff)
+}
+
+fn spawn_child(cmd: &mut Command, log: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    cmd.stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .stdin(Stdio::null());
+    // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL
+    // the child when its parent thread exits.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()))
+}
+
+fn wait_port(port: u16, timeout: Duration, what: &str, log: &Path) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tail = std::fs::read_to_string(log).unwrap_or_default();
+    panic!("{what} did not listen on {port} within {timeout:?}; log:\n{tail}");
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// A nats-server with JetStream for one test.
+pub struct NatsServer {
+    port: u16,
+    dir: TempDir,
+    extra: String,
+    js_fields: String,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Start with default JetStream settings.
+    pub fn start() -> NatsServer {
+        Self::start_with("", "")
+    }
+
+    /// Start with extra top-level config text (e.g. `authorization {...}`) and
+    /// extra fields inside the `jetstream {}` block (e.g. `sync_interval: always`).
+    pub fn start_with(extra: &str, js_fields: &str) -> NatsServer {
+        let mut s = NatsServer {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            extra: extra.to_string(),
+            js_fields: js_fields.to_string(),
+            child: None,
+        };
+        s.launch();
+        s
+    }
+
+    fn launch(&mut self) {
+        let store = self.dir.path().join("store");
+        let conf = format!(
+            "listen: 127.0.0.1:{}\nserver_name: mtx_test_{}\njetstream {{\n  store_dir: \"{}\"\n  {}\n}}\n{}\n",
+            self.port,
+            self.port,
+            store.display(),
+            self.js_fields,
+            self.extra
+        );
+        let conf_path = self.dir.path().join("nats.conf");
+        std::fs::write(&conf_path, conf).expect("write nats.conf");
+        let log = self.dir.path().join("nats.log");
+        let mut cmd = Command::new(server_bin("nats-server", "NATS_SERVER_BIN"));
+        cmd.arg("-c").arg(&conf_path);
+        self.child = Some(spawn_child(&mut cmd, &log));
+        wait_port(self.port, Duration::from_secs(15), "nats-server", &log);
+    }
+
+    /// `nats://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The port (stable across restarts).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// SIGKILL the server (data stays in the store dir).
+    pub fn kill(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// Start again on the same port and store after [`Self::kill`].
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// The server log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The MongoDB-wire-compatible server for one test.
+pub struct MongoServer {
+    port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl MongoServer {
+    /// Start on a free port with a temp storage dir.
+    pub fn start() -> MongoServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = MongoServer {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        s.launch();
+        s
+    }
+
+    fn launch(&mut self) {
+        let log = self.dir.path().join("mongo.log");
+        let mut cmd = Command::new(server_bin("secantusd-py", "SECANTUS_BIN"));
+        cmd.arg("--host")
+            .arg("127.0.0.1")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--storage-path")
+            .arg(self.dir.path().join("data"))
+            .arg("--log-level")
+            .arg("WARNING");
+        self.child = Some(spawn_child(&mut cmd, &log));
+        wait_port(self.port, Duration::from_secs(60), "SecantusDB", &log);
+    }
+
+    /// Connection string (with the stand-in's `retryWrites=false`).
+    pub fn uri(&self) -> String {
+        format!(
+            "mongodb://127.0.0.1:{}/?retryWrites=false&directConnection=true",
+            self.port
+        )
+    }
+
+    /// Stop (SIGKILL) the server; data stays.
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// Start again on the same port and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for MongoServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Poll `f` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}

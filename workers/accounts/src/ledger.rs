@@ -1,0 +1,517 @@
+//! The position and cash ledger, built from execution confirmations only.
+//!
+//! # Positions
+//!
+//! A position is keyed by (account, strategy, instrument, direction), so two
+//! strategies trading the same symbol — even in opposite directions — never
+//! net against each other. The direction comes from the execution's action and
+//! side ([`position_direction`]): ENTRY BUY / EXIT SELL is LONG, ENTRY SELL /
+//! EXIT BUY is SHORT. (The `direction` field is not trusted: senders write
+//! `"direction": "SHORT"` on the exit of a long.) Quantities are positive for
+//! both directions.
+//!
+//! An ENTRY adds `qty` and `qty * price` to the position's cost basis. An EXIT
+//! removes `qty` and the proportional share of the cost basis
+//! (`cost * qty / held`, rounded to 12 decimal places; the whole remaining
+//! cost when it closes the position, so a position's lifetime realized P&L is
+//! exactly proceeds minus costs), and realizes
+//!
+//! - LONG: `(exit_price * qty - removed_cost) * multiplier`
+//! - SHORT: `(removed_cost - exit_price * qty) * multiplier`, i.e.
+//!   `(entry - exit) * qty * multiplier`.
+//!
+//! The average entry price is `cost / quantity`; exits do not change it. An
+//! exit larger than the position is refused ([`LedgerError::OverClose`]).
+//!
+//! # Cash model (margin account)
+//!
+//! Fills do not move notional through cash; the broker finances positions
+//! against margin. So:
+//!
+//! - `cash_balance = initial_balance + realized_pnl - commissions`
+//! - `unrealized_pnl = Σ` positions' mark-to-market P&L
+//!   (LONG `(mark - avg) * qty * mult`, SHORT `(avg - mark) * qty * mult`)
+//! - `equity = cash_balance + unrealized_pnl`
+//! - `margin_used = Σ` positions' margin at the current mark ([`InstrumentSpec`])
+//! - `margin_available = equity - margin_used` (negative = margin deficit)
+//!
+//! `realized_pnl` is gross; commissions are reported separately.
+//!
+//! **Deployed capital** per strategy is the margin of that strategy's open
+//! positions at the current mark, so the per-strategy values sum to
+//! `margin_used` — the capital the strategy actually ties up, comparable to
+//! Cerebro's `margin_required`, and meaningful for futures where notional
+//! dwarfs the capital at risk.
+//!
+//! # Marks
+//!
+//! The mark of an instrument is the latest of: [`Ledger::mark`] calls and fill
+//! prices, in the order they were applied. A replay of the same executions (and
+//! marks) in the same order rebuilds the same state.
+//!
+//! # Idempotency
+//!
+//! Each `execution_id` is applied at most once. A redelivery with the same
+//! economics (order, account, strategy, instrument, action, side, quantity,
+//! price, commission, multiplier, status) is a no-op [`Applied::Duplicate`];
+//! the same id with different economics is [`LedgerError::ConflictingDuplicate`].
+//! Timestamps and `broker_response` are not compared: a copy read back from
+//! Mongo has millisecond timestamps. REJECTED confirmations book nothing.
+//! Every error leaves the ledger unchanged.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use mtx_schemas::order::{
+    position_direction, AccountState, ExecutionConfirmation, OpenPosition, Order, OrderEvent,
+};
+use mtx_schemas::{Direction, ExecutionStatus, InstrumentType, Side, SignalAction};
+use rust_decimal::Decimal;
+
+use crate::orders::OpenOrders;
+use crate::spec::InstrumentSpec;
+
+/// Decimal places of the cost removed by a partial exit. The rounding
+/// residue stays in the cost basis and is realized by the closing exit, so
+/// every figure keeps a bounded scale and lifetime P&L stays exact.
+const COST_DP: u32 = 12;
+
+/// Identifies one position.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PositionKey {
+    /// Broker account.
+    pub account: String,
+    /// Owning strategy.
+    pub strategy_id: String,
+    /// Symbol.
+    pub instrument: String,
+    /// LONG or SHORT.
+    pub direction: Direction,
+}
+
+/// One open position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// Which position.
+    pub key: PositionKey,
+    /// Asset class of the first execution.
+    pub instrument_type: InstrumentType,
+    /// Open quantity (positive).
+    pub quantity: Decimal,
+    /// Σ `price * qty` of the open quantity (without multiplier).
+    pub cost_basis: Decimal,
+    /// Multiplier and margin model in force.
+    pub spec: InstrumentSpec,
+    /// Realized P&L of this position since it was opened (gross).
+    pub realized_pnl: Decimal,
+}
+
+impl Position {
+    /// Average entry price of the open quantity.
+    pub fn avg_entry_price(&self) -> Decimal {
+        if self.quantity.is_zero() {
+            Decimal::ZERO
+        } else {
+            self.cost_basis / self.quantity
+        }
+    }
+
+    /// Mark-to-market P&L at `mark`.
+    pub fn unrealized_pnl(&self, mark: Decimal) -> Decimal {
+        let gain = (mark * self.quantity - self.cost_basis) * self.spec.multiplier;
+        match self.key.direction {
+            Direction::Long => gain,
+            Direction::Short => -gain,
+        }
+    }
+
+    /// Margin the position needs at `mark`.
+    pub fn margin(&self, mark: Decimal) -> Decimal {
+        self.spec.margin_for(self.quantity, mark)
+    }
+}
+
+/// Ledger configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// Starting cash of accounts not in `initial_balances`.
+    pub default_initial_balance: Decimal,
+    /// Starting cash per account.
+    pub initial_balances: BTreeMap<String, Decimal>,
+    /// Configured instruments; others use [`InstrumentSpec::default_for`].
+    pub instruments: BTreeMap<String, InstrumentSpec>,
+}
+
+impl LedgerConfig {
+    /// Starting cash of `account`.
+    pub fn initial_balance(&self, account: &str) -> Decimal {
+        self.initial_balances
+            .get(account)
+            .copied()
+            .unwrap_or(self.default_initial_balance)
+    }
+}
+
+/// What [`Ledger::apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The fill was booked; `realized_pnl` is what it realized (zero for entries).
+    Booked {
+        /// Gross P&L realized by this execution.
+        realized_pnl: Decimal,
+    },
+    /// This execution id was already applied with the same economics.
+    Duplicate,
+    /// A REJECTED confirmation: recorded as seen, nothing booked.
+    Rejected,
+}
+
+/// Why an execution was refused. The ledger is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    /// An exit larger than the open position.
+    #[error("execution {execution_id}: exit of {requested} exceeds the {held} held in {key:?}")]
+    OverClose {
+        /// The refused execution.
+        execution_id: String,
+        /// The position it tried to reduce (boxed to keep the error small).
+        key: Box<PositionKey>,
+        /// Quantity held.
+        held: Decimal,
+        /// Quantity the exit asked for.
+        requested: Decimal,
+    },
+    /// A fill with non-positive quantity, price or multiplier.
+    #[error("execution {execution_id} is invalid: {reason}")]
+    InvalidExecution {
+        /// The refused execution.
+        execution_id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The id was applied before with different economics.
+    #[error("execution {execution_id} was already applied with different contents")]
+    ConflictingDuplicate {
+        /// The id.
+        execution_id: String,
+    },
+    /// The execution's multiplier disagrees with the configured spec or the
+    /// open position.
+    #[error("execution {execution_id}: multiplier {got} for {instrument}, expected {expected}")]
+    MultiplierMismatch {
+        /// The refused execution.
+        execution_id: String,
+        /// Symbol.
+        instrument: String,
+        /// Multiplier in force.
+        expected: Decimal,
+        /// Multiplier on the execution.
+        got: Decimal,
+    },
+}
+
+/// The economic content of an execution, compared on redelivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    order_id: String,
+    account: String,
+    strategy_id: String,
+    instrument: String,
+    action: SignalAction,
+    side: Side,
+    quantity: Decimal,
+    price: Decimal,
+    commission: Decimal,
+    multiplier: Decimal,
+    status: ExecutionStatus,
+}
+
+impl Fingerprint {
+    fn of(x: &ExecutionConfirmation) -> Self {
+        Fingerprint {
+            order_id: x.order_id.clone(),
+            account: x.account.clone(),
+            strategy_id: x.strategy_id.clone(),
+            instrument: x.instrument.clone(),
+            action: x.action,
+            side: x.side,
+            quantity: x.quantity,
+            price: x.price,
+            commission: x.commission,
+            multiplier: x.multiplier,
+            status: x.status,
+        }
+    }
+}
+
+/// Cash-side totals of one account.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Book {
+    realized_pnl: Decimal,
+    commissions: Decimal,
+}
+
+/// Positions, cash and margin of every account. See the module docs for the
+/// model.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ledger {
+    config: LedgerConfig,
+    positions: BTreeMap<PositionKey, Position>,
+    books: BTreeMap<String, Book>,
+    applied: BTreeMap<String, Fingerprint>,
+    marks: BTreeMap<String, Decimal>,
+    open_orders: OpenOrders,
+}
+
+impl Ledger {
+    /// An empty ledger.
+    pub fn new(config: LedgerConfig) -> Self {
+        Ledger {
+            config,
+            ..Ledger::default()
+        }
+    }
+
+    /// Rebuild a ledger by applying `executions` in order (duplicates are
+    /// skipped as in live operation). Stops at the first refused execution.
+    pub fn replay<'a>(
+        config: LedgerConfig,
+        executions: impl IntoIterator<Item = &'a ExecutionConfirmation>,
+    ) -> Result<Self, LedgerError> {
+        let mut ledger = Ledger::new(config);
+        for x in executions {
+            ledger.apply(x)?;
+        }
+        Ok(ledger)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LedgerConfig {
+        &self.config
+    }
+
+    /// Whether `execution_id` has been applied.
+    pub fn has_applied(&self, execution_id: &str) -> bool {
+        self.applied.contains_key(execution_id)
+    }
+
+    /// Latest mark of `instrument`.
+    pub fn mark_of(&self, instrument: &str) -> Option<Decimal> {
+        self.marks.get(instrument).copied()
+    }
+
+    /// Record a market price; non-positive prices are ignored.
+    pub fn mark(&mut self, instrument: &str, price: Decimal) {
+        if price > Decimal::ZERO {
+            self.marks.insert(instrument.to_string(), price);
+        }
+    }
+
+    /// One position, if open.
+    pub fn position(&self, key: &PositionKey) -> Option<&Position> {
+        self.positions.get(key)
+    }
+
+    /// Open positions of `account`, ordered by (strategy, instrument, direction).
+    pub fn positions<'a>(&'a self, account: &'a str) -> impl Iterator<Item = &'a Position> + 'a {
+        self.positions
+            .values()
+            .filter(move |p| p.key.account == account)
+    }
+
+    /// Accounts that have seen at least one execution.
+    pub fn accounts(&self) -> impl Iterator<Item = &str> + '_ {
+        self.books.keys().map(String::as_str)
+    }
+
+    /// Start tracking a working order for the snapshot's `open_orders`.
+    pub fn track_order(&mut self, order: &Order) {
+        self.open_orders.track(order);
+    }
+
+    /// Apply an order status event to the tracked working orders.
+    pub fn apply_order_event(&mut self, event: &OrderEvent) {
+        self.open_orders.apply_event(event);
+    }
+
+    /// The spec in force for `x`'s instrument.
+    fn spec_for(&self, x: &ExecutionConfirmation) -> Result<InstrumentSpec, LedgerError> {
+        let spec = match self.config.instruments.get(&x.instrument) {
+            Some(spec) => *spec,
+            None => InstrumentSpec::default_for(x.instrument_type, x.multiplier),
+        };
+        if spec.multiplier != x.multiplier {
+            return Err(LedgerError::MultiplierMismatch {
+                execution_id: x.execution_id.clone(),
+                instrument: x.instrument.clone(),
+                expected: spec.multiplier,
+                got: x.multiplier,
+            });
+        }
+        Ok(spec)
+    }
+
+    /// Book one execution. Idempotent on `execution_id`; on error nothing
+    /// changes.
+    pub fn apply(&mut self, x: &ExecutionConfirmation) -> Result<Applied, LedgerError> {
+        let fingerprint = Fingerprint::of(x);
+        if let Some(seen) = self.applied.get(&x.execution_id) {
+            return if *seen == fingerprint {
+                Ok(Applied::Duplicate)
+            } else {
+                Err(LedgerError::ConflictingDuplicate {
+                    execution_id: x.execution_id.clone(),
+                })
+            };
+        }
+        if x.status == ExecutionStatus::Rejected {
+            self.applied.insert(x.execution_id.clone(), fingerprint);
+            return Ok(Applied::Rejected);
+        }
+        let invalid = |reason: String| LedgerError::InvalidExecution {
+            execution_id: x.execution_id.clone(),
+            reason,
+        };
+        if x.quantity <= Decimal::ZERO {
+            return Err(invalid(format!(
+                "quantity must be positive, got {}",
+                x.quantity
+            )));
+        }
+        if x.price <= Decimal::ZERO {
+            return Err(invalid(format!("price must be positive, got {}", x.price)));
+        }
+        if x.multiplier <= Decimal::ZERO {
+            return Err(invalid(format!(
+                "multiplier must be positive, got {}",
+                x.multiplier
+            )));
+        }
+        let spec = self.spec_for(x)?;
+        let key = PositionKey {
+            account: x.account.clone(),
+            strategy_id: x.strategy_id.clone(),
+            instrument: x.instrument.clone(),
+            direction: position_direction(x.action, x.side),
+        };
+        let existing = self.positions.get(&key);
+        if let Some(p) = existing {
+            if p.spec.multiplier != x.multiplier {
+                return Err(LedgerError::MultiplierMismatch {
+                    execution_id: x.execution_id.clone(),
+                    instrument: x.instrument.clone(),
+                    expected: p.spec.multiplier,
+                    got: x.multiplier,
+                });
+            }
+        }
+
+        // Compute the new position (or its removal) before touching anything.
+        let (next, realized) = match x.action {
+            SignalAction::Entry => {
+                let mut p = existing.cloned().unwrap_or_else(|| Position {
+                    key: key.clone(),
+                    instrument_type: x.instrument_type,
+                    quantity: Decimal::ZERO,
+                    cost_basis: Decimal::ZERO,
+                    spec,
+                    realized_pnl: Decimal::ZERO,
+                });
+                p.quantity += x.quantity;
+                p.cost_basis += x.quantity * x.price;
+                (Some(p), Decimal::ZERO)
+            }
+            SignalAction::Exit => {
+                let held = existing.map_or(Decimal::ZERO, |p| p.quantity);
+                let Some(mut p) = existing.cloned().filter(|_| x.quantity <= held) else {
+                    return Err(LedgerError::OverClose {
+                        execution_id: x.execution_id.clone(),
+                        key: Box::new(key),
+                        held,
+                        requested: x.quantity,
+                    });
+                };
+                let removed = if x.quantity == p.quantity {
+                    p.cost_basis
+                } else {
+                    (p.cost_basis * x.quantity / p.quantity).round_dp(COST_DP)
+                };
+                let gain = (x.price * x.quantity - removed) * p.spec.multiplier;
+                let realized = match key.direction {
+                    Direction::Long => gain,
+                    Direction::Short => -gain,
+                };
+                p.quantity -= x.quantity;
+                p.cost_basis -= removed;
+                p.realized_pnl += realized;
+                (Some(p).filter(|p| !p.quantity.is_zero()), realized)
+            }
+        };
+
+        match next {
+            Some(p) => {
+                self.positions.insert(key, p);
+            }
+            None => {
+                self.positions.remove(&key);
+            }
+        }
+        let book = self.books.entry(x.account.clone()).or_default();
+        book.realized_pnl += realized;
+        book.commissions += x.commission;
+        self.marks.insert(x.instrument.clone(), x.price);
+        self.applied.insert(x.execution_id.clone(), fingerprint);
+        Ok(Applied::Booked {
+            realized_pnl: realized,
+        })
+    }
+
+    /// The account's state at `now` (see the module docs for every figure).
+    pub fn snapshot(&self, account: &str, now: DateTime<Utc>) -> AccountState {
+        let book = self.books.get(account).cloned().unwrap_or_default();
+        let mut open_positions = Vec::new();
+        let mut deployed_capital: BTreeMap<String, Decimal> = BTreeMap::new();
+        let (mut unrealized, mut margin_used) = (Decimal::ZERO, Decimal::ZERO);
+        for p in self.positions(account) {
+            let mark = self
+                .mark_of(&p.key.instrument)
+                .unwrap_or_else(|| p.avg_entry_price());
+            let pnl = p.unrealized_pnl(mark);
+            let margin = p.margin(mark);
+            unrealized += pnl;
+            margin_used += margin;
+            *deployed_capital
+                .entry(p.key.strategy_id.clone())
+                .or_default() += margin;
+            open_positions.push(OpenPosition {
+                strategy_id: p.key.strategy_id.clone(),
+                instrument: p.key.instrument.clone(),
+                direction: p.key.direction,
+                quantity: p.quantity,
+                entry_price: p.avg_entry_price(),
+                current_price: mark,
+                unrealized_pnl: pnl,
+                margin_required: margin,
+            });
+        }
+        let cash = self.config.initial_balance(account) + book.realized_pnl - book.commissions;
+        let equity = cash + unrealized;
+        AccountState {
+            account: account.to_string(),
+            timestamp: now,
+            equity,
+            cash_balance: cash,
+            margin_used,
+            margin_available: equity - margin_used,
+            unrealized_pnl: unrealized,
+            realized_pnl: book.realized_pnl,
+            commissions: book.commissions,
+            open_positions,
+            open_orders: self.open_orders.for_account(account),
+            deployed_capital,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
