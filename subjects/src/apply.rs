@@ -229,6 +229,14 @@ async fn kv_drift(js: &jetstream::Context, spec: &KvSpec) -> Result<Vec<Drift>, 
             actual: info.config.max_messages_per_subject.to_string(),
         });
     }
+    if info.config.max_age != spec.config.max_age {
+        d.push(Drift {
+            object: label.clone(),
+            field: "max_age".into(),
+            expected: format!("{:?}", spec.config.max_age),
+            actual: format!("{:?}", info.config.max_age),
+        });
+    }
     if info.config.num_replicas != spec.config.num_replicas {
         d.push(Drift {
             object: label,

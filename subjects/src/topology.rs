@@ -38,6 +38,8 @@ pub struct TopologySettings {
     pub dlq_max_age_secs: u64,
     /// JetStream `Nats-Msg-Id` de-duplication window, seconds.
     pub duplicate_window_secs: u64,
+    /// How long a standardized signal id is remembered for re-send dedupe, seconds.
+    pub signals_seen_max_age_secs: u64,
     /// Consumer ack wait (the first delivery's budget), seconds.
     pub ack_wait_secs: u64,
     /// Deliveries before the consume loop dead-letters a message.
@@ -55,6 +57,7 @@ impl Default for TopologySettings {
             market_max_age_secs: 24 * 3600,
             dlq_max_age_secs: 30 * 24 * 3600,
             duplicate_window_secs: 120,
+            signals_seen_max_age_secs: 30 * 24 * 3600,
             ack_wait_secs: 30,
             max_deliver: 10,
             max_ack_pending: 20_000,
@@ -218,6 +221,9 @@ pub mod buckets {
     pub const SYSTEM: &str = "system";
     /// Latest account state per account (CAS for margin reservations).
     pub const ACCOUNT_STATE: &str = "account_state";
+    /// Signal ids already standardized, so a re-send long after the stream's
+    /// duplicate window still collapses to one signal (`create` is atomic).
+    pub const SIGNALS_SEEN: &str = "signals_seen";
 }
 
 impl Topology {

@@ -400,7 +400,9 @@ mod tests {
             jail.set_env("MTX_WORKER__BATCH_SIZE", "lots");
             let e = Config::load(None).unwrap_err().to_string();
             assert!(
-                e.starts_with("config error: worker.batch_size (MTX_WORKER__BATCH_SIZE): invalid type"),
+                e.starts_with(
+                    "config error: worker.batch_size (MTX_WORKER__BATCH_SIZE): invalid type"
+                ),
                 "{e}"
             );
             assert!(!e.contains('\n'));
