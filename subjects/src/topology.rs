@@ -355,6 +355,18 @@ impl Topology {
                 1,
                 "mtx latest account state per account",
             ),
+            KvSpec {
+                config: kv::Config {
+                    max_age: Duration::from_secs(s.signals_seen_max_age_secs),
+                    ..bucket(
+                        buckets::SIGNALS_SEEN,
+                        1,
+                        "mtx standardized signal ids, for re-send dedupe beyond the duplicate window",
+                    )
+                    .config
+                },
+                base: buckets::SIGNALS_SEEN,
+            },
         ];
         Topology {
             settings: settings.clone(),
@@ -436,6 +448,12 @@ mod tests {
             "T9_SIGNALS_STANDARDIZED"
         );
         assert_eq!(t.bucket(buckets::SYSTEM), Some("t9_system"));
+        let seen =
+            t.kv.iter()
+                .find(|k| k.base == buckets::SIGNALS_SEEN)
+                .unwrap();
+        assert_eq!(seen.config.bucket, "t9_signals_seen");
+        assert_eq!(seen.config.max_age, Duration::from_secs(30 * 24 * 3600));
     }
 
     #[test]

@@ -127,9 +127,9 @@ impl Health {
             }
         }
         if not.is_empty() {
-            Err(not)
-        } else {
             Ok(())
+        } else {
+            Err(not)
         }
     }
 }
@@ -200,4 +200,34 @@ pub async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_nats_and_every_flag() {
+        let h = Health::new(Duration::from_secs(60));
+        assert_eq!(h.readiness(), Err(vec!["nats: not configured".to_string()]));
+        let f = h.ready_flag("consumer X/y");
+        let err = h.readiness().unwrap_err();
+        assert!(err.contains(&"consumer X/y".to_string()));
+        f.set(true);
+        assert!(!h
+            .readiness()
+            .unwrap_err()
+            .contains(&"consumer X/y".to_string()));
+    }
+
+    #[test]
+    fn liveness_fails_only_for_stalled_loops() {
+        let h = Health::new(Duration::from_millis(50));
+        let b = h.beat("loop a");
+        assert_eq!(h.liveness(), Ok(()));
+        b.0.store(now_ms() - 1_000, Ordering::Relaxed);
+        assert_eq!(h.liveness(), Err(vec!["loop a".to_string()]));
+        b.beat();
+        assert_eq!(h.liveness(), Ok(()));
+    }
 }
