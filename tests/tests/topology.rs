@@ -72,7 +72,7 @@ async fn apply_twice_is_a_noop_and_check_detects_drift() {
 
     // A stream limit changed too.
     let mut s = topo.streams[0].config.clone();
-    s.max_age = Duration::from_secs(60);
+    s.max_age = Duration::from_secs(3600);
     js.update_stream(s).await.unwrap();
     assert_eq!(check(&js, &topo).await.unwrap().len(), 2);
 
