@@ -6,7 +6,7 @@
 //! ```
 //!
 //! The fixtures directory defaults to `$MTX_FIXTURES_DIR/backtests`, else
-//! `../../../shared/fixtures/backtests` relative to this crate.
+//! `tests/fixtures/backtests` (the repo copy of the shared fixtures).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -83,7 +83,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .map(|d| PathBuf::from(d).join("backtests"))
                 .unwrap_or_else(|_| {
                     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                        .join("../../../shared/fixtures/backtests")
+                        .join("../../tests/fixtures/backtests")
                 })
         });
     let c = Constraints::default();

@@ -1,4 +1,4 @@
-//! Integration tests on the shared fixtures (`/work/shared/fixtures`):
+//! Integration tests on the shared fixtures (repo copy in `tests/fixtures`):
 //! parsing, statistics recomputed independently, error reporting, and the
 //! optimisers' feasibility and optimality.
 

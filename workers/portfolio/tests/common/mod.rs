@@ -5,13 +5,13 @@ use std::path::PathBuf;
 
 use mtx_portfolio::{load_backtest_dir, StrategyBacktest};
 
-/// `$MTX_FIXTURES_DIR`, else `/work/shared/fixtures` as seen from this crate
-/// (`workers/portfolio/../../../shared/fixtures`).
+/// `$MTX_FIXTURES_DIR`, else the repo copy of the shared fixtures
+/// (`tests/fixtures`, copied from `../shared/fixtures`).
 pub fn fixtures_dir() -> PathBuf {
     std::env::var("MTX_FIXTURES_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
         })
 }
 
