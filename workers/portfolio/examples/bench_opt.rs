@@ -82,8 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::env::var("MTX_FIXTURES_DIR")
                 .map(|d| PathBuf::from(d).join("backtests"))
                 .unwrap_or_else(|_| {
-                    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                        .join("../../tests/fixtures/backtests")
+                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/backtests")
                 })
         });
     let c = Constraints::default();

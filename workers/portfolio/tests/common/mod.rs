@@ -10,9 +10,7 @@ use mtx_portfolio::{load_backtest_dir, StrategyBacktest};
 pub fn fixtures_dir() -> PathBuf {
     std::env::var("MTX_FIXTURES_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-        })
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
 }
 
 pub fn backtests_dir() -> PathBuf {
