@@ -33,3 +33,4 @@ lint:
 test:
 	deploy/local/servers.sh install
 	cargo test --workspace
+	deploy/tests/run-ops-tests.sh

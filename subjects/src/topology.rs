@@ -224,6 +224,8 @@ pub mod buckets {
     /// Signal ids already standardized, so a re-send long after the stream's
     /// duplicate window still collapses to one signal (`create` is atomic).
     pub const SIGNALS_SEEN: &str = "signals_seen";
+    /// The execution stage's venue state and output outbox (compare-and-set).
+    pub const EXECUTION_STATE: &str = "execution_state";
 }
 
 impl Topology {
@@ -306,6 +308,31 @@ impl Topology {
             ),
             consumer("accounts", "accounts", EXECUTIONS, &["executions.>"]),
         ];
+        // ---- execution / accounts side inputs (issue 5) ----
+        // Marks: only prices published from now on (a first deploy must not
+        // match resting orders against a day-old tick).
+        for (pool, durable) in [
+            ("execution", "execution_market"),
+            ("accounts", "accounts_market"),
+        ] {
+            let mut c = consumer(pool, durable, MARKET, &["market.prices.>"]);
+            c.config.deliver_policy = consumer::DeliverPolicy::New;
+            consumers.push(c);
+        }
+        // Working orders for the account state's `open_orders`.
+        consumers.push(consumer(
+            "accounts",
+            "accounts_orders",
+            ORDERS,
+            &["orders.*.new"],
+        ));
+        consumers.push(consumer(
+            "accounts",
+            "accounts_order_events",
+            ORDER_EVENTS,
+            &["orders.*.events"],
+        ));
+        // ---- end execution / accounts ----
         // The sink persists every stream except raw market ticks (market_data is
         // written from candles by its own stage).
         for st in &streams {
@@ -367,6 +394,11 @@ impl Topology {
                 },
                 base: buckets::SIGNALS_SEEN,
             },
+            bucket(
+                buckets::EXECUTION_STATE,
+                1,
+                "mtx execution venue state and outbox (written before inputs are acked)",
+            ),
         ];
         Topology {
             settings: settings.clone(),

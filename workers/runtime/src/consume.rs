@@ -188,15 +188,21 @@ async fn run_inner<H: Handler>(
     let mut bind_attempt: u32 = 0;
     'bind: while !ctx.shutdown.is_cancelled() {
         beat.beat();
-        let consumer: Result<jetstream::consumer::Consumer<pull::Config>, String> = async {
+        let bind = async {
             let st = ctx
                 .js
                 .get_stream_no_info(&b.stream)
                 .await
                 .map_err(|e| e.to_string())?;
-            st.get_consumer(&b.durable).await.map_err(|e| e.to_string())
-        }
-        .await;
+            st.get_consumer::<pull::Config>(&b.durable)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        // Binding waits on NATS; shutdown must not wait for it.
+        let consumer = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break 'bind,
+            c = bind => c,
+        };
         let mut consumer = match consumer {
             Ok(c) => c,
             Err(e) => {

@@ -164,17 +164,24 @@ impl Process {
             );
             self.tasks.abort_all();
         }
-        // Acks are fire-and-forget publishes: flush (PING/PONG) so every ack
-        // written so far has reached the server before the connection closes.
-        match tokio::time::timeout(Duration::from_secs(5), self.client.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "nats flush failed; unflushed acks will be redelivered")
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            tracing::warn!("nats is not connected: unflushed acks will be redelivered");
+        } else {
+            // Acks are fire-and-forget publishes: flush (PING/PONG) so every ack
+            // written so far has reached the server before the connection closes.
+            match tokio::time::timeout(Duration::from_secs(5), self.client.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "nats flush failed; unflushed acks will be redelivered")
+                }
+                Err(_) => {
+                    tracing::warn!("nats flush timed out; unflushed acks will be redelivered")
+                }
             }
-            Err(_) => tracing::warn!("nats flush timed out; unflushed acks will be redelivered"),
-        }
-        if let Err(e) = tokio::time::timeout(Duration::from_secs(5), self.client.drain()).await {
-            tracing::warn!(error = %e, "nats drain timed out");
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(5), self.client.drain()).await
+            {
+                tracing::warn!(error = %e, "nats drain timed out");
+            }
         }
         tracing::info!("stopped");
     }
