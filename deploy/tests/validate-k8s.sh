@@ -8,8 +8,11 @@
 #      deploy/k8s/schemas/ (jsonschema, strict);
 #   4. consistency checks against the code and the topology
 #      (deploy/tests/validate_k8s.py: probes, grace period, non-root, PDBs,
-#      KEDA bounds vs max_ack_pending, NATS users, setup Job, R3 in prod).
-# A self-test first proves the validators reject known-bad objects.
+#      KEDA bounds vs max_ack_pending, a ScaledObject per consume pool except
+#      the singletons, which must be replicas 1 + Recreate, NATS users, setup
+#      Job, R3 in prod).
+# A self-test first proves the validators reject known-bad objects and broken
+# copies of the dev build.
 #
 #   deploy/tests/validate-k8s.sh            # tools from deploy/ops/install-tools.sh
 # Env: K8S_VERSION (default 1.30.0), KEEP_RENDERED=dir to keep the builds.

@@ -17,15 +17,22 @@ For every overlay:
       privilege escalation, has requests and a memory limit, is annotated for
       Prometheus, and has terminationGracePeriodSeconds > worker.shutdown_grace_secs;
     - every pool has a PodDisruptionBudget selecting its pods;
-    - every ScaledObject targets an existing Deployment whose pool owns each
+    - scaling (check_scaling): every pool that owns a topology consumer has
+      exactly one KEDA ScaledObject, unless it is listed in SINGLETON_POOLS;
+      every ScaledObject targets an existing Deployment whose pool owns each
       triggered consumer, covers every consumer of that pool, uses the
       nats-jetstream scaler, has a fallback, min <= fallback <= max, and
       max x worker.batch_size <= max_ack_pending / 2 of each consumer;
     - Deployments scaled by KEDA / an HPA do not set `replicas`;
+    - singleton pools (SINGLETON_POOLS) run `replicas: 1` with the Recreate
+      strategy, no ScaledObject or HPA targets them, and their PDB still lets
+      a drain evict the one pod (maxUnavailable >= 1, no minAvailable);
     - NATS users/passwords come from the Secret, the user exists in
       deploy/nats/auth.conf, and the Secret key is the user name;
     - the setup Job runs `mtx topology apply` as `admin` then `mtx db migrate`;
     - MTX_TOPOLOGY__REPLICAS is what the overlay promises (--replicas).
+With --selftest, the tools are first shown to reject known-bad objects and
+check_scaling to reject broken copies of the first overlay.
 Exit status 0 when all pass, 1 otherwise.
 """
 
@@ -46,6 +53,16 @@ TOPOLOGY = os.path.join(ROOT, "subjects/topology/consumers")
 AUTH_CONF = os.path.join(ROOT, "deploy/nats/auth.conf")
 KEDA_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication")}
 POOLS = ["gateway", "bridge", "standardizer", "cerebro", "execution", "accounts", "sink"]
+# Pools that must run exactly one replica (deploy/README.md: Kubernetes, "Singletons"):
+#   bridge     tails the collector's change stream: two would publish every signal
+#              twice and race on one saved resume token;
+#   execution  correct with several, but they only take turns on one
+#              compare-and-set state record: nothing gained;
+#   accounts   each replica would see only part of the executions and prices and
+#              write a wrong account state over the other's in KV (Cerebro sizes
+#              against it).
+# They get no KEDA trigger although they own consumers.
+SINGLETON_POOLS = {"bridge", "execution", "accounts"}
 
 
 class Report:
@@ -189,9 +206,67 @@ def validate_overlay(label, path, version, replicas, r):
                 if all(labels.get(k) == v for k, v in p["spec"]["selector"].get("matchLabels", {}).items())]
         r.check(len(pdbs) == 1, f"{where}: expected one PodDisruptionBudget selecting it, got {len(pdbs)}")
 
-    # ---- ScaledObjects vs topology
+    check_scaling(label, by_kind, batch, r)
+
+    # ---- setup Job
+    job = by_kind.get("Job", {}).get("mtx-setup")
+    if r.check(job is not None, f"{label}: Job mtx-setup missing"):
+        pod = job["spec"]["template"]["spec"]
+        init = pod.get("initContainers", [])
+        r.check(len(init) == 1 and init[0].get("args") == ["topology", "apply"],
+                f"{label}: mtx-setup must first run `mtx topology apply`")
+        if init:
+            r.check((env_of(init[0]).get("MTX_NATS__USER") or {}).get("value") == "admin",
+                    f"{label}: `topology apply` must use the NATS admin user")
+        r.check(pod["containers"][0].get("args") == ["db", "migrate"], f"{label}: mtx-setup must run `mtx db migrate`")
+        r.check(pod.get("securityContext", {}).get("runAsNonRoot") is True, f"{label}: mtx-setup non-root")
+    return len(docs)
+
+
+def check_scaling(label, by_kind, batch, r):
+    """KEDA ScaledObjects vs the topology, and the singleton pools."""
     consumers = topology_consumers()
-    for name, so in by_kind.get("ScaledObject", {}).items():
+    deps = by_kind.get("Deployment", {})
+    sos = by_kind.get("ScaledObject", {})
+    so_targets = {}
+    for so in sos.values():
+        so_targets.setdefault(so["spec"]["scaleTargetRef"]["name"], []).append(so["metadata"]["name"])
+    hpa_targets = {h["spec"]["scaleTargetRef"]["name"] for h in by_kind.get("HorizontalPodAutoscaler", {}).values()}
+    consume_pools = {pool_of(c) for c in consumers.values()} - {None}
+    r.check(consume_pools <= set(POOLS), f"{label}: topology pools {sorted(consume_pools - set(POOLS))} are not in POOLS")
+
+    # ---- singleton pools: one replica, Recreate, never autoscaled, drainable
+    for pool in sorted(SINGLETON_POOLS):
+        name = f"mtx-{pool}"
+        d = deps.get(name)
+        if d is None:
+            continue  # reported by the Deployment checks
+        where = f"{label}: {name} (singleton)"
+        spec = d["spec"]
+        r.check(spec.get("replicas") == 1, f"{where}: replicas must be 1, got {spec.get('replicas')!r}")
+        strategy = spec.get("strategy") or {}
+        r.check(strategy.get("type") == "Recreate" and "rollingUpdate" not in strategy,
+                f"{where}: strategy must be Recreate (a RollingUpdate briefly runs two), got {strategy}")
+        r.check(name not in so_targets, f"{where}: must not be scaled by KEDA (ScaledObject {so_targets.get(name)})")
+        r.check(name not in hpa_targets, f"{where}: must not be scaled by an HPA")
+        labels = spec["template"]["metadata"].get("labels", {})
+        for p in by_kind.get("PodDisruptionBudget", {}).values():
+            if not all(labels.get(k) == v for k, v in p["spec"]["selector"].get("matchLabels", {}).items()):
+                continue
+            mu = p["spec"].get("maxUnavailable")
+            r.check("minAvailable" not in p["spec"] and isinstance(mu, int) and mu >= 1,
+                    f"{where}: PDB {p['metadata']['name']} must allow evicting the only pod "
+                    f"(maxUnavailable >= 1, no minAvailable), got {p['spec']}")
+
+    # ---- every other consume pool is scaled by exactly one ScaledObject
+    for pool in sorted(consume_pools - SINGLETON_POOLS):
+        name = f"mtx-{pool}"
+        n = len(so_targets.get(name, []))
+        r.check(n == 1, f"{label}: consume pool {pool} must have exactly one KEDA ScaledObject "
+                        f"targeting {name} (or be listed in SINGLETON_POOLS), got {n}")
+
+    # ---- ScaledObjects vs topology
+    for name, so in sos.items():
         spec = so["spec"]
         where = f"{label}: ScaledObject {name}"
         target = spec["scaleTargetRef"]["name"]
@@ -199,6 +274,8 @@ def validate_overlay(label, path, version, replicas, r):
         if not r.check(d is not None, f"{where}: target Deployment {target} missing"):
             continue
         pool = d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        if not r.check(pool not in SINGLETON_POOLS, f"{where}: targets the singleton pool {pool}"):
+            continue
         mn, mx = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
         fb = spec.get("fallback")
         r.check(mn >= 1, f"{where}: minReplicaCount {mn} must be >= 1 (consumers must keep draining)")
@@ -222,20 +299,6 @@ def validate_overlay(label, path, version, replicas, r):
                     f"{where}: lagThreshold {md['lagThreshold']} below one batch ({batch}): would scale on noise")
         own = {k for k, v in consumers.items() if pool_of(v) == pool}
         r.check(own <= seen, f"{where}: consumers of pool {pool} without a trigger: {sorted(own - seen)}")
-
-    # ---- setup Job
-    job = by_kind.get("Job", {}).get("mtx-setup")
-    if r.check(job is not None, f"{label}: Job mtx-setup missing"):
-        pod = job["spec"]["template"]["spec"]
-        init = pod.get("initContainers", [])
-        r.check(len(init) == 1 and init[0].get("args") == ["topology", "apply"],
-                f"{label}: mtx-setup must first run `mtx topology apply`")
-        if init:
-            r.check((env_of(init[0]).get("MTX_NATS__USER") or {}).get("value") == "admin",
-                    f"{label}: `topology apply` must use the NATS admin user")
-        r.check(pod["containers"][0].get("args") == ["db", "migrate"], f"{label}: mtx-setup must run `mtx db migrate`")
-        r.check(pod.get("securityContext", {}).get("runAsNonRoot") is True, f"{label}: mtx-setup non-root")
-    return len(docs)
 
 
 def selftest(version):
@@ -270,6 +333,69 @@ def selftest(version):
     return ok
 
 
+def load_by_kind(path):
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+    return by_kind
+
+
+def selftest_scaling(label, path):
+    """check_scaling must pass the rendered overlay and reject broken copies of it."""
+    import copy
+    by_kind = load_by_kind(path)
+    batch = 256
+    r = Report()
+    check_scaling(label, by_kind, batch, r)
+    if r.failures:
+        print(f"FAIL  selftest: check_scaling rejects the unmodified {label} overlay: {r.failures}")
+        return False
+
+    def dep(bk, pool):
+        return bk["Deployment"][f"mtx-{pool}"]["spec"]
+
+    def keda_on_accounts(bk):
+        so = copy.deepcopy(bk["ScaledObject"]["mtx-sink"])
+        so["metadata"]["name"] = "mtx-accounts"
+        so["spec"]["scaleTargetRef"]["name"] = "mtx-accounts"
+        bk["ScaledObject"]["mtx-accounts"] = so
+
+    def pdb_min_available(bk):
+        spec = bk["PodDisruptionBudget"]["mtx-accounts"]["spec"]
+        spec.pop("maxUnavailable", None)
+        spec["minAvailable"] = 1
+
+    cases = [
+        ("accounts with 2 replicas", lambda bk: dep(bk, "accounts").update(replicas=2),
+         "mtx-accounts (singleton): replicas must be 1"),
+        ("accounts without replicas (KEDA-style)", lambda bk: dep(bk, "accounts").pop("replicas"),
+         "mtx-accounts (singleton): replicas must be 1"),
+        ("execution with a RollingUpdate", lambda bk: dep(bk, "execution").update(
+            strategy={"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}),
+         "mtx-execution (singleton): strategy must be Recreate"),
+        ("a ScaledObject on accounts", keda_on_accounts,
+         "mtx-accounts (singleton): must not be scaled by KEDA"),
+        ("a singleton PDB with minAvailable 1", pdb_min_available,
+         "mtx-accounts (singleton): PDB mtx-accounts must allow evicting"),
+        ("standardizer without a ScaledObject", lambda bk: bk["ScaledObject"].pop("mtx-standardizer"),
+         "consume pool standardizer must have exactly one KEDA ScaledObject"),
+    ]
+    ok = True
+    for why, mutate, expect in cases:
+        bk = copy.deepcopy(by_kind)
+        mutate(bk)
+        r = Report()
+        check_scaling(label, bk, batch, r)
+        if not any(expect in f for f in r.failures):
+            print(f"FAIL  selftest: check_scaling accepted {why} (expected {expect!r}; got {r.failures})")
+            ok = False
+    print(f"selftest: check_scaling rejects {len(cases)} broken copies of {label}" if ok
+          else "selftest of check_scaling failed")
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--overlay", nargs=2, action="append", metavar=("NAME", "RENDERED_YAML"), default=[])
@@ -281,6 +407,8 @@ def main():
     expect = dict(kv.split("=", 1) for kv in args.replicas)
     r = Report()
     if args.selftest and not selftest(args.kubernetes_version):
+        return 1
+    if args.selftest and args.overlay and not selftest_scaling(*args.overlay[0]):
         return 1
     for name, path in args.overlay:
         n = validate_overlay(name, path, args.kubernetes_version, expect.get(name), r)

@@ -9,12 +9,16 @@
 //! - [`dlq`]: the dead-letter envelope published to `dlq.<stage>`.
 //! - [`signal`]: raw and standardized signals (ingress → standardizer → Cerebro).
 //! - [`order`]: orders, order events, execution confirmations and account state.
+//! - [`market`]: market prices (`market.prices.<symbol>`).
+//! - [`strategy`]: strategy configuration (`strategy_configurations`, the `strategies` KV bucket).
 
 pub mod dlq;
 pub mod enums;
 pub mod headers;
 pub mod ids;
+pub mod market;
 pub mod order;
 pub mod signal;
+pub mod strategy;
 
 pub use enums::*;

@@ -283,6 +283,14 @@ pub struct OpenOrder {
     pub price: Option<Decimal>,
 }
 
+/// Key of an account's latest [`AccountState`] in the `account_state` KV
+/// bucket: the account id encoded like a strategy key
+/// ([`crate::strategy::StrategyConfig::kv_key`]: letters, digits, `_`, `-`
+/// pass through, every other byte becomes `=XX`), so `IBKR_Main` stays as is.
+pub fn account_state_key(account: &str) -> String {
+    crate::strategy::StrategyConfig::kv_key(account)
+}
+
 /// A point-in-time account snapshot (`account_state`).
 ///
 /// Invariants: `equity = cash_balance + unrealized_pnl`,
@@ -402,6 +410,13 @@ mod tests {
         assert_eq!(e.filled_quantity, d("3"));
         assert_eq!(e.avg_fill_price, Some(d("1.5")));
         assert_eq!(e.previous_status, None);
+    }
+
+    #[test]
+    fn account_state_keys_are_valid_kv_keys() {
+        assert_eq!(account_state_key("IBKR_Main"), "IBKR_Main");
+        assert_eq!(account_state_key("My Acct.1"), "My=20Acct=2E1");
+        assert_ne!(account_state_key("a.b"), account_state_key("a=2Eb"));
     }
 
     #[test]

@@ -73,6 +73,10 @@ pub struct RawSignal {
     /// standardizer derives the same signal id the gateway used for dedupe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_signal_id: Option<String>,
+    /// The route accepts FUTURE legs without `expiry` (the executor resolves
+    /// the front month); by default such legs are rejected.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub futures_front_month: bool,
     /// The sender's JSON body with `passphrase` / `secret` removed.
     pub payload: serde_json::Value,
 }
@@ -274,6 +278,7 @@ mod tests {
             strategy_hint: Some("Forex".into()),
             instrument_type_hint: None,
             fallback_signal_id: None,
+            futures_front_month: false,
             payload: serde_json::json!({"ticker": "EURUSD", "action": "buy"}),
         };
         let v = serde_json::to_value(&raw).unwrap();
@@ -281,6 +286,7 @@ mod tests {
         assert_eq!(v["strategy_hint"], "Forex");
         assert!(v.get("instrument_type_hint").is_none());
         assert!(v.get("fallback_signal_id").is_none());
+        assert!(v.get("futures_front_month").is_none());
         assert_eq!(serde_json::from_value::<RawSignal>(v).unwrap(), raw);
         assert_eq!(ContentFormat::Mathematricks.to_string(), "MATHEMATRICKS");
     }

@@ -210,6 +210,18 @@ pub enum LedgerError {
     },
 }
 
+impl LedgerError {
+    /// A bounded snake_case code for metrics and the DLQ reason.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            LedgerError::OverClose { .. } => "over_close",
+            LedgerError::InvalidExecution { .. } => "invalid_execution",
+            LedgerError::ConflictingDuplicate { .. } => "conflicting_duplicate",
+            LedgerError::MultiplierMismatch { .. } => "multiplier_mismatch",
+        }
+    }
+}
+
 /// The economic content of an execution, compared on redelivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fingerprint {
@@ -329,9 +341,10 @@ impl Ledger {
         self.open_orders.track(order);
     }
 
-    /// Apply an order status event to the tracked working orders.
-    pub fn apply_order_event(&mut self, event: &OrderEvent) {
-        self.open_orders.apply_event(event);
+    /// Apply an order status event to the tracked working orders; returns
+    /// whether it was newer than what was known.
+    pub fn apply_order_event(&mut self, event: &OrderEvent) -> bool {
+        self.open_orders.apply_event(event)
     }
 
     /// The spec in force for `x`'s instrument.

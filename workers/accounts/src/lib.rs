@@ -1,5 +1,5 @@
-//! Account bookkeeping for mtx, free of I/O (no NATS, no Mongo, no async); the
-//! accounts worker feeds it executions and marks and persists its snapshots.
+//! Account bookkeeping for mtx: a pure core (no NATS, no Mongo, no async) fed
+//! executions and marks, and the accounts worker that wires it to the bus.
 //!
 //! - [`spec`]: [`InstrumentSpec`] — contract multiplier and margin model
 //!   (percent of notional, or a fixed amount per contract), with defaults per
@@ -11,11 +11,20 @@
 //!   [`mtx_schemas::order::AccountState`] snapshots.
 //! - [`orders`]: [`OpenOrders`] — the working orders shown in a snapshot, kept
 //!   from orders and their status events.
+//! - [`book`]: [`Book`] — the stage's whole state (ledger, order-independent
+//!   marks, known accounts) behind one `apply`, shared by live processing and
+//!   replay.
+//! - [`worker`]: the `accounts` stage: executions, marks, orders and order
+//!   events in; account state on `accounts.<account>.state` and in the
+//!   `account_state` KV bucket; rebuilt from the streams at start.
 
+pub mod book;
 pub mod ledger;
 pub mod orders;
 pub mod spec;
+pub mod worker;
 
+pub use book::{Book, Effect, Input, Mark};
 pub use ledger::{Applied, Ledger, LedgerConfig, LedgerError, Position, PositionKey};
 pub use orders::OpenOrders;
 pub use spec::{InstrumentSpec, MarginModel};

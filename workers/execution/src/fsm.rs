@@ -30,6 +30,7 @@ use std::fmt;
 
 use mtx_schemas::OrderStatus;
 use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 
 /// The kind of an [`FsmEvent`], without payload: the column of the
 /// transition table.
@@ -310,7 +311,7 @@ pub fn transition(
 /// Invariants (checked by [`OrderFsm::is_consistent`]): `0 <= filled <=
 /// quantity`; FILLED iff `filled == quantity`; PENDING, SUBMITTED, ACCEPTED and
 /// REJECTED have nothing filled; PARTIALLY_FILLED has `0 < filled < quantity`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderFsm {
     status: OrderStatus,
     quantity: Decimal,

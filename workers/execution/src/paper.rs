@@ -67,6 +67,7 @@ use mtx_schemas::ids::{derive_id, execution_id};
 use mtx_schemas::order::{opposite_side, ExecutionConfirmation, Order, OrderEvent};
 use mtx_schemas::{ExecutionStatus, OrderStatus, OrderType, Side, SignalAction};
 use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::fsm::{FsmEvent, OrderFsm};
@@ -241,7 +242,7 @@ impl VenueEvent {
 }
 
 /// The venue's record of one order.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Working {
     order: Order,
     fsm: OrderFsm,
@@ -298,6 +299,82 @@ impl Working {
     }
 }
 
+/// What the venue remembers of a finished order after [`PaperVenue::compact`]:
+/// enough to stay idempotent on its id and to refuse a late cancel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Finished {
+    account: String,
+    status: OrderStatus,
+    filled: Decimal,
+    fingerprint: String,
+    finished_at: DateTime<Utc>,
+}
+
+/// What the venue knows about one order id ([`PaperVenue::lookup`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderInfo {
+    /// Account of the order.
+    pub account: String,
+    /// Current status.
+    pub status: OrderStatus,
+    /// Cumulative filled quantity.
+    pub filled: Decimal,
+    /// [`order_fingerprint`] of the order as received.
+    pub fingerprint: String,
+}
+
+/// The economic content of an order: a re-sent order with the same id and the
+/// same fingerprint is a duplicate; a different fingerprint is a conflict.
+/// Decimals are normalized (`10` and `10.0` agree); status, timestamps and
+/// Cerebro's rationale are not part of it.
+pub fn order_fingerprint(o: &Order) -> String {
+    let d = |x: Decimal| x.normalize().to_string();
+    let od = |x: Option<Decimal>| x.map(d).unwrap_or_default();
+    derive_id(
+        "ofp",
+        &[
+            &o.account,
+            &o.strategy_id,
+            &o.instrument,
+            o.instrument_type.as_str(),
+            o.action.as_str(),
+            o.side.as_str(),
+            o.order_type.as_str(),
+            &d(o.quantity),
+            &od(o.price),
+            &od(o.stop_price),
+            &od(o.stop_loss),
+            &od(o.take_profit),
+            &d(o.multiplier),
+            &o.expiry.map(|x| x.to_rfc3339()).unwrap_or_default(),
+            &o.parent_order_id.clone().unwrap_or_default(),
+        ],
+    )
+}
+
+/// The venue's durable state (everything but the configuration), for
+/// persisting between runs ([`PaperVenue::state`] / [`PaperVenue::restore`]).
+/// Serialized with serde; its fields are private.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VenueState {
+    orders: BTreeMap<String, Working>,
+    arrival: Vec<String>,
+    marks: BTreeMap<String, Decimal>,
+    #[serde(default)]
+    finished: BTreeMap<String, Finished>,
+}
+
+/// A [`VenueState`] that cannot be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The state contradicts itself (a corrupted or hand-edited snapshot).
+    #[error("inconsistent venue state: {0}")]
+    Inconsistent(String),
+}
+
 /// The paper venue. See the module docs for the rules.
 #[derive(Debug, Clone)]
 pub struct PaperVenue {
@@ -306,6 +383,8 @@ pub struct PaperVenue {
     /// Order ids in arrival order (the deterministic iteration order).
     arrival: Vec<String>,
     marks: BTreeMap<String, Decimal>,
+    /// Compacted finished orders.
+    finished: BTreeMap<String, Finished>,
 }
 
 impl PaperVenue {
@@ -334,7 +413,110 @@ impl PaperVenue {
             orders: BTreeMap::new(),
             arrival: Vec::new(),
             marks: BTreeMap::new(),
+            finished: BTreeMap::new(),
         })
+    }
+
+    /// A venue with `config` continuing from `state`. The state is checked:
+    /// every order's machine is consistent, arrival order and orders agree,
+    /// and no id is both working and finished.
+    pub fn restore(config: PaperConfig, state: VenueState) -> Result<Self, StateError> {
+        let mut v = PaperVenue::new(config)?;
+        let bad = |s: String| Err(StateError::Inconsistent(s));
+        for (id, w) in &state.orders {
+            if *id != w.order.order_id {
+                return bad(format!(
+                    "order stored under {id} has id {}",
+                    w.order.order_id
+                ));
+            }
+            if !w.fsm.is_consistent() || w.order.status != w.fsm.status() {
+                return bad(format!("order {id}: inconsistent state machine"));
+            }
+            if state.finished.contains_key(id) {
+                return bad(format!("order {id} is both working and finished"));
+            }
+        }
+        let mut arrival: Vec<&String> = state.arrival.iter().collect();
+        arrival.sort();
+        arrival.dedup();
+        if arrival.len() != state.arrival.len() || !arrival.iter().copied().eq(state.orders.keys())
+        {
+            return bad("arrival order does not match the orders".into());
+        }
+        v.orders = state.orders;
+        v.arrival = state.arrival;
+        v.marks = state.marks;
+        v.finished = state.finished;
+        Ok(v)
+    }
+
+    /// A copy of the durable state (see [`PaperVenue::restore`]).
+    pub fn state(&self) -> VenueState {
+        VenueState {
+            orders: self.orders.clone(),
+            arrival: self.arrival.clone(),
+            marks: self.marks.clone(),
+            finished: self.finished.clone(),
+        }
+    }
+
+    /// Forget the details of finished orders, keeping a small record per id
+    /// (so the venue stays idempotent on it and refuses late cancels), and drop
+    /// those records once they are older than `retain`. Call between inputs.
+    /// Returns the number of orders compacted.
+    pub fn compact(&mut self, now: DateTime<Utc>, retain: chrono::Duration) -> usize {
+        let done: Vec<String> = self
+            .arrival
+            .iter()
+            .filter(|id| {
+                self.orders
+                    .get(*id)
+                    .is_some_and(|w| w.fsm.status().is_terminal())
+            })
+            .cloned()
+            .collect();
+        for id in &done {
+            if let Some(w) = self.orders.remove(id) {
+                self.finished.insert(
+                    id.clone(),
+                    Finished {
+                        account: w.order.account.clone(),
+                        status: w.fsm.status(),
+                        filled: w.fsm.filled(),
+                        fingerprint: order_fingerprint(&w.order),
+                        finished_at: now,
+                    },
+                );
+            }
+        }
+        self.arrival.retain(|id| self.orders.contains_key(id));
+        let horizon = now - retain;
+        self.finished.retain(|_, f| f.finished_at > horizon);
+        done.len()
+    }
+
+    /// What the venue knows about `order_id`: working or finished.
+    pub fn lookup(&self, order_id: &str) -> Option<OrderInfo> {
+        if let Some(w) = self.orders.get(order_id) {
+            return Some(OrderInfo {
+                account: w.order.account.clone(),
+                status: w.fsm.status(),
+                filled: w.fsm.filled(),
+                fingerprint: order_fingerprint(&w.order),
+            });
+        }
+        self.finished.get(order_id).map(|f| OrderInfo {
+            account: f.account.clone(),
+            status: f.status,
+            filled: f.filled,
+            fingerprint: f.fingerprint.clone(),
+        })
+    }
+
+    /// Latest mark of every symbol.
+    pub fn marks(&self) -> &BTreeMap<String, Decimal> {
+        &self.marks
     }
 
     /// The configuration in use.
@@ -347,17 +529,17 @@ impl PaperVenue {
         self.marks.get(symbol).copied()
     }
 
-    /// Status of a known order.
+    /// Status of a known order (working or finished).
     pub fn status(&self, order_id: &str) -> Option<OrderStatus> {
-        self.orders.get(order_id).map(|w| w.fsm.status())
+        self.lookup(order_id).map(|i| i.status)
     }
 
-    /// Filled quantity of a known order.
+    /// Filled quantity of a known order (working or finished).
     pub fn filled_quantity(&self, order_id: &str) -> Option<Decimal> {
-        self.orders.get(order_id).map(|w| w.fsm.filled())
+        self.lookup(order_id).map(|i| i.filled)
     }
 
-    /// A known order, with its status field kept current.
+    /// A known order not yet compacted, with its status field kept current.
     pub fn order(&self, order_id: &str) -> Option<&Order> {
         self.orders.get(order_id).map(|w| &w.order)
     }
@@ -378,7 +560,8 @@ impl PaperVenue {
     /// produces. The incoming `status` field is ignored; the venue starts every
     /// order at PENDING.
     pub fn submit(&mut self, order: Order, now: DateTime<Utc>) -> Vec<VenueEvent> {
-        if self.orders.contains_key(&order.order_id) {
+        if self.orders.contains_key(&order.order_id) || self.finished.contains_key(&order.order_id)
+        {
             return Vec::new();
         }
         let mut out = self.expire_due(now);
@@ -430,7 +613,11 @@ impl PaperVenue {
             timestamp: now,
         };
         let Some(w) = self.orders.get_mut(order_id) else {
-            out.push(reject("unknown order".to_string()));
+            let reason = match self.finished.get(order_id) {
+                Some(f) => format!("order is {}", f.status),
+                None => "unknown order".to_string(),
+            };
+            out.push(reject(reason));
             return out;
         };
         if w.fsm.status().is_terminal() {

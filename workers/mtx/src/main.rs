@@ -3,7 +3,21 @@
 //! - `mtx run all | <worker>...`: run worker pools in this process.
 //! - `mtx topology apply | check | export`: manage the JetStream topology.
 //! - `mtx config check | show`: validate / print the effective configuration.
+//! - `mtx market price <symbol> <price>`: publish a mark by hand.
+//! - `mtx signal send <file.json>`: replay a sender fixture file through the gateway.
+//! - `mtx secrets set <strategy>`: store the hash of a strategy's secret (read from stdin).
+//! - `mtx db migrate`: create / update collections, validators, indexes; record the schema version.
+//! - `mtx dlq list | show | redrive`: inspect dead letters and send fixed ones back.
+//! - `mtx signal show <signal_id>`: one signal's lifecycle from Mongo.
+//! - `mtx bench sink`: sink throughput against a plain `insert_many` loop.
 
+mod cmd_bench;
+mod cmd_db;
+mod cmd_dlq;
+mod cmd_market;
+mod cmd_secrets;
+mod cmd_signal;
+mod cmd_signal_show;
 mod workers;
 
 use anyhow::{Context, Result};
@@ -42,6 +56,36 @@ enum Cmd {
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+    /// Market data by hand: `mtx market price <symbol> <price>`.
+    Market {
+        #[command(subcommand)]
+        cmd: cmd_market::MarketCmd,
+    },
+    /// Send signals to the gateway; show a signal's lifecycle.
+    Signal {
+        #[command(subcommand)]
+        cmd: cmd_signal_show::SignalCmd,
+    },
+    /// Per-strategy gateway secrets.
+    Secrets {
+        #[command(subcommand)]
+        cmd: cmd_secrets::SecretsCmd,
+    },
+    /// MongoDB schema: `mtx db migrate`.
+    Db {
+        #[command(subcommand)]
+        cmd: cmd_db::DbCmd,
+    },
+    /// Dead letters: list, show, redrive.
+    Dlq {
+        #[command(subcommand)]
+        cmd: cmd_dlq::DlqCmd,
+    },
+    /// Benchmarks: `mtx bench sink`.
+    Bench {
+        #[command(subcommand)]
+        cmd: cmd_bench::BenchCmd,
     },
 }
 
@@ -117,6 +161,12 @@ async fn dispatch(cmd: Cmd, cfg: Config) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Topology { cmd } => topology(cmd, cfg).await,
+        Cmd::Market { cmd } => cmd_market::run(cmd, &cfg).await,
+        Cmd::Signal { cmd } => cmd_signal_show::run(cmd, &cfg).await,
+        Cmd::Secrets { cmd } => cmd_secrets::run(cmd, &cfg).await,
+        Cmd::Db { cmd } => cmd_db::run(cmd, &cfg).await,
+        Cmd::Dlq { cmd } => cmd_dlq::run(cmd, &cfg).await,
+        Cmd::Bench { cmd } => cmd_bench::run(cmd, &cfg).await,
         Cmd::Run { workers, list } => {
             if list {
                 for w in workers::ALL {

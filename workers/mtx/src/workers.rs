@@ -5,7 +5,15 @@ use mtx_runtime::process::Process;
 
 /// Every pool of the pipeline, in data-flow order. `run all` runs the ones
 /// this build implements.
-pub const ALL: &[&str] = &[];
+pub const ALL: &[&str] = &[
+    "gateway",
+    "bridge",
+    "standardizer",
+    "cerebro",
+    "execution",
+    "accounts",
+    "sink",
+];
 
 /// Pools of the pipeline design not in this build yet (named in errors).
 const PLANNED: &[&str] = &[
@@ -43,6 +51,26 @@ pub fn select(names: &[String]) -> Result<Vec<&'static str>> {
 }
 
 /// Start one pool inside the process.
-pub async fn spawn(name: &str, _process: &mut Process) -> Result<()> {
-    bail!("worker `{name}` has no runner")
+pub async fn spawn(name: &str, process: &mut Process) -> Result<()> {
+    match name {
+        "gateway" => {
+            mtx_gateway::serve(process).await?;
+        }
+        "bridge" => mtx_gateway::bridge::spawn(process).await?,
+        "standardizer" => mtx_standardizer::worker::spawn(process)?,
+        "cerebro" => {
+            mtx_cerebro::worker::spawn(process).await?;
+        }
+        "execution" => {
+            mtx_execution::worker::spawn(process)?;
+        }
+        "accounts" => {
+            mtx_accounts::worker::spawn(process)?;
+        }
+        "sink" => {
+            mtx_sink::spawn(process).await?;
+        }
+        _ => bail!("worker `{name}` has no runner"),
+    }
+    Ok(())
 }

@@ -6,9 +6,11 @@
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
-use mtx_schemas::Environment;
+use mtx_schemas::{Environment, InstrumentType};
 use mtx_subjects::TopologySettings;
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -38,6 +40,10 @@ pub struct Config {
     pub topology: TopologySettings,
     /// The consume loop.
     pub worker: WorkerConfig,
+    /// The execution stage: broker adapter per account, the paper venue.
+    pub execution: ExecutionConfig,
+    /// The accounts stage: initial balances, instrument specs, publishing.
+    pub accounts: AccountsConfig,
 }
 
 impl Default for Config {
@@ -51,6 +57,8 @@ impl Default for Config {
             log: LogConfig::default(),
             topology: TopologySettings::default(),
             worker: WorkerConfig::default(),
+            execution: ExecutionConfig::default(),
+            accounts: AccountsConfig::default(),
         }
     }
 }
@@ -114,18 +122,47 @@ impl Default for MongoConfig {
     }
 }
 
-/// The HTTP gateway listener.
+/// The HTTP gateway (signal ingress) and the read-only signal bridge.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     /// `host:port` to listen on.
     pub addr: String,
+    /// Source name of `POST /v1/signals` (part of every signal id).
+    pub source: String,
+    /// Largest accepted request body, bytes (larger → 413).
+    pub max_body_bytes: usize,
+    /// Sustained requests per second allowed per (source, strategy) (beyond → 429).
+    pub rate_limit_per_sec: u32,
+    /// Burst size of that rate limit.
+    pub rate_limit_burst: u32,
+    /// How long a request waits for the JetStream ack before answering 503.
+    pub publish_timeout_ms: u64,
+    /// Accept FUTURE legs without `expiry` (the executor resolves the front month).
+    pub futures_front_month: bool,
+    /// Secret hashes per strategy (`mtx secrets set <strategy> --print` makes
+    /// one); merged with the Mongo `signal_secrets` collection, config wins.
+    pub secrets: BTreeMap<String, String>,
+    /// How often the Mongo secret hashes are reloaded, seconds (0 = never use Mongo).
+    pub secrets_refresh_secs: u64,
+    /// Instrument type assumed for TradingView alerts of a strategy whose body
+    /// declares none (TradingView's `{{ticker}}` says nothing about it).
+    pub tradingview_instrument_types: BTreeMap<String, InstrumentType>,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             addr: "127.0.0.1:8080".into(),
+            source: "mathematricks".into(),
+            max_body_bytes: 64 * 1024,
+            rate_limit_per_sec: 50,
+            rate_limit_burst: 100,
+            publish_timeout_ms: 2_000,
+            futures_front_month: false,
+            secrets: BTreeMap::new(),
+            secrets_refresh_secs: 30,
+            tradingview_instrument_types: BTreeMap::new(),
         }
     }
 }
@@ -327,6 +364,22 @@ impl Config {
                 ));
             }
         }
+        let g = &self.gateway;
+        if g.source.is_empty() || g.source.contains(['.', '*', '>', ' ']) {
+            return bad(format!(
+                "gateway.source: `{}` must be a non-empty name without `.`, `*`, `>` or spaces",
+                g.source
+            ));
+        }
+        if g.max_body_bytes == 0 || g.rate_limit_per_sec == 0 || g.rate_limit_burst == 0 {
+            return bad(
+                "gateway.max_body_bytes / rate_limit_per_sec / rate_limit_burst: must be > 0"
+                    .into(),
+            );
+        }
+        if g.publish_timeout_ms == 0 {
+            return bad("gateway.publish_timeout_ms: must be > 0".into());
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return bad(format!(
                 "log.level: `{}` is not a valid filter",
@@ -355,6 +408,219 @@ impl Config {
                 "worker.batch_size: {} exceeds topology.max_ack_pending ({})",
                 w.batch_size, self.topology.max_ack_pending
             ));
+        }
+        self.execution.validate()?;
+        self.accounts.validate()?;
+        Ok(())
+    }
+}
+
+// ---- trading stages (execution, accounts) -----------------------------------
+
+/// The execution stage (`[execution]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecutionConfig {
+    /// Broker adapter per account, e.g. `IBKR_Main = "paper"` (`paper` is the
+    /// only adapter of this build; the execution worker refuses others at start).
+    pub adapters: BTreeMap<String, String>,
+    /// Adapter of accounts not in `adapters`; empty = their orders are dead-lettered.
+    pub default_adapter: String,
+    /// Period of the venue clock (expiry of working orders, retry of unpublished
+    /// outputs), milliseconds.
+    pub tick_ms: u64,
+    /// The paper venue.
+    pub paper: PaperVenueConfig,
+}
+
+impl Default for ExecutionConfig {
+    fn default() -> Self {
+        ExecutionConfig {
+            adapters: BTreeMap::new(),
+            default_adapter: "paper".into(),
+            tick_ms: 1_000,
+            paper: PaperVenueConfig::default(),
+        }
+    }
+}
+
+/// The paper venue's matching parameters (`[execution.paper]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaperVenueConfig {
+    /// Slippage against the trader on MARKET / triggered STOP fills, basis points, `[0, 10000)`.
+    pub slippage_bps: Decimal,
+    /// Fraction of the remaining quantity filled per fill opportunity, `(0, 1]`;
+    /// absent = complete fills.
+    pub fill_ratio: Option<Decimal>,
+    /// Commission per execution.
+    pub commission: CommissionConfig,
+    /// Namespaces the venue's order ids (matching uses no randomness).
+    pub seed: u64,
+    /// Lot size for partial-fill rounding of instruments not in `lot_sizes`.
+    pub default_lot: Decimal,
+    /// Lot size per instrument, e.g. `BTC = "0.0001"`.
+    pub lot_sizes: BTreeMap<String, Decimal>,
+}
+
+impl Default for PaperVenueConfig {
+    fn default() -> Self {
+        PaperVenueConfig {
+            slippage_bps: Decimal::ZERO,
+            fill_ratio: None,
+            commission: CommissionConfig::default(),
+            seed: 0,
+            default_lot: Decimal::ONE,
+            lot_sizes: BTreeMap::new(),
+        }
+    }
+}
+
+/// How a commission is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommissionKind {
+    /// `rate` per share / unit.
+    PerShare,
+    /// `rate` per contract.
+    PerContract,
+    /// `rate` basis points of the fill notional (`qty * price * multiplier`).
+    Bps,
+}
+
+/// Commission model (`[execution.paper.commission]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommissionConfig {
+    /// `per_share`, `per_contract` or `bps`.
+    pub model: CommissionKind,
+    /// The rate (non-negative).
+    pub rate: Decimal,
+    /// Minimum charge per execution, if any.
+    pub minimum: Option<Decimal>,
+}
+
+impl Default for CommissionConfig {
+    fn default() -> Self {
+        CommissionConfig {
+            model: CommissionKind::PerShare,
+            rate: Decimal::ZERO,
+            minimum: None,
+        }
+    }
+}
+
+impl ExecutionConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |s: String| Err(ConfigError(s));
+        if self.tick_ms == 0 {
+            return bad("execution.tick_ms: must be > 0".into());
+        }
+        for (account, adapter) in &self.adapters {
+            if account.is_empty() || adapter.is_empty() {
+                return bad(format!(
+                    "execution.adapters: `{account}` = `{adapter}`: account and adapter must be non-empty"
+                ));
+            }
+        }
+        let p = &self.paper;
+        if p.slippage_bps < Decimal::ZERO || p.slippage_bps >= Decimal::from(10_000) {
+            return bad(format!(
+                "execution.paper.slippage_bps: {} must be in [0, 10000)",
+                p.slippage_bps
+            ));
+        }
+        if let Some(r) = p.fill_ratio {
+            if r <= Decimal::ZERO || r > Decimal::ONE {
+                return bad(format!("execution.paper.fill_ratio: {r} must be in (0, 1]"));
+            }
+        }
+        if p.default_lot <= Decimal::ZERO || p.lot_sizes.values().any(|l| *l <= Decimal::ZERO) {
+            return bad("execution.paper.default_lot / lot_sizes: lots must be > 0".into());
+        }
+        let c = &p.commission;
+        if c.rate < Decimal::ZERO || c.minimum.is_some_and(|m| m < Decimal::ZERO) {
+            return bad("execution.paper.commission: rate and minimum must be >= 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// The accounts stage (`[accounts]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccountsConfig {
+    /// Starting cash of accounts not in `initial_balances`.
+    pub default_initial_balance: Decimal,
+    /// Starting cash per account, e.g. `IBKR_Main = "1000000"`. Listed
+    /// accounts get a state published even before their first fill.
+    pub initial_balances: BTreeMap<String, Decimal>,
+    /// Contract multiplier and margin per instrument; others use the defaults
+    /// of their instrument type.
+    pub instruments: BTreeMap<String, InstrumentConfig>,
+    /// Every account's state is re-published this often, seconds.
+    pub publish_interval_secs: u64,
+}
+
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        AccountsConfig {
+            default_initial_balance: Decimal::ZERO,
+            initial_balances: BTreeMap::new(),
+            instruments: BTreeMap::new(),
+            publish_interval_secs: 60,
+        }
+    }
+}
+
+/// One instrument's spec (`[accounts.instruments.<symbol>]`): exactly one
+/// margin model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InstrumentConfig {
+    /// Value of one point per contract (1 for stocks, 100 for GC).
+    pub multiplier: Decimal,
+    /// Margin as a fraction of notional at the mark (`0.25` = 25 %).
+    pub margin_fraction: Option<Decimal>,
+    /// Margin as a fixed amount per contract.
+    pub margin_per_contract: Option<Decimal>,
+}
+
+impl Default for InstrumentConfig {
+    fn default() -> Self {
+        InstrumentConfig {
+            multiplier: Decimal::ONE,
+            margin_fraction: None,
+            margin_per_contract: None,
+        }
+    }
+}
+
+impl AccountsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |s: String| Err(ConfigError(s));
+        if self.publish_interval_secs == 0 {
+            return bad("accounts.publish_interval_secs: must be > 0".into());
+        }
+        if self.initial_balances.keys().any(String::is_empty) {
+            return bad("accounts.initial_balances: account names must be non-empty".into());
+        }
+        for (symbol, i) in &self.instruments {
+            if i.multiplier <= Decimal::ZERO {
+                return bad(format!(
+                    "accounts.instruments.{symbol}.multiplier: {} must be > 0",
+                    i.multiplier
+                ));
+            }
+            match (i.margin_fraction, i.margin_per_contract) {
+                (Some(f), None) if f >= Decimal::ZERO => {}
+                (None, Some(a)) if a >= Decimal::ZERO => {}
+                _ => {
+                    return bad(format!(
+                        "accounts.instruments.{symbol}: set exactly one of margin_fraction / margin_per_contract (>= 0)"
+                    ))
+                }
+            }
         }
         Ok(())
     }
@@ -418,6 +684,56 @@ mod tests {
             jail.set_env("MTX_MONGO__TRADING_DB", "mathematricks_signals");
             let e = Config::load(None).unwrap_err().to_string();
             assert!(e.contains("never written"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn trading_sections_parse_and_validate() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "mtx.toml",
+                r#"
+[execution]
+default_adapter = ""
+adapters = { IBKR_Main = "paper" }
+[execution.paper]
+slippage_bps = 5
+fill_ratio = "0.5"
+commission = { model = "per_contract", rate = 2.5, minimum = "1" }
+[accounts]
+initial_balances = { IBKR_Main = "1000000" }
+[accounts.instruments.GC]
+multiplier = 100
+margin_per_contract = "16500"
+"#,
+            )?;
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.execution.adapters["IBKR_Main"], "paper");
+            assert_eq!(c.execution.paper.slippage_bps, Decimal::from(5));
+            assert_eq!(c.execution.paper.fill_ratio, Some(Decimal::new(5, 1)));
+            assert_eq!(
+                c.execution.paper.commission.model,
+                CommissionKind::PerContract
+            );
+            assert_eq!(c.execution.paper.commission.rate, Decimal::new(25, 1));
+            assert_eq!(
+                c.accounts.initial_balances["IBKR_Main"],
+                Decimal::from(1_000_000)
+            );
+            assert_eq!(c.accounts.instruments["GC"].multiplier, Decimal::from(100));
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("MTX_EXECUTION__PAPER__FILL_RATIO", "1.5");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("execution.paper.fill_ratio"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.create_file("mtx.toml", "[accounts.instruments.GC]\nmultiplier = 100\n")?;
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("accounts.instruments.GC"), "{e}");
             Ok(())
         });
     }

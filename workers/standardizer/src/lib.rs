@@ -1,7 +1,10 @@
-//! Turns what signal providers send into mtx's [`StandardizedSignal`]. Pure
-//! logic: no I/O, so the gateway (to reject bad bodies at ingress) and the
-//! standardizer worker share exactly the same rules.
+//! Turns what signal providers send into mtx's [`StandardizedSignal`]. The
+//! parsing modules are pure logic (no I/O), so the gateway (to reject bad
+//! bodies at ingress) and the standardizer worker share exactly the same rules.
 //!
+//! - [`worker`]: the standardizer stage (`mtx run standardizer`): raw stream
+//!   in, strategy lookup, dedupe, standardized stream out (the only module
+//!   with I/O).
 //! - [`parse`]: the entry points — [`strip_secret`], [`parse_raw`] /
 //!   [`parse_bytes`] into a [`ParsedSignal`], then [`standardize`] with the
 //!   strategy's [`StrategyInfo`]; plus [`ParseContext`] and [`payload_fingerprint`].
@@ -22,6 +25,7 @@ pub mod legs;
 pub mod mathematricks;
 pub mod parse;
 pub mod tradingview;
+pub mod worker;
 
 pub use error::SignalError;
 pub use legs::position_direction;

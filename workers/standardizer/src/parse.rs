@@ -66,12 +66,14 @@ impl ParseContext {
         }
     }
 
-    /// The context a published [`RawSignal`] carries (strict on futures).
+    /// The context a published [`RawSignal`] carries (strict on futures
+    /// unless the route set `futures_front_month`).
     pub fn for_raw(raw: &RawSignal) -> Self {
         ParseContext {
             fallback_signal_id: raw.fallback_signal_id.clone(),
             strategy_hint: raw.strategy_hint.clone(),
             default_instrument_type: raw.instrument_type_hint,
+            require_future_expiry: !raw.futures_front_month,
             ..ParseContext::new(
                 raw.source.clone(),
                 raw.environment,

@@ -253,6 +253,7 @@ fn secret_never_reaches_raw_or_standardized_signals() {
                 strategy_hint: None,
                 instrument_type_hint: None,
                 fallback_signal_id: None,
+                futures_front_month: false,
                 payload,
             };
             let raw_json = serde_json::to_string(&raw).unwrap();

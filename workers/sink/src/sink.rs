@@ -1,0 +1,883 @@
+//! The sink worker: one [`Handler`] per `sink_*` durable consumer.
+//!
+//! Each batch the consume loop hands over is written in one pass:
+//! 1. every message is mapped to its document ([`crate::mapping`]); one that
+//!    cannot be mapped is rejected (→ `dlq.sink`);
+//! 2. documents are inserted with one unordered `insert_many` per collection;
+//!    a duplicate key means "already stored" and counts as success;
+//! 3. the lifecycle flags are set with guarded, set-based updates
+//!    (`raw_signals.processed`, `standardized_signals.processed_by_cerebro`,
+//!    `trading_orders.status` by rank, `raw_signals.error` of dead-lettered
+//!    raw signals). Each side first writes its own document and then looks
+//!    for the other side, so whichever of two related messages is stored
+//!    last sets the flag;
+//! 4. only then does the loop ack: a message is acked when Mongo has
+//!    acknowledged its document and its follow-ups.
+//!
+//! Mongo away: the readiness flag `mongo (sink)` drops, batches wait a few
+//! seconds for it and are otherwise NAKed with a delay that grows with the
+//! delivery count (back-pressure, not a redelivery storm); nothing is acked,
+//! and writing resumes by itself once the pinger reaches Mongo again. A
+//! document the server's validator refuses is rejected with the server's
+//! error (→ `dlq.sink`), never retried forever.
+
+use crate::error::{Class, SinkError};
+use crate::mapping::{event_update, status_filter, ErrorTarget, Follow, Kind, Mapper, Prepared};
+use crate::spec::{names, Db};
+use crate::store::{int_of, Store, UpdateStmt, WriteResult};
+use bson::{doc, Bson, DateTime, Document};
+use mtx_runtime::health::ReadyFlag;
+use mtx_runtime::process::Process;
+use mtx_runtime::{Delivery, Handler, Outcome};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The durable consumers' worker pool name in the topology.
+pub const POOL: &str = "sink";
+/// Stage name of the sink (metric label, `dlq.sink`).
+pub const STAGE: &str = "sink";
+
+/// Sink metrics on the process registry.
+#[derive(Clone)]
+pub struct SinkMetrics {
+    /// Documents by collection and result (`inserted`, `duplicate`,
+    /// `rejected`, `retry`).
+    pub documents: IntCounterVec,
+    /// 1 while the sink reaches Mongo.
+    pub mongo_up: IntGauge,
+    /// Time to write one batch (documents and follow-ups), by stream.
+    pub batch_seconds: HistogramVec,
+}
+
+impl SinkMetrics {
+    /// Register on `registry`.
+    pub fn new(registry: &Registry) -> Result<SinkMetrics, prometheus::Error> {
+        let documents = IntCounterVec::new(
+            Opts::new(
+                "mtx_sink_documents_total",
+                "Documents handled by the sink, by collection and result",
+            ),
+            &["collection", "result"],
+        )?;
+        let mongo_up = IntGauge::new("mtx_sink_mongo_up", "1 while the sink reaches MongoDB")?;
+        let batch_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "mtx_sink_batch_seconds",
+                "Time to write one batch to MongoDB (documents and follow-ups)",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["stream"],
+        )?;
+        registry.register(Box::new(documents.clone()))?;
+        registry.register(Box::new(mongo_up.clone()))?;
+        registry.register(Box::new(batch_seconds.clone()))?;
+        Ok(SinkMetrics {
+            documents,
+            mongo_up,
+            batch_seconds,
+        })
+    }
+}
+
+/// Timing knobs, derived from the consumer's ack wait.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long a batch waits for Mongo to come back before it is NAKed.
+    pub wait_for_mongo: Duration,
+    /// First NAK delay; doubles per delivery, capped at [`Timing::max_retry_delay`].
+    pub retry_delay: Duration,
+    /// Largest NAK delay.
+    pub max_retry_delay: Duration,
+    /// Time limit of one Mongo operation.
+    pub op_timeout: Duration,
+}
+
+impl Timing {
+    /// Defaults for a consumer with `ack_wait`: a whole batch (wait + writes)
+    /// stays well inside the ack wait, so nothing is redelivered while in hand.
+    pub fn for_ack_wait(ack_wait: Duration) -> Timing {
+        Timing {
+            wait_for_mongo: (ack_wait / 6)
+                .clamp(Duration::from_millis(500), Duration::from_secs(5)),
+            retry_delay: Duration::from_secs(1),
+            max_retry_delay: Duration::from_secs(30),
+            op_timeout: (ack_wait / 3).clamp(Duration::from_secs(2), Duration::from_secs(10)),
+        }
+    }
+
+    /// NAK delay for a message on its `deliveries`-th delivery: the base
+    /// delay × deliveries², capped (1 s, 4 s, 9 s, … 30 s): the first nine
+    /// deliveries span about three minutes of outage before `max_deliver`
+    /// (10) would dead-letter a message, while one NAKed early in a short
+    /// outage is back within seconds of Mongo's return.
+    ///
+    /// Note: when the consumer has a `backoff` (the topology's default),
+    /// nats-server (observed on 2.15.1) adds `backoff[n-1] − ack_wait` to the delay of
+    /// the n-th delivery's NAK, so the real waits are longer from the second
+    /// delivery on (about 34 s, 99 s, 226 s, … with ack_wait 30 s).
+    pub fn delay(&self, deliveries: u64) -> Duration {
+        let d = deliveries.clamp(1, 1_000) as u32;
+        self.retry_delay
+            .saturating_mul(d * d)
+            .min(self.max_retry_delay)
+    }
+}
+
+/// Shared state of all sink handlers of a process.
+pub struct SinkCore {
+    store: Store,
+    mapper: Mapper,
+    mongo_up: ReadyFlag,
+    schema_ok: ReadyFlag,
+    down_since: Mutex<Option<Instant>>,
+    metrics: SinkMetrics,
+    timing: Timing,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Per-message state while a batch is written.
+enum Slot {
+    Done(Outcome),
+    Pending(Box<Prepared>),
+    Stored {
+        prepared: Box<Prepared>,
+        inserted: bool,
+    },
+}
+
+impl SinkCore {
+    /// Assemble a core (see [`spawn`] for the usual way).
+    pub fn new(
+        store: Store,
+        mapper: Mapper,
+        mongo_up: ReadyFlag,
+        schema_ok: ReadyFlag,
+        metrics: SinkMetrics,
+        timing: Timing,
+    ) -> SinkCore {
+        SinkCore {
+            store,
+            mapper,
+            mongo_up,
+            schema_ok,
+            down_since: Mutex::new(None),
+            metrics,
+            timing,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The sink's metrics.
+    pub fn metrics(&self) -> &SinkMetrics {
+        &self.metrics
+    }
+
+    fn set_mongo(&self, up: bool, why: &str) {
+        if up != self.mongo_up.get() {
+            if up {
+                tracing::info!("mongo reachable; sink ready");
+            } else {
+                tracing::warn!(
+                    error = why,
+                    "mongo unavailable; sink not ready, NAKing with delay"
+                );
+            }
+        }
+        {
+            let mut since = lock(&self.down_since);
+            if up {
+                *since = None;
+            } else if since.is_none() {
+                *since = Some(Instant::now());
+            }
+        }
+        self.mongo_up.set(up);
+        self.metrics.mongo_up.set(up as i64);
+    }
+
+    /// True when Mongo is up, waiting for it only while the outage is
+    /// younger than `wait_for_mongo` (a blip). Later batches are NAKed at
+    /// once: holding them would leave messages of the pull request in hand
+    /// past their ack wait, and those come back only after the consumer's
+    /// backoff (tens of seconds).
+    async fn wait_for_mongo(&self) -> bool {
+        loop {
+            if self.mongo_up.get() {
+                return true;
+            }
+            let since = *lock(&self.down_since).get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.timing.wait_for_mongo {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// True once the unique natural-key indexes are known to exist (checked
+    /// until they do): the sink never writes into unmigrated collections,
+    /// where a redelivery would store a second copy.
+    async fn schema_ready(&self) -> bool {
+        if self.schema_ok.get() {
+            return true;
+        }
+        match crate::migrate::missing_unique_keys(&self.store).await {
+            Ok(missing) if missing.is_empty() => {
+                tracing::info!("natural-key indexes present; sink writes");
+                self.schema_ok.set(true);
+                true
+            }
+            Ok(missing) => {
+                tracing::error!(
+                    missing = %missing.join(", "),
+                    "the databases are not migrated: run `mtx db migrate`; not writing"
+                );
+                false
+            }
+            Err(e) => {
+                self.failed(&e);
+                false
+            }
+        }
+    }
+
+    /// Ping Mongo until `shutdown`, keeping the readiness flag current.
+    pub async fn watch_mongo(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let ok = match self.store.ping().await {
+                Ok(()) => {
+                    self.set_mongo(true, "");
+                    true
+                }
+                Err(e) => {
+                    self.set_mongo(false, &e.to_string());
+                    false
+                }
+            };
+            let pause = if ok {
+                Duration::from_secs(2)
+            } else {
+                Duration::from_millis(500)
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    fn count(&self, coll: &str, result: &str, n: u64) {
+        if n > 0 {
+            self.metrics
+                .documents
+                .with_label_values(&[coll, result])
+                .inc_by(n);
+        }
+    }
+
+    /// Write one batch of a `kind` consumer; one outcome per message.
+    pub async fn write_batch(&self, kind: Kind, msgs: &[Delivery]) -> Vec<Outcome> {
+        let started = Instant::now();
+        let now = DateTime::now();
+        let mut slots: Vec<Slot> = msgs
+            .iter()
+            .map(|d| match self.mapper.prepare(kind, d, now) {
+                Ok(p) => Slot::Pending(Box::new(p)),
+                Err(r) => {
+                    tracing::warn!(reason = r.reason, detail = %r.detail, seq = d.stream_seq, "unmappable message");
+                    Slot::Done(Outcome::reject(r.reason, r.detail))
+                }
+            })
+            .collect();
+        if slots.iter().any(|s| matches!(s, Slot::Pending(_))) {
+            if !self.wait_for_mongo().await {
+                self.retry_pending(&mut slots, msgs, "mongo unavailable");
+            } else if !self.schema_ready().await {
+                self.retry_pending(&mut slots, msgs, "databases not migrated");
+            } else {
+                let deliveries: Vec<u64> = msgs.iter().map(|d| d.deliveries).collect();
+                self.insert(&mut slots, &deliveries).await;
+                self.follow_up(&mut slots, &deliveries, now).await;
+            }
+        }
+        let outcomes: Vec<Outcome> = slots
+            .into_iter()
+            .zip(msgs)
+            .map(|(s, d)| match s {
+                // A dead letter is never dead-lettered again (that would loop
+                // through dlq.sink): it stays in the DLQ stream and is retried.
+                Slot::Done(Outcome::Reject { reason, detail }) if kind == Kind::DeadLetters => {
+                    tracing::error!(%reason, %detail, seq = d.stream_seq, "dead letter refused by MongoDB; retrying");
+                    Outcome::retry(self.timing.max_retry_delay, format!("{reason}: {detail}"))
+                }
+                Slot::Done(o) => o,
+                Slot::Stored { inserted: true, .. } => Outcome::Ok(vec![]),
+                Slot::Stored {
+                    inserted: false, ..
+                } => Outcome::Duplicate,
+                Slot::Pending(_) => Outcome::retry(self.timing.delay(d.deliveries), "not written"),
+            })
+            .collect();
+        self.metrics
+            .batch_seconds
+            .with_label_values(&[kind.stream()])
+            .observe(started.elapsed().as_secs_f64());
+        outcomes
+    }
+
+    fn retry_pending(&self, slots: &mut [Slot], msgs: &[Delivery], reason: &str) {
+        for (s, d) in slots.iter_mut().zip(msgs) {
+            if let Slot::Pending(p) | Slot::Stored { prepared: p, .. } = s {
+                self.count(p.coll, "retry", 1);
+                *s = Slot::Done(Outcome::retry(self.timing.delay(d.deliveries), reason));
+            }
+        }
+    }
+
+    fn failed(&self, e: &SinkError) -> String {
+        if e.class() == Class::Retryable {
+            self.set_mongo(false, &e.to_string());
+        }
+        e.to_string()
+    }
+
+    /// Step 2: one unordered insert per collection.
+    async fn insert(&self, slots: &mut [Slot], deliveries: &[u64]) {
+        let mut groups: BTreeMap<(u8, &'static str), Vec<usize>> = BTreeMap::new();
+        for (i, s) in slots.iter().enumerate() {
+            if let Slot::Pending(p) = s {
+                let db = match p.db {
+                    Db::Trading => 0,
+                    Db::BotCore => 1,
+                };
+                groups.entry((db, p.coll)).or_default().push(i);
+            }
+        }
+        for ((db, coll), idx) in groups {
+            let db = if db == 0 { Db::Trading } else { Db::BotCore };
+            let docs: Vec<Document> = idx
+                .iter()
+                .filter_map(|&i| match &slots[i] {
+                    Slot::Pending(p) => Some(p.doc.clone()),
+                    _ => None,
+                })
+                .collect();
+            match self.store.insert_unordered(db, coll, docs).await {
+                Ok(results) => {
+                    for (&i, r) in idx.iter().zip(results) {
+                        let slot = std::mem::replace(&mut slots[i], Slot::Done(Outcome::Duplicate));
+                        let Slot::Pending(p) = slot else { continue };
+                        slots[i] = match r {
+                            WriteResult::Ok => {
+                                self.count(coll, "inserted", 1);
+                                Slot::Stored {
+                                    prepared: p,
+                                    inserted: true,
+                                }
+                            }
+                            WriteResult::Duplicate => {
+                                self.count(coll, "duplicate", 1);
+                                Slot::Stored {
+                                    prepared: p,
+                                    inserted: false,
+                                }
+                            }
+                            WriteResult::Failed {
+                                class: Class::Permanent,
+                                code,
+                                message,
+                            } => {
+                                self.count(coll, "rejected", 1);
+                                let reason = if code == crate::error::VALIDATION_FAILED {
+                                    "validation_failed"
+                                } else {
+                                    "write_failed"
+                                };
+                                tracing::warn!(collection = coll, code, %message, "document rejected by MongoDB");
+                                Slot::Done(Outcome::reject(
+                                    reason,
+                                    format!("{coll}: code {code}: {message}"),
+                                ))
+                            }
+                            WriteResult::Failed { code, message, .. } => {
+                                self.count(coll, "retry", 1);
+                                Slot::Done(Outcome::retry(
+                                    self.timing.delay(deliveries[i]),
+                                    format!("{coll}: code {code}: {message}"),
+                                ))
+                            }
+                        };
+                    }
+                }
+                Err(e) => {
+                    let class = e.class();
+                    let detail = self.failed(&e);
+                    tracing::warn!(collection = coll, error = %detail, "insert failed");
+                    for &i in &idx {
+                        let o = if class == Class::Permanent {
+                            self.count(coll, "rejected", 1);
+                            Outcome::reject("write_failed", format!("{coll}: {detail}"))
+                        } else {
+                            self.count(coll, "retry", 1);
+                            Outcome::retry(
+                                self.timing.delay(deliveries[i]),
+                                format!("{coll}: {detail}"),
+                            )
+                        };
+                        slots[i] = Slot::Done(o);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Step 3: lifecycle flags. A failure turns the affected messages into
+    /// retries (their documents are duplicates next time, the follow-up runs again).
+    async fn follow_up(&self, slots: &mut [Slot], deliveries: &[u64], now: DateTime) {
+        let stored: Vec<(usize, Follow)> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Slot::Stored { prepared, .. } => Some((i, prepared.follow.clone())),
+                _ => None,
+            })
+            .collect();
+        if stored.iter().all(|(_, f)| *f == Follow::None) {
+            return;
+        }
+        match self.follow_ups(&stored, now).await {
+            Ok(rejected) => {
+                for (i, reason) in rejected {
+                    slots[i] = Slot::Done(Outcome::reject("write_failed", reason));
+                }
+            }
+            Err(e) => {
+                let detail = self.failed(&e);
+                tracing::warn!(error = %detail, "follow-up update failed; will retry");
+                for (i, _) in &stored {
+                    slots[*i] = Slot::Done(Outcome::retry(
+                        self.timing.delay(deliveries[*i]),
+                        format!("follow-up: {detail}"),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn follow_ups(
+        &self,
+        stored: &[(usize, Follow)],
+        now: DateTime,
+    ) -> Result<Vec<(usize, String)>, SinkError> {
+        let mut raw_sigs = BTreeSet::new();
+        let mut raw_ids = BTreeSet::new();
+        let mut std_ids = BTreeSet::new();
+        let mut decided = BTreeSet::new();
+        let mut order_ids = BTreeSet::new();
+        // order_id → (rank, set, owner)
+        let mut events: HashMap<String, (i64, Document, usize)> = HashMap::new();
+        let mut errors: Vec<(usize, ErrorTarget)> = Vec::new();
+        for (i, f) in stored {
+            match f {
+                Follow::None => {}
+                Follow::Raw {
+                    raw_signal_id,
+                    signal_id,
+                } => {
+                    raw_ids.insert(raw_signal_id.clone());
+                    if let Some(s) = signal_id {
+                        raw_sigs.insert(s.clone());
+                    }
+                }
+                Follow::Standardized { signal_id } => {
+                    std_ids.insert(signal_id.clone());
+                }
+                Follow::Decision { signal_id } => {
+                    decided.insert(signal_id.clone());
+                }
+                Follow::Order { order_id } => {
+                    order_ids.insert(order_id.clone());
+                }
+                Follow::Event {
+                    order_id,
+                    rank,
+                    set,
+                } => {
+                    let e = events
+                        .entry(order_id.clone())
+                        .or_insert((*rank, set.clone(), *i));
+                    if *rank > e.0 {
+                        *e = (*rank, set.clone(), *i);
+                    }
+                }
+                Follow::DeadLetter { target: Some(t) } => errors.push((*i, t.clone())),
+                Follow::DeadLetter { target: None } => {}
+            }
+        }
+        let mut rejected = Vec::new();
+
+        // Phase 1, concurrently: what exists on the other side of each link
+        // (and the raw flags this batch's standardized signals set).
+        let empty = BTreeSet::new;
+        let (found_std, found_dec, dl_raw, evs, _) = futures::try_join!(
+            async {
+                if raw_sigs.is_empty() {
+                    return Ok(empty());
+                }
+                self.ids_present(names::STANDARDIZED_SIGNALS, "signal_id", &raw_sigs)
+                    .await
+            },
+            async {
+                if std_ids.is_empty() {
+                    return Ok(empty());
+                }
+                self.ids_present(names::CEREBRO_DECISIONS, "signal_id", &std_ids)
+                    .await
+            },
+            async {
+                if raw_ids.is_empty() {
+                    return Ok(vec![]);
+                }
+                self.raw_dead_letter_errors(&raw_ids).await
+            },
+            async {
+                if order_ids.is_empty() {
+                    return Ok(vec![]);
+                }
+                self.store
+                    .find_all(
+                        Db::Trading,
+                        names::ORDER_EVENTS,
+                        doc! {"order_id": {"$in": to_bson(&order_ids)}},
+                        None,
+                    )
+                    .await
+            },
+            async {
+                // raw_signals.processed ← this batch's standardized signals.
+                if std_ids.is_empty() {
+                    return Ok(0);
+                }
+                self.flag_raw_processed(&std_ids, now).await
+            },
+        )?;
+        errors.extend(dl_raw.into_iter().map(|t| (usize::MAX, t)));
+        let cerebro: BTreeSet<String> = decided.into_iter().chain(found_dec).collect();
+
+        // trading_orders.status ← the newest event, forward only.
+        for ev in evs {
+            let (Ok(order_id), Ok(status)) = (ev.get_str("order_id"), ev.get_str("status")) else {
+                continue;
+            };
+            let seq = int_of(ev.get("seq")).unwrap_or(0);
+            let (rank, set) = event_update(&ev, status, seq, now);
+            let e = events
+                .entry(order_id.to_string())
+                .or_insert((rank, set.clone(), usize::MAX));
+            if rank > e.0 {
+                *e = (rank, set, usize::MAX);
+            }
+        }
+        let mut status_stmts = Vec::new();
+        let mut status_owners = Vec::new();
+        for (order_id, (rank, set, owner)) in &events {
+            status_owners.push(*owner);
+            status_stmts.push(UpdateStmt {
+                q: status_filter(order_id, *rank),
+                u: doc! {"$set": set.clone()},
+                multi: false,
+            });
+        }
+
+        // error ← dead letters.
+        let mut by_coll: BTreeMap<&'static str, (Vec<UpdateStmt>, Vec<usize>)> = BTreeMap::new();
+        for (owner, t) in errors {
+            let at = t.error.get("at").cloned().unwrap_or(Bson::DateTime(now));
+            let e = by_coll.entry(t.coll).or_default();
+            e.0.push(UpdateStmt {
+                q: doc! {
+                    t.key_field: &t.key,
+                    "$or": [
+                        {"error": {"$exists": false}},
+                        {"error": Bson::Null},
+                        {"error.at": {"$lt": at}},
+                    ],
+                },
+                u: doc! {"$set": {"error": t.error}},
+                multi: true,
+            });
+            e.1.push(owner);
+        }
+        let raw_err = by_coll.remove(names::RAW_SIGNALS).unwrap_or_default();
+
+        // Phase 2, concurrently: the flags.
+        let (_, _, status_res, raw_err_res) = futures::try_join!(
+            async {
+                if found_std.is_empty() {
+                    return Ok(0);
+                }
+                self.flag_raw_processed(&found_std, now).await
+            },
+            async {
+                // standardized_signals.processed_by_cerebro ← a decision exists.
+                if cerebro.is_empty() {
+                    return Ok(0);
+                }
+                self.store
+                    .update_many(
+                        Db::Trading,
+                        names::STANDARDIZED_SIGNALS,
+                        doc! {"signal_id": {"$in": to_bson(&cerebro)}, "processed_by_cerebro": false},
+                        doc! {"$set": {"processed_by_cerebro": true, "processed_by_cerebro_at": now}},
+                    )
+                    .await
+            },
+            self.store
+                .update_bulk(Db::Trading, names::TRADING_ORDERS, &status_stmts),
+            self.store
+                .update_bulk(Db::Trading, names::RAW_SIGNALS, &raw_err.0),
+        )?;
+        check_bulk(status_res, &status_owners, &mut rejected)?;
+        check_bulk(raw_err_res, &raw_err.1, &mut rejected)?;
+        Ok(rejected)
+    }
+
+    /// `raw_signals.processed` for the raw signals of these signal ids.
+    async fn flag_raw_processed(
+        &self,
+        signal_ids: &BTreeSet<String>,
+        now: DateTime,
+    ) -> Result<u64, SinkError> {
+        self.store
+            .update_many(
+                Db::Trading,
+                names::RAW_SIGNALS,
+                doc! {"signal_id": {"$in": to_bson(signal_ids)}, "processed": false},
+                doc! {"$set": {"processed": true, "processed_at": now}},
+            )
+            .await
+    }
+
+    /// Which of `ids` exist as `field` in `coll`.
+    async fn ids_present(
+        &self,
+        coll: &str,
+        field: &str,
+        ids: &BTreeSet<String>,
+    ) -> Result<BTreeSet<String>, SinkError> {
+        let docs = self
+            .store
+            .find_all(
+                Db::Trading,
+                coll,
+                doc! {field: {"$in": to_bson(ids)}},
+                Some(doc! {field: 1, "_id": 0}),
+            )
+            .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| d.get_str(field).ok().map(str::to_string))
+            .collect())
+    }
+
+    /// Errors to record on raw signals from dead letters of other stages
+    /// (the standardizer's) about them.
+    async fn raw_dead_letter_errors(
+        &self,
+        raw_ids: &BTreeSet<String>,
+    ) -> Result<Vec<ErrorTarget>, SinkError> {
+        let key_field = "raw_signal_id";
+        let stream = mtx_subjects::topology::streams::SIGNALS_RAW;
+        let docs = self
+            .store
+            .find_all(
+                Db::Trading,
+                names::DEAD_LETTERS,
+                doc! {
+                    key_field: {"$in": to_bson(raw_ids)},
+                    "stage": {"$ne": STAGE},
+                    "original_stream": stream,
+                },
+                Some(doc! {
+                    key_field: 1, "stage": 1, "reason": 1, "detail": 1, "time": 1,
+                    "dead_letter_id": 1, "_id": 0,
+                }),
+            )
+            .await?;
+        Ok(docs
+            .into_iter()
+            .filter_map(|d| {
+                Some(ErrorTarget {
+                    coll: names::RAW_SIGNALS,
+                    key_field,
+                    key: d.get_str(key_field).ok()?.to_string(),
+                    error: doc! {
+                        "stage": d.get("stage").cloned().unwrap_or(Bson::Null),
+                        "reason": d.get("reason").cloned().unwrap_or(Bson::Null),
+                        "detail": d.get("detail").cloned().unwrap_or(Bson::Null),
+                        "at": d.get("time").cloned().unwrap_or(Bson::Null),
+                        "dead_letter_id": d.get("dead_letter_id").cloned().unwrap_or(Bson::Null),
+                    },
+                })
+            })
+            .collect())
+    }
+}
+
+fn to_bson(ids: &BTreeSet<String>) -> Vec<Bson> {
+    ids.iter().map(|s| Bson::from(s.as_str())).collect()
+}
+
+/// Statement failures: retryable ones fail the whole follow-up, permanent
+/// ones reject the message that owns the statement (if it is in this batch).
+fn check_bulk(
+    results: Vec<WriteResult>,
+    owners: &[usize],
+    rejected: &mut Vec<(usize, String)>,
+) -> Result<(), SinkError> {
+    for (r, owner) in results.into_iter().zip(owners) {
+        match r {
+            WriteResult::Ok | WriteResult::Duplicate => {}
+            WriteResult::Failed {
+                class: Class::Permanent,
+                code,
+                message,
+            } => {
+                tracing::error!(code, %message, "follow-up update refused by MongoDB");
+                if *owner != usize::MAX {
+                    rejected.push((*owner, format!("code {code}: {message}")));
+                }
+            }
+            WriteResult::Failed { code, message, .. } => {
+                return Err(SinkError::Command {
+                    op: "update",
+                    target: "follow-up".into(),
+                    detail: format!("code {code}: {message}"),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The handler bound to one `sink_*` consumer.
+pub struct SinkHandler {
+    core: Arc<SinkCore>,
+    kind: Kind,
+}
+
+impl SinkHandler {
+    /// A handler writing `kind` messages through `core`.
+    pub fn new(core: Arc<SinkCore>, kind: Kind) -> SinkHandler {
+        SinkHandler { core, kind }
+    }
+}
+
+impl Handler for SinkHandler {
+    async fn handle(&self, msg: &Delivery) -> Outcome {
+        let mut v = self
+            .core
+            .write_batch(self.kind, std::slice::from_ref(msg))
+            .await;
+        v.pop()
+            .unwrap_or_else(|| Outcome::retry(Duration::from_secs(1), "no outcome"))
+    }
+
+    async fn handle_batch(&self, msgs: &[Delivery], _concurrency: usize) -> Vec<Outcome> {
+        self.core.write_batch(self.kind, msgs).await
+    }
+}
+
+/// Start the sink pool on `process`: connect to Mongo, register the
+/// `mongo (sink)` readiness flag and metrics, watch Mongo, and bind every
+/// `sink_*` consumer of the topology.
+pub async fn spawn(process: &mut Process) -> Result<Arc<SinkCore>, SinkError> {
+    let timing = Timing::for_ack_wait(Duration::from_secs(process.config.topology.ack_wait_secs));
+    let store = Store::connect(&process.config.mongo, timing.op_timeout).await?;
+    let flag = process.health.ready_flag("mongo (sink)");
+    let schema_flag = process.health.ready_flag("mongo schema migrated (sink)");
+    let metrics = SinkMetrics::new(&process.registry)?;
+    let core = Arc::new(SinkCore::new(
+        store,
+        Mapper::new(process.subjects.clone()),
+        flag,
+        schema_flag,
+        metrics,
+        timing,
+    ));
+    // One ping up front, so readiness is right from the first batch.
+    match core.store.ping().await {
+        Ok(()) => {
+            core.set_mongo(true, "");
+            core.schema_ready().await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "mongo unreachable at start; the sink waits for it");
+            core.set_mongo(false, &e.to_string());
+        }
+    }
+    process.spawn(core.clone().watch_mongo(process.shutdown.clone()));
+    let bindings: Vec<(String, Kind)> = process
+        .topology
+        .pool_consumers(POOL)
+        .map(|c| {
+            let base = process
+                .topology
+                .streams
+                .iter()
+                .find(|s| s.config.name == c.stream)
+                .map(|s| s.base)
+                .unwrap_or_default();
+            Kind::for_stream(base)
+                .map(|k| (c.durable().to_string(), k))
+                .ok_or_else(|| {
+                    SinkError::Config(format!(
+                        "sink consumer {} reads stream {} the sink cannot map",
+                        c.durable(),
+                        c.stream
+                    ))
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    if bindings.is_empty() {
+        return Err(SinkError::Config(
+            "the topology has no sink consumers".into(),
+        ));
+    }
+    for (durable, kind) in bindings {
+        process.spawn_consumer(
+            STAGE,
+            &durable,
+            Arc::new(SinkHandler::new(core.clone(), kind)),
+        )?;
+    }
+    tracing::info!("sink pool started");
+    Ok(core)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_and_cap() {
+        let t = Timing::for_ack_wait(Duration::from_secs(30));
+        assert_eq!(t.delay(1), Duration::from_secs(1));
+        assert_eq!(t.delay(3), Duration::from_secs(9));
+        assert_eq!(t.delay(50), Duration::from_secs(30));
+        let nine: Duration = (1..10).map(|d| t.delay(d)).sum();
+        assert!(nine >= Duration::from_secs(170), "{nine:?}");
+        assert!(t.wait_for_mongo + 3 * t.op_timeout <= Duration::from_secs(35));
+    }
+}

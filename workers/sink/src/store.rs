@@ -1,0 +1,313 @@
+//! The Mongo connection and the few write primitives the sink needs, each
+//! reporting one result per document / statement.
+//!
+//! Connection defaults (used only when the URI does not set them): server
+//! selection 3 s, connect 3 s, heartbeat 2 s, so an outage is noticed and
+//! left quickly; anything the URI says (the stand-in's `retryWrites=false`,
+//! a real cluster's `w=majority`, TLS) wins.
+
+use crate::error::{classify_code, Class, SinkError};
+use crate::spec::Db;
+use bson::{doc, Bson, Document};
+use futures::TryStreamExt;
+use mongodb::error::ErrorKind;
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Collection, Database};
+use mtx_runtime::config::MongoConfig;
+use std::future::Future;
+use std::time::Duration;
+
+/// Result of one document or statement of a bulk write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteResult {
+    /// Acknowledged.
+    Ok,
+    /// Already there (duplicate key): success.
+    Duplicate,
+    /// Failed; the class says whether to retry or dead-letter.
+    Failed {
+        /// Retryable or permanent.
+        class: Class,
+        /// Server code.
+        code: i32,
+        /// Server message (with `errInfo` for validation failures).
+        message: String,
+    },
+}
+
+/// One update statement of [`Store::update_bulk`].
+#[derive(Debug, Clone)]
+pub struct UpdateStmt {
+    /// Filter.
+    pub q: Document,
+    /// Update document.
+    pub u: Document,
+    /// Update every match (else the first).
+    pub multi: bool,
+}
+
+/// Both databases on one client.
+#[derive(Clone)]
+pub struct Store {
+    /// The driver client (pooled, reconnects by itself).
+    pub client: Client,
+    trading: Database,
+    bot_core: Database,
+    op_timeout: Duration,
+}
+
+impl Store {
+    /// Connect lazily (the driver connects in the background; an unreachable
+    /// server shows up as a retryable error on the first operation).
+    pub async fn connect(cfg: &MongoConfig, op_timeout: Duration) -> Result<Store, SinkError> {
+        let mut opts = ClientOptions::parse(&cfg.uri).await?;
+        if opts.app_name.is_none() {
+            opts.app_name = Some("mtx-sink".into());
+        }
+        if opts.server_selection_timeout.is_none() {
+            opts.server_selection_timeout = Some(Duration::from_secs(3));
+        }
+        if opts.connect_timeout.is_none() {
+            opts.connect_timeout = Some(Duration::from_secs(3));
+        }
+        if opts.heartbeat_freq.is_none() {
+            opts.heartbeat_freq = Some(Duration::from_secs(2));
+        }
+        let client = Client::with_options(opts)?;
+        Ok(Store::from_client(client, cfg, op_timeout))
+    }
+
+    /// Wrap an existing client.
+    pub fn from_client(client: Client, cfg: &MongoConfig, op_timeout: Duration) -> Store {
+        Store {
+            trading: client.database(&cfg.trading_db),
+            bot_core: client.database(&cfg.bot_core_db),
+            client,
+            op_timeout,
+        }
+    }
+
+    /// The database handle.
+    pub fn db(&self, db: Db) -> &Database {
+        match db {
+            Db::Trading => &self.trading,
+            Db::BotCore => &self.bot_core,
+        }
+    }
+
+    /// A collection of documents.
+    pub fn coll(&self, db: Db, name: &str) -> Collection<Document> {
+        self.db(db).collection(name)
+    }
+
+    /// Time limit of one operation.
+    pub fn op_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+
+    /// Run `fut` with the operation time limit.
+    pub async fn timed<T, F>(&self, what: &str, fut: F) -> Result<T, SinkError>
+    where
+        F: Future<Output = Result<T, SinkError>>,
+    {
+        match tokio::time::timeout(self.op_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(SinkError::Timeout(what.to_string())),
+        }
+    }
+
+    /// `ping` the trading database's server.
+    pub async fn ping(&self) -> Result<(), SinkError> {
+        self.timed("ping", async {
+            self.trading.run_command(doc! {"ping": 1}).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Unordered insert; one result per document (duplicate key = success).
+    /// `Err` means the call as a whole failed (nothing known per document).
+    pub async fn insert_unordered(
+        &self,
+        db: Db,
+        coll: &str,
+        docs: Vec<Document>,
+    ) -> Result<Vec<WriteResult>, SinkError> {
+        let n = docs.len();
+        if n == 0 {
+            return Ok(vec![]);
+        }
+        let c = self.coll(db, coll);
+        let r = self
+            .timed(&format!("insert into {coll}"), async {
+                Ok(c.insert_many(docs).ordered(false).await)
+            })
+            .await?;
+        let mut out = vec![WriteResult::Ok; n];
+        match r {
+            Ok(_) => Ok(out),
+            Err(e) => match e.kind.as_ref() {
+                ErrorKind::InsertMany(im) if im.write_concern_error.is_none() => {
+                    for w in im.write_errors.as_deref().unwrap_or_default() {
+                        if w.index >= n {
+                            continue;
+                        }
+                        let class = classify_code(w.code);
+                        out[w.index] = match class {
+                            Class::Duplicate => WriteResult::Duplicate,
+                            _ => WriteResult::Failed {
+                                class,
+                                code: w.code,
+                                message: with_info(&w.message, w.details.as_ref()),
+                            },
+                        };
+                    }
+                    Ok(out)
+                }
+                _ => Err(SinkError::Mongo(e)),
+            },
+        }
+    }
+
+    /// Several update statements in one unordered `update` command (no
+    /// upserts); one result per statement.
+    pub async fn update_bulk(
+        &self,
+        db: Db,
+        coll: &str,
+        stmts: &[UpdateStmt],
+    ) -> Result<Vec<WriteResult>, SinkError> {
+        let mut out = Vec::with_capacity(stmts.len());
+        for chunk in stmts.chunks(500) {
+            out.extend(self.update_chunk(db, coll, chunk).await?);
+        }
+        Ok(out)
+    }
+
+    async fn update_chunk(
+        &self,
+        db: Db,
+        coll: &str,
+        stmts: &[UpdateStmt],
+    ) -> Result<Vec<WriteResult>, SinkError> {
+        let updates: Vec<Bson> = stmts
+            .iter()
+            .map(|s| {
+                Bson::Document(doc! {
+                    "q": s.q.clone(),
+                    "u": s.u.clone(),
+                    "upsert": false,
+                    "multi": s.multi,
+                })
+            })
+            .collect();
+        let mut cmd = doc! {"update": coll, "updates": updates, "ordered": false};
+        if let Some(wc) = self.db(db).write_concern() {
+            if let Ok(wc) = bson::serialize_to_document(wc) {
+                if !wc.is_empty() {
+                    cmd.insert("writeConcern", wc);
+                }
+            }
+        }
+        let database = self.db(db);
+        let reply = self
+            .timed(&format!("update {coll}"), async {
+                Ok(database.run_command(cmd).await?)
+            })
+            .await?;
+        if let Ok(wce) = reply.get_document("writeConcernError") {
+            return Err(SinkError::Command {
+                op: "update",
+                target: coll.to_string(),
+                detail: format!("write concern error: {wce}"),
+            });
+        }
+        let mut out = vec![WriteResult::Ok; stmts.len()];
+        if let Ok(errs) = reply.get_array("writeErrors") {
+            for e in errs.iter().filter_map(Bson::as_document) {
+                let index = int_of(e.get("index")).unwrap_or(-1);
+                let code = int_of(e.get("code")).unwrap_or(0) as i32;
+                let message = with_info(
+                    e.get_str("errmsg").unwrap_or(""),
+                    e.get_document("errInfo").ok(),
+                );
+                if index >= 0 && (index as usize) < out.len() {
+                    let class = classify_code(code);
+                    out[index as usize] = match class {
+                        Class::Duplicate => WriteResult::Duplicate,
+                        _ => WriteResult::Failed {
+                            class,
+                            code,
+                            message,
+                        },
+                    };
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of documents in a collection.
+    pub async fn count(&self, db: Db, coll: &str) -> Result<u64, SinkError> {
+        let c = self.coll(db, coll);
+        self.timed(&format!("count {coll}"), async {
+            Ok(c.count_documents(doc! {}).await?)
+        })
+        .await
+    }
+
+    /// `update_many` with the time limit.
+    pub async fn update_many(
+        &self,
+        db: Db,
+        coll: &str,
+        filter: Document,
+        update: Document,
+    ) -> Result<u64, SinkError> {
+        let c = self.coll(db, coll);
+        self.timed(&format!("update {coll}"), async {
+            Ok(c.update_many(filter, update).await?.modified_count)
+        })
+        .await
+    }
+
+    /// Find with a projection, all results.
+    pub async fn find_all(
+        &self,
+        db: Db,
+        coll: &str,
+        filter: Document,
+        projection: Option<Document>,
+    ) -> Result<Vec<Document>, SinkError> {
+        let c = self.coll(db, coll);
+        self.timed(&format!("find in {coll}"), async {
+            let cursor = match projection {
+                Some(p) => c.find(filter).projection(p).await?,
+                None => c.find(filter).await?,
+            };
+            Ok(cursor.try_collect().await?)
+        })
+        .await
+    }
+}
+
+/// An integer from any numeric BSON value.
+pub fn int_of(b: Option<&Bson>) -> Option<i64> {
+    match b? {
+        Bson::Int32(i) => Some(*i as i64),
+        Bson::Int64(i) => Some(*i),
+        Bson::Double(d) => Some(*d as i64),
+        _ => None,
+    }
+}
+
+fn with_info(msg: &str, info: Option<&Document>) -> String {
+    match info {
+        Some(i) if !i.is_empty() => {
+            let json = serde_json::to_string(&Bson::Document(i.clone()).into_relaxed_extjson())
+                .unwrap_or_default();
+            format!("{msg}; errInfo: {json}")
+        }
+        _ => msg.to_string(),
+    }
+}
