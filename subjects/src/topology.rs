@@ -44,6 +44,8 @@ pub struct TopologySettings {
     pub ack_wait_secs: u64,
     /// Deliveries before the consume loop dead-letters a message.
     pub max_deliver: i64,
+    /// Put [`TopologySettings::backoff`] on consumers (off: see its doc).
+    pub redelivery_backoff: bool,
     /// Outstanding unacked messages per consumer, shared by all its replicas.
     pub max_ack_pending: i64,
 }
@@ -60,6 +62,7 @@ impl Default for TopologySettings {
             signals_seen_max_age_secs: 30 * 24 * 3600,
             ack_wait_secs: 30,
             max_deliver: 10,
+            redelivery_backoff: false,
             max_ack_pending: 20_000,
         }
     }
@@ -111,7 +114,11 @@ impl TopologySettings {
 
     /// Redelivery schedule after an unacknowledged delivery (crash, timeout):
     /// the first wait is the full ack wait, then it doubles, capped at 10 min.
-    /// NAKs with an explicit delay are not affected.
+    ///
+    /// Only used when `redelivery_backoff` is on: nats-server 2.15 also adds
+    /// `backoff[n-1] - ack_wait` to explicit NAK delays from the second
+    /// redelivery on (a 100 ms NAK came back after 5 s), which breaks the
+    /// consume loop's retry-after contract, so it is off by default.
     pub fn backoff(&self) -> Vec<Duration> {
         let n = (self.max_deliver - 1).clamp(1, 6) as u32;
         (0..n)
@@ -281,7 +288,11 @@ impl Topology {
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: Duration::from_secs(s.ack_wait_secs),
                     max_deliver: s.max_deliver,
-                    backoff: s.backoff(),
+                    backoff: if s.redelivery_backoff {
+                        s.backoff()
+                    } else {
+                        Vec::new()
+                    },
                     max_ack_pending: s.max_ack_pending,
                     filter_subjects: filters.iter().map(|x| s.subject(x)).collect(),
                     ..Default::default()
@@ -457,7 +468,9 @@ mod tests {
             t.stream(streams::EXECUTIONS).unwrap().config.max_age,
             Duration::ZERO
         );
-        // backoff starts at the full ack wait and is shorter than max_deliver
+        // no consumer backoff by default (it distorts NAK delays); when on, it
+        // starts at the full ack wait and is shorter than max_deliver
+        assert!(t.consumer("cerebro").unwrap().config.backoff.is_empty());
         let b = s.backoff();
         assert_eq!(b[0], Duration::from_secs(30));
         assert!((b.len() as i64) < s.max_deliver);

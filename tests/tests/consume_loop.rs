@@ -133,6 +133,19 @@ async fn outcomes_drive_ack_delayed_redelivery_and_dlq() {
         .map(|(_, d, _)| *d)
         .collect();
     assert_eq!(fails, vec![1, 2, 3]);
+    // Every NAK delay is honoured, not only the first (100 ms each, far below ack_wait).
+    let fail_times: Vec<_> = seen
+        .iter()
+        .filter(|(b, _, _)| b == "fail:4")
+        .map(|(_, _, t)| *t)
+        .collect();
+    for w in fail_times.windows(2) {
+        assert!(
+            w[1] - w[0] < Duration::from_secs(2),
+            "NAK delay stretched to {:?}",
+            w[1] - w[0]
+        );
+    }
 
     let dead = read_all(&js, &dlq, ">").await;
     let by_body: HashMap<String, &async_nats::jetstream::Message> = dead

@@ -1,6 +1,8 @@
 //! The sink worker: one [`Handler`] per `sink_*` durable consumer.
 //!
-//! Each batch the consume loop hands over is written in one pass:
+//! Each batch the consume loop hands over (one pull request: up to
+//! `worker.batch_size` messages, or what arrived before `pull_expires_ms`) is
+//! written in one pass:
 //! 1. every message is mapped to its document ([`crate::mapping`]); one that
 //!    cannot be mapped is rejected (→ `dlq.sink`);
 //! 2. documents are inserted with one unordered `insert_many` per collection;
