@@ -5,6 +5,7 @@
 //!   and store.
 //! - [`MongoServer`]: the MongoDB-wire-compatible SecantusDB on a free port
 //!   with a temp storage dir; can be stopped and started again.
+//! - [`bus`]: reading back what landed on a stream (assertions).
 //! - [`unique`]: fresh stream prefixes / database names so tests run in
 //!   parallel without interfering.
 //!
@@ -258,5 +259,50 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
             return None;
         }
         std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Reading back what landed on a stream, for assertions.
+pub mod bus {
+    use async_nats::jetstream::{self, consumer};
+    use futures::StreamExt;
+    use std::time::Duration;
+
+    /// Every message stored in `stream` under `filter`, in order (an
+    /// ephemeral, ack-less consumer, so nothing is changed).
+    pub async fn read_all(
+        js: &jetstream::Context,
+        stream: &str,
+        filter: &str,
+    ) -> Vec<jetstream::Message> {
+        let st = js.get_stream(stream).await.expect("stream");
+        let c = st
+            .create_consumer(consumer::pull::Config {
+                filter_subject: filter.to_string(),
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .expect("ephemeral consumer");
+        let mut out = Vec::new();
+        loop {
+            let mut batch = c
+                .fetch()
+                .max_messages(1000)
+                .expires(Duration::from_millis(300))
+                .messages()
+                .await
+                .expect("fetch");
+            let mut got = 0;
+            while let Some(Ok(m)) = batch.next().await {
+                out.push(m);
+                got += 1;
+            }
+            if got == 0 {
+                break;
+            }
+        }
+        out
     }
 }

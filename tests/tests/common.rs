@@ -1,7 +1,7 @@
 //! Shared setup for the runtime's integration tests (included with `mod common;`).
 #![allow(dead_code)]
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use futures::StreamExt;
 use mtx_harness::{unique, NatsServer};
 use mtx_runtime::config::Config;
@@ -35,42 +35,8 @@ pub async fn apply(js: &jetstream::Context, cfg: &Config) -> Topology {
     topo
 }
 
-/// Every message currently stored in `stream` matching `filter`, in order.
-pub async fn read_all(
-    js: &jetstream::Context,
-    stream: &str,
-    filter: &str,
-) -> Vec<jetstream::Message> {
-    let st = js.get_stream(stream).await.expect("stream");
-    let c = st
-        .create_consumer(consumer::pull::Config {
-            filter_subject: filter.to_string(),
-            ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .await
-        .expect("ephemeral consumer");
-    let mut out = Vec::new();
-    loop {
-        let mut batch = c
-            .fetch()
-            .max_messages(1000)
-            .expires(Duration::from_millis(300))
-            .messages()
-            .await
-            .expect("fetch");
-        let mut got = 0;
-        while let Some(Ok(m)) = batch.next().await {
-            out.push(m);
-            got += 1;
-        }
-        if got == 0 {
-            break;
-        }
-    }
-    out
-}
+#[allow(unused_imports)] // not every test binary reads streams back
+pub use mtx_harness::bus::read_all;
 
 /// Number of messages stored under `filter`.
 pub async fn count(js: &jetstream::Context, stream: &str, filter: &str) -> usize {

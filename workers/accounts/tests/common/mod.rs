@@ -2,8 +2,7 @@
 //! the execution + accounts stages running in one process.
 #![allow(dead_code)]
 
-use async_nats::jetstream::{self, consumer};
-use futures::StreamExt;
+use async_nats::jetstream;
 use mtx_accounts::worker::Accounts;
 use mtx_execution::worker::Engine;
 use mtx_harness::{unique, NatsServer};
@@ -250,42 +249,8 @@ impl Pipeline {
     }
 }
 
-/// Every message stored in `stream` under `filter`, in order.
-pub async fn read_all(
-    js: &jetstream::Context,
-    stream: &str,
-    filter: &str,
-) -> Vec<jetstream::Message> {
-    let st = js.get_stream(stream).await.expect("stream");
-    let c = st
-        .create_consumer(consumer::pull::Config {
-            filter_subject: filter.to_string(),
-            ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .await
-        .expect("ephemeral consumer");
-    let mut out = Vec::new();
-    loop {
-        let mut batch = c
-            .fetch()
-            .max_messages(1000)
-            .expires(Duration::from_millis(300))
-            .messages()
-            .await
-            .expect("fetch");
-        let mut got = 0;
-        while let Some(Ok(m)) = batch.next().await {
-            out.push(m);
-            got += 1;
-        }
-        if got == 0 {
-            break;
-        }
-    }
-    out
-}
+#[allow(unused_imports)] // not every test binary reads streams back
+pub use mtx_harness::bus::read_all;
 
 pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
 where
