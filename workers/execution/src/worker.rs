@@ -26,7 +26,8 @@
 //! | known order id with different contents | DLQ `conflicting_order` |
 //! | known order id, same contents (re-send) | duplicate (ack) |
 //! | cancel of an unknown order | DLQ `unknown_order` |
-//! | cancel the state machine refuses (e.g. the order is FILLED: the fill won) | counted in `mtx_execution_invalid_transitions_total{from,event}`, logged, DLQ `invalid_transition`; nothing applied |
+//! | cancel of a FILLED order (the fill won the race) | a venue's "too late to cancel": counted in `mtx_execution_cancel_rejects_total{reason="too_late"}`, acknowledged, nothing applied |
+//! | any other cancel the state machine refuses (e.g. the order is already CANCELLED) | counted in `mtx_execution_invalid_transitions_total{from,event}`, logged, DLQ `invalid_transition`; nothing applied |
 //! | state store unreachable, or written by another instance | state reloaded and the batch re-applied; redelivered if that keeps failing |
 //!
 //! # No fill twice, no fill lost
@@ -102,6 +103,7 @@ use mtx_runtime::{Delivery, Handler, Outcome, Outgoing};
 use mtx_schemas::headers;
 use mtx_schemas::market::MarketPrice;
 use mtx_schemas::order::{CancelOrder, Order};
+use mtx_schemas::OrderStatus;
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::Subjects;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
@@ -210,6 +212,9 @@ impl Settings {
 pub struct ExecutionMetrics {
     /// Refused state-machine transitions, by from-status and event.
     pub invalid_transitions: IntCounterVec,
+    /// Cancels the venue answered with a cancel-reject, by reason
+    /// (`too_late`: the order had already filled).
+    pub cancel_rejects: IntCounterVec,
     /// Inputs by source (`orders`, `market`) and result (`applied`,
     /// `duplicate`, `already_applied`, `rejected`).
     pub inputs: IntCounterVec,
@@ -233,6 +238,13 @@ impl ExecutionMetrics {
                     "Order state-machine transitions refused (never applied)",
                 ),
                 &["from", "event"],
+            )?,
+            cancel_rejects: IntCounterVec::new(
+                Opts::new(
+                    "mtx_execution_cancel_rejects_total",
+                    "Cancels refused like a venue does (too late: already filled)",
+                ),
+                &["reason"],
             )?,
             inputs: IntCounterVec::new(
                 Opts::new("mtx_execution_inputs_total", "Execution inputs by result"),
@@ -262,6 +274,7 @@ impl ExecutionMetrics {
             )?,
         };
         registry.register(Box::new(m.invalid_transitions.clone()))?;
+        registry.register(Box::new(m.cancel_rejects.clone()))?;
         registry.register(Box::new(m.inputs.clone()))?;
         registry.register(Box::new(m.executions.clone()))?;
         registry.register(Box::new(m.state_writes.clone()))?;
@@ -906,6 +919,18 @@ impl Engine {
                 "account_mismatch",
                 format!("order {} belongs to {}", c.order_id, info.account),
             ));
+        }
+        if info.status == OrderStatus::Filled {
+            // The fill won the race (Cerebro cancels the rest of an entry it
+            // still saw working): a venue answers "too late to cancel". Not an
+            // error of the sender, so counted and acknowledged, not
+            // dead-lettered; nothing changes.
+            self.metrics
+                .cancel_rejects
+                .with_label_values(&["too_late"])
+                .inc();
+            tracing::info!(order_id = %c.order_id, "cancel arrived after the fill: too late to cancel");
+            return Ok(Step::Applied(Vec::new()));
         }
         if let Err(e) = transition(
             info.status,

@@ -556,3 +556,50 @@ async fn two_instances_take_turns_and_never_fill_twice() {
     wb.await.unwrap();
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_after_the_fill_is_too_late_not_a_dead_letter() {
+    let nats = NatsServer::start();
+    let s = start(&nats, |_| {}).await;
+    let o = order(
+        "F1",
+        "PAPER",
+        OrderType::Market,
+        Side::Buy,
+        dec!(5),
+        dec!(100),
+    );
+    s.order(&o, "f1").await;
+    s.wait_status("F1", OrderStatus::Filled).await;
+    // Cerebro still saw the order working and cancels the rest: the fill won.
+    s.cancel("PAPER", "F1", "c1").await;
+    let counted = until(Duration::from_secs(10), || async {
+        mtx_runtime::metrics::render(&s.registry)
+            .contains("mtx_execution_cancel_rejects_total{reason=\"too_late\"} 1")
+    })
+    .await;
+    assert!(counted, "{}", mtx_runtime::metrics::render(&s.registry));
+    // A later message is handled, so the cancel was acknowledged, not stuck.
+    s.order(
+        &order(
+            "F2",
+            "PAPER",
+            OrderType::Market,
+            Side::Buy,
+            dec!(1),
+            dec!(100),
+        ),
+        "f2",
+    )
+    .await;
+    s.wait_status("F2", OrderStatus::Filled).await;
+    assert!(s.dlq().await.is_empty(), "{:?}", s.dlq().await);
+    let events = s.events("F1").await;
+    assert_eq!(
+        events.last().map(|e| e.status),
+        Some(OrderStatus::Filled),
+        "a terminal status is never overwritten"
+    );
+    assert_eq!(s.executions().await.len(), 2, "one fill per order");
+    s.stop().await;
+}
