@@ -103,10 +103,10 @@ use mtx_runtime::{Delivery, Handler, Outcome, Outgoing};
 use mtx_schemas::headers;
 use mtx_schemas::market::MarketPrice;
 use mtx_schemas::order::{CancelOrder, Order};
-use mtx_schemas::OrderStatus;
+use mtx_schemas::{ExecutionStatus, OrderStatus};
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::Subjects;
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, OnceCell};
@@ -220,6 +220,11 @@ pub struct ExecutionMetrics {
     pub inputs: IntCounterVec,
     /// Execution confirmations decided, by status.
     pub executions: IntCounterVec,
+    /// Order events published, by lowercase status (`mtx_orders_total`, the
+    /// ops contract in deploy/prometheus/METRICS.md).
+    pub orders: IntCounterVec,
+    /// Fills and partial fills published (`mtx_fills_total`).
+    pub fills: IntCounter,
     /// State writes by result (`ok`, `error`).
     pub state_writes: IntCounterVec,
     /// Size of the last state written, bytes.
@@ -257,6 +262,14 @@ impl ExecutionMetrics {
                 ),
                 &["status"],
             )?,
+            orders: IntCounterVec::new(
+                Opts::new("mtx_orders_total", "Order events published, by status"),
+                &["status"],
+            )?,
+            fills: IntCounter::new(
+                "mtx_fills_total",
+                "Fills and partial fills published on executions.<account>",
+            )?,
             state_writes: IntCounterVec::new(
                 Opts::new(
                     "mtx_execution_state_writes_total",
@@ -277,6 +290,8 @@ impl ExecutionMetrics {
         registry.register(Box::new(m.cancel_rejects.clone()))?;
         registry.register(Box::new(m.inputs.clone()))?;
         registry.register(Box::new(m.executions.clone()))?;
+        registry.register(Box::new(m.orders.clone()))?;
+        registry.register(Box::new(m.fills.clone()))?;
         registry.register(Box::new(m.state_writes.clone()))?;
         registry.register(Box::new(m.state_bytes.clone()))?;
         registry.register(Box::new(m.outbox.clone()))?;
@@ -1023,6 +1038,9 @@ impl Engine {
                     .executions
                     .with_label_values(&[x.status.as_str()])
                     .inc();
+                if x.status != ExecutionStatus::Rejected {
+                    self.metrics.fills.inc();
+                }
                 out.push(Recorded {
                     subject: self
                         .subjects
@@ -1034,6 +1052,10 @@ impl Engine {
                 });
             }
             if let Some(ev) = e.order_event() {
+                self.metrics
+                    .orders
+                    .with_label_values(&[&ev.status.as_str().to_ascii_lowercase()])
+                    .inc();
                 out.push(Recorded {
                     subject: self
                         .subjects

@@ -601,5 +601,14 @@ async fn a_cancel_after_the_fill_is_too_late_not_a_dead_letter() {
         "a terminal status is never overwritten"
     );
     assert_eq!(s.executions().await.len(), 2, "one fill per order");
+    // The ops contract (deploy/prometheus/METRICS.md).
+    let text = mtx_runtime::metrics::render(&s.registry);
+    for line in [
+        "mtx_fills_total 2",
+        "mtx_orders_total{status=\"filled\"} 2",
+        "mtx_orders_total{status=\"submitted\"} 2",
+    ] {
+        assert!(text.contains(line), "missing `{line}` in {text}");
+    }
     s.stop().await;
 }
