@@ -30,7 +30,9 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
+# pyref.sh installs numpy/scipy/cvxpy (idempotent) and prints the python that
+# mtx-portfolio's python_reference test cross-checks max-sharpe against.
 test:
 	deploy/local/servers.sh install
-	cargo test --workspace
+	py=$$(deploy/local/pyref.sh install) && PORTFOLIO_REF_PYTHON=$$py cargo test --workspace
 	deploy/tests/run-ops-tests.sh

@@ -10,14 +10,21 @@
 //! - `mtx dlq list | show | redrive`: inspect dead letters and send fixed ones back.
 //! - `mtx signal show <signal_id>`: one signal's lifecycle from Mongo.
 //! - `mtx bench sink`: sink throughput against a plain `insert_many` loop.
+//! - `mtx backtest ingest`, `mtx strategies ...`, `mtx optimize`, `mtx allocations ...`:
+//!   backtests, the strategy registry, portfolio optimisation and allocation approval.
 
+mod cmd_allocations;
+mod cmd_backtest;
 mod cmd_bench;
 mod cmd_db;
 mod cmd_dlq;
 mod cmd_market;
+mod cmd_optimize;
+mod cmd_portfolio;
 mod cmd_secrets;
 mod cmd_signal;
 mod cmd_signal_show;
+mod cmd_strategies;
 mod workers;
 
 use anyhow::{Context, Result};
@@ -86,6 +93,23 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         cmd: cmd_bench::BenchCmd,
+    },
+    /// Backtest data: `mtx backtest ingest <files or folders>`.
+    Backtest {
+        #[command(subcommand)]
+        cmd: cmd_backtest::BacktestCmd,
+    },
+    /// Strategy registry (Mongo) and its KV mirror: list, show, set, load, sync.
+    Strategies {
+        #[command(subcommand)]
+        cmd: cmd_strategies::StrategiesCmd,
+    },
+    /// Optimise the allocation of the ACTIVE strategies; stores a run and a pending allocation.
+    Optimize(cmd_optimize::OptimizeArgs),
+    /// Portfolio allocations: list, show, approve, edit.
+    Allocations {
+        #[command(subcommand)]
+        cmd: cmd_allocations::AllocationsCmd,
     },
 }
 
@@ -167,6 +191,10 @@ async fn dispatch(cmd: Cmd, cfg: Config) -> Result<ExitCode> {
         Cmd::Db { cmd } => cmd_db::run(cmd, &cfg).await,
         Cmd::Dlq { cmd } => cmd_dlq::run(cmd, &cfg).await,
         Cmd::Bench { cmd } => cmd_bench::run(cmd, &cfg).await,
+        Cmd::Backtest { cmd } => cmd_backtest::run(cmd, &cfg).await,
+        Cmd::Strategies { cmd } => cmd_strategies::run(cmd, &cfg).await,
+        Cmd::Optimize(args) => cmd_optimize::run(args, &cfg).await,
+        Cmd::Allocations { cmd } => cmd_allocations::run(cmd, &cfg).await,
         Cmd::Run { workers, list } => {
             if list {
                 for w in workers::ALL {

@@ -1,5 +1,5 @@
 //! Pure portfolio logic for mtx: no network, no database; the only I/O is
-//! reading backtest CSV files from a path.
+//! reading backtest CSV files from a path (charts are returned as strings).
 //!
 //! Module map:
 //!
@@ -19,6 +19,12 @@
 //!   - [`mod@optimize::frontier`]: minimum variance and the efficient frontier,
 //!
 //!   plus covariance/correlation matrices and portfolio metrics for the run record.
+//! - [`mod@run`]: one `mtx optimize` run: the algorithm by name
+//!   ([`run::Algorithm`]) and its algorithm-specific figures.
+//! - [`percent`]: allocations as exact percentages: rounding weights without
+//!   breaking the constraints, validating hand edits, metrics of percentages.
+//! - [`report`]: SVG charts of a run (allocation bars, correlation heatmap,
+//!   efficient frontier) rendered with plotters into strings.
 //!
 //! Units: returns are decimal daily returns (0.0057 = +0.57 %); `f64` is used
 //! throughout because these are ratios and statistics, not money.
@@ -26,6 +32,9 @@
 pub mod align;
 pub mod backtest;
 pub mod optimize;
+pub mod percent;
+pub mod report;
+pub mod run;
 
 pub use align::{align, align_all, AlignError, AlignedReturns, AlignmentWindow};
 pub use backtest::{
@@ -33,3 +42,4 @@ pub use backtest::{
     StrategyBacktest,
 };
 pub use optimize::{Allocation, Constraints, OptimizeError, PortfolioMetrics, ReturnMoments};
+pub use run::{run, Algorithm, RunDetails, RunOutcome, RunParams};

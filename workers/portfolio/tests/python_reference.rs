@@ -3,15 +3,18 @@
 //! the raw Sharpe ratio), on the 8 full-history fixture strategies with
 //! max_leverage 2.0, max_single_strategy 0.5, r_f 0.
 //!
-//! Runs only when `MTX_PY` names a python with numpy, scipy and cvxpy, e.g.
+//! Runs when `PORTFOLIO_REF_PYTHON` names a python with numpy, scipy and
+//! cvxpy. `make test` installs them into the project venv
+//! (`deploy/local/pyref.sh install`) and sets the variable; by hand:
 //!
 //! ```text
-//! python3 -m venv /tmp/pyref && /tmp/pyref/bin/pip install numpy scipy cvxpy
-//! MTX_PY=/tmp/pyref/bin/python cargo test -p mtx-portfolio --test python_reference -- --nocapture
+//! PORTFOLIO_REF_PYTHON=$(deploy/local/pyref.sh install) \
+//!   cargo test -p mtx-portfolio --test python_reference -- --nocapture
 //! ```
 //!
-//! Without `MTX_PY` the test passes and prints that it was skipped. With
-//! `MTX_PY` set, any failure to run the script is a test failure.
+//! (Not an `MTX_` variable: the config loader rejects unknown `MTX_*` keys.)
+//! Without the variable the test passes and prints why it was skipped. With
+//! it set, any failure to run the script is a test failure.
 
 mod common;
 
@@ -23,11 +26,16 @@ use mtx_portfolio::optimize::{max_sharpe, Constraints, ReturnMoments};
 
 const WEIGHT_TOL: f64 = 1e-4;
 
+/// The python to run the reference with.
+const PYTHON_VAR: &str = "PORTFOLIO_REF_PYTHON";
+
 #[test]
 fn max_sharpe_matches_python_reference() {
-    let Some(py) = std::env::var_os("MTX_PY") else {
+    let Some(py) = std::env::var_os(PYTHON_VAR).filter(|p| !p.is_empty()) else {
         eprintln!(
-            "SKIPPED python_reference: MTX_PY is not set (point it at a python with numpy, scipy, cvxpy)"
+            "SKIPPED python_reference: {PYTHON_VAR} is not set (point it at a python with numpy, \
+             scipy and cvxpy, e.g. PORTFOLIO_REF_PYTHON=$(deploy/local/pyref.sh install); \
+             `make test` does this)"
         );
         return;
     };
@@ -58,7 +66,7 @@ fn max_sharpe_matches_python_reference() {
             "0.0",
         ])
         .output()
-        .expect("spawn MTX_PY");
+        .unwrap_or_else(|e| panic!("cannot run {PYTHON_VAR}={py:?}: {e}"));
     assert!(
         out.status.success(),
         "reference script failed: {}\n{}",

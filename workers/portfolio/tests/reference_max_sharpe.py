@@ -21,7 +21,7 @@ Prints one JSON object on stdout:
    "scipy_sharpe_daily": s, "scipy_success": bool}
 
 Only numpy, scipy and cvxpy are needed:
-    python3 -m venv /tmp/pyref && /tmp/pyref/bin/pip install numpy scipy cvxpy
+    deploy/local/pyref.sh install   (what `make test` runs)
 Usage:
     reference_max_sharpe.py --dir <backtests dir> [--strategies A,B,...]
         [--max-leverage 2.0] [--max-single 0.5] [--rf 0.0]
