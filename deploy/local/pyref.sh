@@ -2,7 +2,7 @@
 # The Python reference the portfolio tests cross-check the Rust optimizer
 # against (workers/portfolio/tests/reference_max_sharpe.py): numpy, scipy and
 # cvxpy, installed into the project venv that `deploy/local/servers.sh install`
-# creates (<repo>/.local/venv, or $MTX_LOCAL_DIR/venv).
+# creates (<repo>/.local/venv, or $DEPLOY_LOCAL_DIR/venv).
 #
 #   deploy/local/pyref.sh install   # idempotent; prints the python to use on stdout
 #   deploy/local/pyref.sh python    # print the python path (exit 1 if not installed)
@@ -14,7 +14,7 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-dir=${MTX_LOCAL_DIR:-$repo/.local}
+dir=${DEPLOY_LOCAL_DIR:-$repo/.local}
 venv=$dir/venv
 py=$venv/bin/python
 CVXPY_VERSION=${CVXPY_VERSION:-1.9.3}

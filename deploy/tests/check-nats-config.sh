@@ -11,9 +11,9 @@
 #     for every $MTX_NATS_PW_* the auth config references.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-ops_env=${MTX_LOCAL_DIR:-$repo/.local}/ops/env
+ops_env=${DEPLOY_LOCAL_DIR:-$repo/.local}/ops/env
 [[ -f $ops_env ]] && source "$ops_env"
-PY=${MTX_OPS_PYTHON:-python3}
+PY=${OPS_PYTHON:-python3}
 NATS_SERVER=${NATS_SERVER_BIN:-$(command -v nats-server || true)}
 [[ -x $NATS_SERVER ]] || { echo "nats-server not found: run deploy/ops/install-tools.sh" >&2; exit 2; }
 nats=$repo/deploy/nats

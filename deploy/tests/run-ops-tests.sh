@@ -22,8 +22,8 @@ export PYTHONDONTWRITEBYTECODE=1   # no __pycache__ in the checkout
 echo "== tools"
 deploy/ops/install-tools.sh || { echo "FAILED: installing the tools"; exit 1; }
 # shellcheck disable=SC1091
-source "${MTX_LOCAL_DIR:-$repo/.local}/ops/env"
-PY=$MTX_OPS_PYTHON
+source "${DEPLOY_LOCAL_DIR:-$repo/.local}/ops/env"
+PY=$OPS_PYTHON
 
 failed=()
 step() { # name command...

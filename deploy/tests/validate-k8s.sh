@@ -18,10 +18,10 @@
 # Env: K8S_VERSION (default 1.30.0), KEEP_RENDERED=dir to keep the builds.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-ops_env=${MTX_LOCAL_DIR:-$repo/.local}/ops/env
+ops_env=${DEPLOY_LOCAL_DIR:-$repo/.local}/ops/env
 [[ -f $ops_env ]] && source "$ops_env"
 export K8S_VERSION=${K8S_VERSION:-1.30.0}
-PY=${MTX_OPS_PYTHON:-python3}
+PY=${OPS_PYTHON:-python3}
 command -v kubectl >/dev/null || { echo "kubectl not found: run deploy/ops/install-tools.sh" >&2; exit 2; }
 command -v kubernetes-validate >/dev/null || { echo "kubernetes-validate not found: run deploy/ops/install-tools.sh" >&2; exit 2; }
 export KUBERNETES_VALIDATE=$(command -v kubernetes-validate)
