@@ -61,7 +61,8 @@ use mtx_runtime::{Delivery, Handler, Outcome, Outgoing};
 use mtx_schemas::order::{account_state_key, AccountState};
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::{Subjects, Topology};
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
+use rust_decimal::prelude::ToPrimitive;
 use tokio::sync::{Mutex, OnceCell};
 
 use crate::book::{Book, Input};
@@ -358,6 +359,12 @@ pub struct AccountsMetrics {
     pub states: IntCounterVec,
     /// Messages read by start-up replays, by source.
     pub replayed: IntCounterVec,
+    /// Equity per configured account (`mtx_account_equity`; accounts not in
+    /// `accounts.initial_balances` are left out so the label stays bounded).
+    pub equity: GaugeVec,
+    /// Margin used / equity per configured account, the utilisation
+    /// Cerebro's cap uses (`mtx_account_margin_utilization_ratio`).
+    pub margin_utilization: GaugeVec,
 }
 
 impl AccountsMetrics {
@@ -379,10 +386,23 @@ impl AccountsMetrics {
                 Opts::new("mtx_accounts_replays_total", "Start-up replays of the book"),
                 &["result"],
             )?,
+            equity: GaugeVec::new(
+                Opts::new("mtx_account_equity", "Account equity, account currency"),
+                &["account"],
+            )?,
+            margin_utilization: GaugeVec::new(
+                Opts::new(
+                    "mtx_account_margin_utilization_ratio",
+                    "Margin used / equity (may exceed 1)",
+                ),
+                &["account"],
+            )?,
         };
         registry.register(Box::new(m.inputs.clone()))?;
         registry.register(Box::new(m.states.clone()))?;
         registry.register(Box::new(m.replayed.clone()))?;
+        registry.register(Box::new(m.equity.clone()))?;
+        registry.register(Box::new(m.margin_utilization.clone()))?;
         Ok(m)
     }
 }
@@ -510,6 +530,7 @@ impl Accounts {
         let mut owners = Vec::new();
         for account in live.dirty.clone() {
             let state = live.book.snapshot(&account, now);
+            self.observe(&state);
             let (Ok(body), Ok(subject)) = (
                 serde_json::to_vec(&state),
                 self.subjects.account_state(&account),
@@ -547,6 +568,31 @@ impl Accounts {
                 }
             }
         }
+    }
+
+    /// Gauges of a configured account's latest state (f64 is fine for a
+    /// gauge; the state itself stays Decimal).
+    fn observe(&self, state: &AccountState) {
+        if !self.config.initial_balances.contains_key(&state.account) {
+            return;
+        }
+        let equity = state.equity.to_f64().unwrap_or(f64::NAN);
+        self.metrics
+            .equity
+            .with_label_values(&[&state.account])
+            .set(equity);
+        let used = state.margin_used.to_f64().unwrap_or(f64::NAN);
+        let ratio = if equity > 0.0 {
+            used / equity
+        } else if used > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        };
+        self.metrics
+            .margin_utilization
+            .with_label_values(&[&state.account])
+            .set(ratio);
     }
 
     async fn run_batch(&self, source: Source, msgs: &[Delivery]) -> Vec<Outcome> {

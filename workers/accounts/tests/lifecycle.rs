@@ -173,6 +173,14 @@ async fn long_entry_and_exit_with_profit_commission_from_cash() {
     );
     assert_eq!(ev[2].avg_fill_price, Some(dec!(150)));
     assert_replay_matches(&p).await;
+    // The ops contract: equity and utilisation of the configured account.
+    let text = mtx_runtime::metrics::render(&p.registry);
+    for line in [
+        "mtx_account_equity{account=\"PAPER\"} 100498",
+        "mtx_account_margin_utilization_ratio{account=\"PAPER\"} 0",
+    ] {
+        assert!(text.contains(line), "missing `{line}` in {text}");
+    }
     p.stop().await;
 }
 
