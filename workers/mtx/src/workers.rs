@@ -15,17 +15,6 @@ pub const ALL: &[&str] = &[
     "sink",
 ];
 
-/// Pools of the pipeline design not in this build yet (named in errors).
-const PLANNED: &[&str] = &[
-    "gateway",
-    "bridge",
-    "standardizer",
-    "cerebro",
-    "execution",
-    "accounts",
-    "sink",
-];
-
 /// Resolve `run` arguments to pool names.
 pub fn select(names: &[String]) -> Result<Vec<&'static str>> {
     if names.is_empty() {
@@ -41,9 +30,6 @@ pub fn select(names: &[String]) -> Result<Vec<&'static str>> {
     for n in names {
         match ALL.iter().find(|w| **w == n.as_str()) {
             Some(w) => out.push(*w),
-            None if PLANNED.contains(&n.as_str()) => {
-                bail!("worker `{n}` is part of the pipeline design but not in this build yet")
-            }
             None => bail!("unknown worker `{n}`; available: {}", ALL.join(", ")),
         }
     }
