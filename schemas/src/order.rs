@@ -324,6 +324,14 @@ pub struct AccountState {
     /// Capital deployed per strategy (margin of its open positions).
     #[serde(default)]
     pub deployed_capital: BTreeMap<String, Decimal>,
+    /// Today's P&L per strategy: realized P&L of the strategy's executions
+    /// whose timestamp falls on the snapshot's UTC day (`timestamp`), net of
+    /// their commissions, plus the current unrealized P&L of its open
+    /// positions. Strategies with neither an execution today nor an open
+    /// position are absent (zero). Cerebro stops entries once a strategy's
+    /// value is at or below `−risk_limits.max_daily_loss`.
+    #[serde(default)]
+    pub strategy_pnl_today: BTreeMap<String, Decimal>,
 }
 
 #[cfg(test)]
@@ -457,6 +465,7 @@ mod tests {
             }],
             open_orders: vec![],
             deployed_capital: [("s".to_string(), d("375"))].into_iter().collect(),
+            strategy_pnl_today: [("s".to_string(), d("9"))].into_iter().collect(),
         };
         let v = serde_json::to_value(&s).unwrap();
         for k in [
@@ -475,7 +484,13 @@ mod tests {
         }
         assert_eq!(v["open_positions"][0]["entry_price"], "150");
         assert_eq!(v["deployed_capital"]["s"], "375");
-        let back: AccountState = serde_json::from_value(v).unwrap();
+        assert_eq!(v["strategy_pnl_today"]["s"], "9");
+        let back: AccountState = serde_json::from_value(v.clone()).unwrap();
         assert_eq!(back, s);
+        // States written before the field existed still read (as empty).
+        let mut old = v;
+        old.as_object_mut().unwrap().remove("strategy_pnl_today");
+        let back: AccountState = serde_json::from_value(old).unwrap();
+        assert!(back.strategy_pnl_today.is_empty());
     }
 }

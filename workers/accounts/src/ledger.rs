@@ -43,6 +43,18 @@
 //! Cerebro's `margin_required`, and meaningful for futures where notional
 //! dwarfs the capital at risk.
 //!
+//! # Today's P&L per strategy
+//!
+//! `strategy_pnl_today` of a snapshot taken at `now` is, per strategy, the
+//! realized P&L minus commissions of its executions whose own `timestamp`
+//! falls on `now`'s UTC day, plus the current unrealized P&L of its open
+//! positions (opened today or before). "Today" comes only from the
+//! execution timestamps and the snapshot time — never from when a message
+//! happened to be processed — so a ledger replayed from `EXECUTIONS` gives
+//! the same figure as the live one for the same snapshot time. The ledger
+//! keeps one net realized figure per (account, strategy, UTC day) with
+//! executions (a few bytes per strategy and trading day).
+//!
 //! # Marks
 //!
 //! The mark of an instrument is the latest of: [`Ledger::mark`] calls and fill
@@ -61,7 +73,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use mtx_schemas::order::{
     position_direction, AccountState, ExecutionConfirmation, OpenPosition, Order, OrderEvent,
 };
@@ -270,6 +282,9 @@ pub struct Ledger {
     config: LedgerConfig,
     positions: BTreeMap<PositionKey, Position>,
     books: BTreeMap<String, Book>,
+    /// Realized P&L net of commissions per (account, strategy) and UTC day
+    /// of the execution timestamp.
+    daily: BTreeMap<(String, String), BTreeMap<NaiveDate, Decimal>>,
     applied: BTreeMap<String, Fingerprint>,
     marks: BTreeMap<String, Decimal>,
     open_orders: OpenOrders,
@@ -472,6 +487,12 @@ impl Ledger {
         let book = self.books.entry(x.account.clone()).or_default();
         book.realized_pnl += realized;
         book.commissions += x.commission;
+        *self
+            .daily
+            .entry((x.account.clone(), x.strategy_id.clone()))
+            .or_default()
+            .entry(x.timestamp.date_naive())
+            .or_default() += realized - x.commission;
         self.marks.insert(x.instrument.clone(), x.price);
         self.applied.insert(x.execution_id.clone(), fingerprint);
         Ok(Applied::Booked {
@@ -479,11 +500,22 @@ impl Ledger {
         })
     }
 
+    /// Realized P&L net of commissions of `account`'s executions on `day`
+    /// (UTC), per strategy with executions that day.
+    pub fn realized_on(&self, account: &str, day: NaiveDate) -> BTreeMap<String, Decimal> {
+        self.daily
+            .range((account.to_string(), String::new())..)
+            .take_while(|((a, _), _)| a == account)
+            .filter_map(|((_, strategy), days)| days.get(&day).map(|v| (strategy.clone(), *v)))
+            .collect()
+    }
+
     /// The account's state at `now` (see the module docs for every figure).
     pub fn snapshot(&self, account: &str, now: DateTime<Utc>) -> AccountState {
         let book = self.books.get(account).cloned().unwrap_or_default();
         let mut open_positions = Vec::new();
         let mut deployed_capital: BTreeMap<String, Decimal> = BTreeMap::new();
+        let mut strategy_pnl_today = self.realized_on(account, now.date_naive());
         let (mut unrealized, mut margin_used) = (Decimal::ZERO, Decimal::ZERO);
         for p in self.positions(account) {
             let mark = self
@@ -496,6 +528,9 @@ impl Ledger {
             *deployed_capital
                 .entry(p.key.strategy_id.clone())
                 .or_default() += margin;
+            *strategy_pnl_today
+                .entry(p.key.strategy_id.clone())
+                .or_default() += pnl;
             open_positions.push(OpenPosition {
                 strategy_id: p.key.strategy_id.clone(),
                 instrument: p.key.instrument.clone(),
@@ -522,6 +557,7 @@ impl Ledger {
             open_positions,
             open_orders: self.open_orders.for_account(account),
             deployed_capital,
+            strategy_pnl_today,
         }
     }
 }

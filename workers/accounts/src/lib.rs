@@ -6,8 +6,10 @@
 //!   instrument type.
 //! - [`ledger`]: [`Ledger`] — positions per (account, strategy, instrument,
 //!   direction) built from execution confirmations only: average entry price,
-//!   realized and unrealized P&L, margin, cash, equity and per-strategy
-//!   deployed capital; idempotent on `execution_id`; produces
+//!   realized and unrealized P&L, margin, cash, equity, per-strategy
+//!   deployed capital and today's P&L per strategy (from execution
+//!   timestamps, so replay gives the same figure); idempotent on
+//!   `execution_id`; produces
 //!   [`mtx_schemas::order::AccountState`] snapshots.
 //! - [`orders`]: [`OpenOrders`] — the working orders shown in a snapshot, kept
 //!   from orders and their status events.

@@ -130,6 +130,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         open_positions: positions,
         open_orders: vec![],
         deployed_capital: deployed,
+        strategy_pnl_today: BTreeMap::new(),
     };
     let inputs = Inputs {
         strategies,
@@ -144,7 +145,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         instruments: InstrumentSpecs::with_defaults(),
         marks: BTreeMap::new(),
         entries: BTreeMap::new(),
-        returns: (!no_cvar).then_some(returns),
+        returns: (!no_cvar).then(|| std::sync::Arc::new(returns)),
+        returns_unavailable: None,
         now: t0 + Duration::seconds(2),
     };
 

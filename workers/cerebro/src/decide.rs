@@ -10,7 +10,9 @@
 //! 2. strategy configured, ACTIVE or TESTING, with an account;
 //! 3. a positive allocation in the ACTIVE allocation;
 //! 4. state of the strategy's account, with positive equity;
-//! 5. `max_daily_loss` not reached (today's P&L `> −max_daily_loss`);
+//! 5. `max_daily_loss` not reached (today's P&L `> −max_daily_loss`), and
+//!    fewer approved-but-unbooked entries on the account than allowed
+//!    ([`Reason::ReservationBacklog`]);
 //! 6. every leg has an instrument spec and a price — MARKET: a fresh mark,
 //!    else the signal price; LIMIT / STOP: the signal's limit / trigger price;
 //! 7. the slippage rule ([`crate::risk::slippage`]);
@@ -780,6 +782,16 @@ impl<'a> Builder<'a> {
                 });
             }
         }
+        // 5b. unbooked approvals on the account
+        if let Some(limit) = acct.max_in_flight {
+            if acct.in_flight >= limit {
+                return Err(Reason::ReservationBacklog {
+                    account: account.clone(),
+                    limit,
+                    actual: acct.in_flight,
+                });
+            }
+        }
         // 6. specs and prices
         let mut legs = Vec::with_capacity(signal.legs.len());
         for (i, l) in signal.legs.iter().enumerate() {
@@ -955,7 +967,7 @@ impl<'a> Builder<'a> {
             .map(|(s, d)| (s.clone(), f64_of(*d)))
             .collect();
         match cvar_impact(
-            inputs.returns.as_ref(),
+            inputs.returns.as_deref(),
             &exposures,
             strategy_id,
             f64_of(total_margin),
@@ -977,6 +989,11 @@ impl<'a> Builder<'a> {
                         actual_pct: actual,
                     });
                 }
+            }
+            Err(CvarSkip::NoData) if inputs.returns_unavailable.is_some() => {
+                self.ra.cvar_skipped = Some(CvarSkip::Unavailable {
+                    reason: inputs.returns_unavailable.clone().unwrap_or_default(),
+                });
             }
             Err(skip) => self.ra.cvar_skipped = Some(skip),
         }

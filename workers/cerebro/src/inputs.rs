@@ -21,6 +21,7 @@
 //! returns (statistics, not money).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use mtx_accounts::{InstrumentSpec, MarginModel};
@@ -76,13 +77,25 @@ pub struct AccountInputs {
     /// Latest snapshot from the accounts stage (equity, margin, positions per
     /// strategy, deployed capital per strategy, working orders).
     pub state: AccountState,
-    /// Today's P&L per strategy (realized today; the worker may add today's
-    /// change in unrealized P&L). Missing means zero.
+    /// Today's P&L per strategy: the worker copies the accounts stage's
+    /// [`AccountState::strategy_pnl_today`] (realized today net of
+    /// commissions plus open positions' unrealized P&L) when the state is of
+    /// the decision's UTC day. Missing means zero.
     #[serde(default)]
     pub pnl_today: BTreeMap<String, Decimal>,
     /// Approved-but-not-yet-booked margin and notional per strategy.
     #[serde(default)]
     pub reserved: BTreeMap<String, Reservation>,
+    /// Approved entries whose orders the account state does not show booked
+    /// yet (the worker's reservation book for this account, this signal
+    /// excluded).
+    #[serde(default)]
+    pub in_flight: usize,
+    /// Most approved-but-unbooked entries the account may carry; an entry
+    /// beyond it is rejected ([`crate::Reason::ReservationBacklog`]). `None`
+    /// = no limit.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
 }
 
 impl AccountInputs {
@@ -92,6 +105,8 @@ impl AccountInputs {
             state,
             pnl_today: BTreeMap::new(),
             reserved: BTreeMap::new(),
+            in_flight: 0,
+            max_in_flight: None,
         }
     }
 
@@ -463,6 +478,26 @@ pub struct ReturnSeries {
     pub daily_returns: Vec<f64>,
 }
 
+impl ReturnSeries {
+    /// Check one series on its own: equal lengths, finite returns, no date
+    /// twice.
+    pub fn check(&self) -> Result<(), ReturnsError> {
+        if self.dates.len() != self.daily_returns.len() {
+            return Err(ReturnsError::LengthMismatch(self.strategy_id.clone()));
+        }
+        let mut seen = BTreeSet::new();
+        for (d, r) in self.dates.iter().zip(&self.daily_returns) {
+            if !r.is_finite() {
+                return Err(ReturnsError::NonFinite(self.strategy_id.clone(), *d));
+            }
+            if !seen.insert(*d) {
+                return Err(ReturnsError::DuplicateDate(self.strategy_id.clone(), *d));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why backtest series cannot be tabled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReturnsError {
@@ -547,6 +582,11 @@ impl ReturnsTable {
     pub fn contains(&self, strategy_id: &str) -> bool {
         self.index.contains_key(strategy_id)
     }
+
+    /// Strategies with backtest data.
+    pub fn strategies(&self) -> impl Iterator<Item = &str> + '_ {
+        self.index.keys().map(String::as_str)
+    }
 }
 
 /// Everything a decision reads. The worker mutates it as KV updates arrive;
@@ -567,8 +607,13 @@ pub struct Inputs {
     pub marks: BTreeMap<String, Mark>,
     /// Entries Cerebro decided, by signal id.
     pub entries: BTreeMap<String, EntryRecord>,
-    /// Strategies' backtest returns (`None` = CVaR not evaluated).
-    pub returns: Option<ReturnsTable>,
+    /// Strategies' backtest returns (`None` = CVaR not evaluated). Shared:
+    /// the worker loads the table once per refresh and hands every decision
+    /// the same copy.
+    pub returns: Option<Arc<ReturnsTable>>,
+    /// Why `returns` is `None` (backtest store unreachable, not loaded yet);
+    /// recorded as [`crate::CvarSkip::Unavailable`].
+    pub returns_unavailable: Option<String>,
     /// Decision time.
     pub now: DateTime<Utc>,
 }

@@ -224,6 +224,18 @@ pub enum Reason {
         /// CVaR after, percent of equity.
         actual_pct: f64,
     },
+    /// The account already carries as many approved-but-unbooked entries
+    /// as allowed: the accounts stage is not confirming fills, so further
+    /// margin cannot be checked against a current state.
+    #[error("account {account} has {actual} approved entries not yet booked by the accounts stage (limit {limit})")]
+    ReservationBacklog {
+        /// Account name.
+        account: String,
+        /// The allowed number of unbooked entries.
+        limit: usize,
+        /// Unbooked entries now.
+        actual: usize,
+    },
     /// A number left Decimal's range (implausible input).
     #[error("arithmetic overflow computing {context}")]
     Overflow {
@@ -305,6 +317,7 @@ impl Reason {
             Reason::MaxLeverage { .. } => "max_leverage",
             Reason::MaxPositionSize { .. } => "max_position_size",
             Reason::CvarLimit { .. } => "cvar_limit",
+            Reason::ReservationBacklog { .. } => "reservation_backlog",
             Reason::Overflow { .. } => "overflow",
             Reason::NoLegs => "no_legs",
             Reason::MixedDeltaLegs => "mixed_delta_legs",
@@ -589,6 +602,13 @@ pub enum CvarSkip {
     /// No backtest returns loaded at all.
     #[error("no backtest data loaded")]
     NoData,
+    /// The backtest store could not be read (Mongo unreachable, not loaded
+    /// yet): decisions go on without CVaR.
+    #[error("backtest data unavailable: {reason}")]
+    Unavailable {
+        /// What went wrong.
+        reason: String,
+    },
     /// The trade's strategy has no backtest returns.
     #[error("strategy {strategy_id} has no backtest returns")]
     NoBacktest {

@@ -7,11 +7,15 @@
 //! | strategy configs | KV `strategies` (watched; key = `StrategyConfig::kv_key`) |
 //! | ACTIVE allocation | KV `allocations`, key `active` ([`ActiveAllocation`] JSON; watched) |
 //! | system config | KV `system`: key `config` = [`SystemConfig`] JSON; key `TRADING_ENABLED` (`true`/`false`) and key `kill_switch` (`true` = halted) override the kill switch (watched) |
-//! | account state | KV `account_state`, key `account_state_key(account)` (watched) |
+//! | account state | KV `account_state`, key `account_state_key(account)` (watched: single-token keys only); `strategy_pnl_today` feeds `max_daily_loss` when the state is of the decision's UTC day |
+//! | marks | `market.prices.<symbol>` on `MARKET`: an ordered consumer per replica starting with the last price per subject (so the latest marks are known at start; `start` waits up to `marks_initial_wait` for them), then every new price; the greatest `(timestamp, price)` per symbol is kept (order-independent, like the accounts stage). They price MARKET legs and measure the slippage rule's drift (fresh: not older than `mark_max_age_secs`) |
+//! | order events | `orders.<account>.events` on `ORDER_EVENTS`: an ordered consumer per replica from the time it starts; terminal events release reservations (below) |
+//! | backtest returns | MongoDB `<mongo.trading_db>.strategy_backtest_data` ([`crate::backtests`]), loaded in the background at start and every `backtest_refresh`; unavailable = CVaR recorded as [`crate::CvarSkip::Unavailable`], never a blocked decision |
 //! | instrument specs | built-in table ([`InstrumentSpecs::with_defaults`]) overridden by `[accounts.instruments]`, so Cerebro and the ledger margin alike |
 //!
 //! Every watched input is applied as it arrives (by revision, stale updates
 //! ignored), so a change takes effect for the next signal without a restart.
+//! Settings: [`Settings`], from [`crate::CerebroConfig`] (`[cerebro]`).
 //!
 //! | decision | outcome |
 //! |---|---|
@@ -47,23 +51,55 @@
 //! Within one replica a per-account async mutex serializes the transactions
 //! (no self-conflicts); CAS handles the others.
 //!
+//! **Group commit.** Signals without an entry link (entries, unlinked exits)
+//! that reach one replica for the same account while a transaction runs
+//! queue up, and the next transaction takes them all: one read of the book,
+//! each signal decided in arrival order against the book holding the
+//! reservations of those before it, one compare-and-set (on a conflict the
+//! whole batch is decided again), then their entry records, then each
+//! signal's outputs go back to its own handler. The guarantees are those of
+//! one transaction per signal; the book is read, parsed and written once per
+//! batch instead of once per signal. Linked exits and cancels (which also
+//! compare-and-set their entry's `exits.*` record) keep one transaction each.
+//!
 //! Idempotent per signal id: the book is keyed by signal id, a redelivered
 //! signal decides against the book *without* its own entry and then replaces
 //! it — never adding twice. A redelivery never shrinks or drops an existing
 //! entry (its orders may already be out); a larger new size replaces it.
 //!
 //! Release / reconciliation against the accounts stage's state (done on
-//! every account state update and in every transaction): a held leg whose
-//! order is in `open_orders` holds `margin × remaining / quantity` (the filled
-//! part is in `margin_used`) and is marked *seen*; a leg whose order is not
-//! in `open_orders` is *settled* (filled and booked, or ended) when it was
-//! seen working before, or when the state is at least `unbooked_grace`
-//! newer than the reservation (the stage has had time to ingest the order;
-//! its `publish_interval_secs` heartbeat keeps states coming). An entry is
-//! released when all its legs are settled. Known limit: the accounts stage
-//! consumes order events and executions on separate consumers, so for the
-//! instant between a FILLED event and its execution being booked a seen
-//! order can be neither reserved nor in `margin_used`.
+//! every account state update and in every transaction):
+//!
+//! - a held leg whose order is in `open_orders` holds
+//!   `margin × remaining / quantity` (the filled part is in `margin_used`)
+//!   and is marked *seen*;
+//! - an order whose terminal event says it ended **unfilled** (rejected,
+//!   cancelled, expired with nothing filled) is *settled* at once: nothing
+//!   will be booked;
+//! - an order not in `open_orders` is *settled* (filled and booked, or
+//!   ended) when it was seen working before, or when its terminal event is
+//!   known and the state is at least `booking_grace` (1 s) newer than that
+//!   event, or — no event seen, e.g. it ended before this replica started —
+//!   when the state is at least `unbooked_grace` (30 s) newer than the
+//!   reservation (its `publish_interval_secs` heartbeat keeps states
+//!   coming);
+//! - **safety prune**: an entry older than `reservation_max_age` (1 day) is
+//!   dropped whatever the state says — an order still resting after that
+//!   no longer holds margin in Cerebro's checks (it shows in `margin_used`
+//!   once it fills), and a silent accounts stage cannot pin margin forever.
+//!
+//! An entry is released when all its legs are settled. The book is bounded:
+//! an entry that would make it hold more than `reservation_max_entries`
+//! (4,000) unbooked entries, or exceed [`MAX_BOOK_BYTES`], is rejected with
+//! [`crate::Reason::ReservationBacklog`] (limit and actual count) — the
+//! accounts stage is not confirming fills, so margin cannot be checked.
+//! Each single-leg entry is about 210 bytes of JSON. Known limits: the
+//! accounts stage consumes order events and executions on separate
+//! consumers, so for the instant between a FILLED event and its execution
+//! being booked a seen order can be neither reserved nor in `margin_used`
+//! (`booking_grace` covers the same gap for unseen orders); and the book is
+//! rewritten whole on every approval, so its cost grows with the orders in
+//! flight (rate × time to booking).
 //!
 //! # Entries and exits across replicas
 //!
@@ -75,32 +111,42 @@
 //! read from the account state: in `open_orders` → working with
 //! `quantity − remaining` filled; settled (see above) → filled; otherwise
 //! still pending (the exit is deferred).
+//!
+//! These keys do not live forever: every `janitor_interval` each replica
+//! deletes those of finished entries after `entry_done_retention` and all
+//! of them after `entry_max_age` ([`crate::janitor`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::{self, consumer, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use mtx_accounts::book::Input as AccountsInput;
+use mtx_accounts::worker::{decode as decode_accounts_input, Source as AccountsSource};
 use mtx_runtime::process::{Process, ProcessError};
 use mtx_runtime::{Delivery, Handler, Outcome, Outgoing};
 use mtx_schemas::ids::derive_id;
 use mtx_schemas::order::{account_state_key, AccountState};
 use mtx_schemas::signal::StandardizedSignal;
 use mtx_schemas::{Decision, Direction, OrderStatus, SignalAction};
-use mtx_subjects::topology::buckets;
+use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::{Subjects, Topology};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::backtests::{BacktestReader, BacktestSource, BacktestState};
+use crate::config::CerebroConfig;
 use crate::decide::{decide_with, Decided, DecisionOutput};
+use crate::feeds::{run_feed, scan_kv, Feed, Scanned};
 use crate::inputs::{
     AccountInputs, ActiveAllocation, DecideOptions, EntryLeg, EntryRecord, InstrumentConfig,
-    InstrumentSpecs, MarginRule, Reservation, StrategyConfig, SystemConfig,
+    InstrumentSpecs, MarginRule, Mark, Reservation, StrategyConfig, SystemConfig,
 };
+use crate::janitor::{entry_disposition, Disposition, Retention};
 use crate::Inputs;
 
 /// Stage name (metrics, `dlq.cerebro`).
@@ -137,17 +183,33 @@ pub fn cancel_msg_id(signal_id: &str, order_id: &str) -> String {
     derive_id("cxl", &[signal_id, order_id])
 }
 
+/// Largest serialized reservation book written (the KV value limit is the
+/// server's 1 MiB `max_payload`); a bigger one rejects the entry with
+/// [`crate::Reason::ReservationBacklog`].
+pub const MAX_BOOK_BYTES: usize = 900 * 1024;
+
 /// Worker knobs (defaults in the crate; instrument specs from config).
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Instrument specifications.
     pub instruments: InstrumentSpecs,
-    /// A reserved order absent from `open_orders` of a state this much newer
-    /// than the reservation is settled.
+    /// A reserved order never seen working and without a known end is
+    /// settled once a state this much newer than the reservation omits it.
     pub unbooked_grace: chrono::Duration,
+    /// A filled order (terminal order event) is settled once a state this
+    /// much newer than its end omits it.
+    pub booking_grace: chrono::Duration,
+    /// Safety prune: a reservation older than this is dropped.
+    pub reservation_max_age: chrono::Duration,
+    /// Most approved-but-unbooked entries per account.
+    pub reservation_max_entries: usize,
     /// How long an EXIT / CANCEL waits for its entry before it is decided
     /// with `entry_wait_expired`.
     pub entry_wait: chrono::Duration,
+    /// `entries.*` / `exits.*` retention (see [`crate::janitor`]).
+    pub entry_retention: Retention,
+    /// Janitor period.
+    pub janitor_interval: Duration,
     /// First redelivery delay of a deferred signal (doubles per delivery).
     pub defer_base: Duration,
     /// Largest redelivery delay.
@@ -157,28 +219,100 @@ pub struct Settings {
     pub max_deliver: i64,
     /// Compare-and-set attempts per signal before it is retried later.
     pub cas_attempts: u32,
+    /// Backtest returns for CVaR (`None`: CVaR is recorded as unavailable).
+    pub backtests: Option<BacktestSource>,
+    /// Backtest reload period.
+    pub backtest_refresh: Duration,
+    /// Backtest retry period while nothing is loaded.
+    pub backtest_retry: Duration,
+    /// Read marks from `market.prices.>`.
+    pub marks: bool,
+    /// Start-up wait for the latest marks.
+    pub marks_initial_wait: Duration,
+    /// Read order events from `orders.*.events` (fills and ends release
+    /// reservations sooner).
+    pub order_events: bool,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings {
+        let mut s = Settings {
             instruments: InstrumentSpecs::with_defaults(),
-            unbooked_grace: chrono::Duration::seconds(30),
-            entry_wait: chrono::Duration::seconds(300),
+            unbooked_grace: chrono::Duration::zero(),
+            booking_grace: chrono::Duration::zero(),
+            reservation_max_age: chrono::Duration::zero(),
+            reservation_max_entries: 0,
+            entry_wait: chrono::Duration::zero(),
+            entry_retention: Retention {
+                done: chrono::Duration::zero(),
+                max_age: chrono::Duration::zero(),
+            },
+            janitor_interval: Duration::ZERO,
             defer_base: Duration::from_millis(500),
             defer_max: Duration::from_secs(30),
             max_deliver: 10,
             cas_attempts: 200,
-        }
+            backtests: None,
+            backtest_refresh: Duration::ZERO,
+            backtest_retry: Duration::ZERO,
+            marks: true,
+            marks_initial_wait: Duration::ZERO,
+            order_events: true,
+        };
+        s.apply(&CerebroConfig::default());
+        s
     }
 }
 
+fn secs(v: u64) -> chrono::Duration {
+    i64::try_from(v)
+        .ok()
+        .and_then(chrono::Duration::try_seconds)
+        .unwrap_or(chrono::Duration::MAX)
+}
+
 impl Settings {
+    /// Apply the `[cerebro]` section.
+    pub fn apply(&mut self, c: &CerebroConfig) {
+        self.unbooked_grace = secs(c.unbooked_grace_secs);
+        self.booking_grace = secs(c.booking_grace_secs);
+        self.reservation_max_age = secs(c.reservation_max_age_secs);
+        self.reservation_max_entries = c.reservation_max_entries;
+        self.entry_wait = secs(c.entry_wait_secs);
+        self.entry_retention = Retention {
+            done: secs(c.entry_done_retention_secs),
+            max_age: secs(c.entry_max_age_secs),
+        };
+        self.janitor_interval = Duration::from_secs(c.janitor_interval_secs.max(1));
+        self.backtest_refresh = Duration::from_secs(c.backtest_refresh_secs.max(1));
+        self.backtest_retry = Duration::from_secs(c.backtest_retry_secs.max(1));
+        self.marks_initial_wait = Duration::from_millis(c.marks_initial_wait_ms);
+        if let Some(b) = &mut self.backtests {
+            b.timeout = Duration::from_millis(c.mongo_timeout_ms.max(1));
+        }
+    }
+
+    /// [`Settings::from_configs`] with the default `[cerebro]` section (the
+    /// process config has none yet).
+    pub fn from_config(config: &mtx_runtime::Config) -> Settings {
+        Self::from_configs(config, &CerebroConfig::default())
+    }
+
     /// Defaults plus the process config: `[accounts.instruments]` override
     /// the built-in symbol table's multiplier and margin; `max_deliver` from
-    /// the topology.
-    pub fn from_config(config: &mtx_runtime::Config) -> Settings {
-        let mut s = Settings::default();
+    /// the topology; backtests from `mongo.uri` / `mongo.trading_db`; the
+    /// rest from `cerebro`.
+    pub fn from_configs(config: &mtx_runtime::Config, cerebro: &CerebroConfig) -> Settings {
+        let mut s = Settings {
+            backtests: Some(BacktestSource {
+                uri: config.mongo.uri.clone(),
+                database: config.mongo.trading_db.clone(),
+                timeout: Duration::from_millis(3_000),
+                load_timeout: Duration::from_secs(60),
+            }),
+            ..Settings::default()
+        };
+        s.apply(cerebro);
         for (symbol, i) in &config.accounts.instruments {
             let margin = match (i.margin_per_contract, i.margin_fraction) {
                 (Some(a), _) => Some(MarginRule::PerContract(a)),
@@ -207,6 +341,10 @@ impl Settings {
 
 // ----- reservation book (pure) -------------------------------------------
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// One held order leg.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldLeg {
@@ -219,7 +357,7 @@ pub struct HeldLeg {
     /// Notional of the whole order.
     pub notional: Decimal,
     /// Seen working in the account state.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub seen: bool,
 }
 
@@ -247,6 +385,48 @@ pub struct ReservationBook {
     pub held: BTreeMap<String, Held>,
 }
 
+/// An order's end as told by its terminal order event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndedOrder {
+    /// Quantity filled in all.
+    pub filled: Decimal,
+    /// When it ended (the event's timestamp).
+    pub at: DateTime<Utc>,
+}
+
+/// When held legs count as settled (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettleRules {
+    /// Fallback: absent from a state this much newer than the reservation.
+    pub unbooked_grace: chrono::Duration,
+    /// Filled: absent from a state this much newer than the fill.
+    pub booking_grace: chrono::Duration,
+    /// Safety prune.
+    pub max_age: chrono::Duration,
+}
+
+impl SettleRules {
+    /// The rules of `settings`.
+    pub fn of(settings: &Settings) -> Self {
+        SettleRules {
+            unbooked_grace: settings.unbooked_grace,
+            booking_grace: settings.booking_grace,
+            max_age: settings.reservation_max_age,
+        }
+    }
+}
+
+/// What the worker knows when it reconciles a book.
+#[derive(Debug, Clone, Copy)]
+pub struct Evidence<'a> {
+    /// The account's latest state.
+    pub state: Option<&'a AccountState>,
+    /// Orders known to have ended, by order id.
+    pub ended: &'a HashMap<String, EndedOrder>,
+    /// Now.
+    pub now: DateTime<Utc>,
+}
+
 /// How a held order stands against an account state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LegProgress {
@@ -258,13 +438,28 @@ pub enum LegProgress {
     Settled,
 }
 
+/// `t + d`, `None` past the end of time.
+fn after(t: DateTime<Utc>, d: chrono::Duration) -> Option<DateTime<Utc>> {
+    t.checked_add_signed(d)
+}
+
+/// `at` is at least `d` after `t`.
+fn at_least(at: DateTime<Utc>, t: DateTime<Utc>, d: chrono::Duration) -> bool {
+    after(t, d).is_some_and(|x| at >= x)
+}
+
 fn progress(
     leg: &HeldLeg,
     created_at: DateTime<Utc>,
-    state: Option<&AccountState>,
-    grace: chrono::Duration,
+    ev: &Evidence<'_>,
+    rules: &SettleRules,
 ) -> LegProgress {
-    let Some(state) = state else {
+    let ended = ev.ended.get(&leg.order_id);
+    // Ended without a fill: nothing will ever be booked.
+    if ended.is_some_and(|e| e.filled <= Decimal::ZERO) {
+        return LegProgress::Settled;
+    }
+    let Some(state) = ev.state else {
         return LegProgress::Unbooked;
     };
     if let Some(o) = state
@@ -274,7 +469,10 @@ fn progress(
     {
         return LegProgress::Working(o.quantity.max(Decimal::ZERO).min(leg.quantity));
     }
-    if leg.seen || state.timestamp >= created_at + grace {
+    let booked = leg.seen
+        || ended.is_some_and(|e| at_least(state.timestamp, e.at, rules.booking_grace))
+        || at_least(state.timestamp, created_at, rules.unbooked_grace);
+    if booked {
         LegProgress::Settled
     } else {
         LegProgress::Unbooked
@@ -282,14 +480,19 @@ fn progress(
 }
 
 impl ReservationBook {
-    /// Mark working legs seen and drop fully settled entries; whether
-    /// anything changed.
-    pub fn reconcile(&mut self, state: Option<&AccountState>, grace: chrono::Duration) -> bool {
+    /// Mark working legs seen, drop fully settled entries and entries older
+    /// than `max_age`; whether anything changed.
+    pub fn reconcile(&mut self, ev: &Evidence<'_>, rules: &SettleRules) -> bool {
         let mut changed = false;
         self.held.retain(|_, h| {
+            let expired = after(h.created_at, rules.max_age).is_some_and(|limit| ev.now >= limit);
+            if expired {
+                changed = true;
+                return false;
+            }
             let mut all_settled = true;
             for l in &mut h.legs {
-                match progress(l, h.created_at, state, grace) {
+                match progress(l, h.created_at, ev, rules) {
                     LegProgress::Working(_) => {
                         all_settled = false;
                         if !l.seen {
@@ -312,8 +515,8 @@ impl ReservationBook {
     /// Margin and notional still unbooked per strategy (`except` excluded).
     pub fn reserved(
         &self,
-        state: Option<&AccountState>,
-        grace: chrono::Duration,
+        ev: &Evidence<'_>,
+        rules: &SettleRules,
         except: Option<&str>,
     ) -> BTreeMap<String, Reservation> {
         let mut out: BTreeMap<String, Reservation> = BTreeMap::new();
@@ -323,18 +526,33 @@ impl ReservationBook {
             }
             let r = out.entry(h.strategy_id.clone()).or_default();
             for l in &h.legs {
-                let frac = match progress(l, h.created_at, state, grace) {
+                let frac = match progress(l, h.created_at, ev, rules) {
                     LegProgress::Working(rem) if l.quantity > Decimal::ZERO => {
                         rem.checked_div(l.quantity).unwrap_or(Decimal::ONE)
                     }
                     LegProgress::Working(_) | LegProgress::Unbooked => Decimal::ONE,
                     LegProgress::Settled => Decimal::ZERO,
                 };
-                r.margin += l.margin * frac;
-                r.notional += l.notional * frac;
+                // Overflow (implausible figures) reserves everything: the
+                // limits then reject rather than over-approve.
+                r.margin = l
+                    .margin
+                    .checked_mul(frac)
+                    .and_then(|m| r.margin.checked_add(m))
+                    .unwrap_or(Decimal::MAX);
+                r.notional = l
+                    .notional
+                    .checked_mul(frac)
+                    .and_then(|n| r.notional.checked_add(n))
+                    .unwrap_or(Decimal::MAX);
             }
         }
         out
+    }
+
+    /// Held entries other than `except`.
+    pub fn in_flight(&self, except: Option<&str>) -> usize {
+        self.held.len() - usize::from(except.is_some_and(|e| self.held.contains_key(e)))
     }
 }
 
@@ -371,6 +589,20 @@ pub struct ExitTake {
 pub struct ExitProgress {
     /// By exit signal id.
     pub exits: BTreeMap<String, Vec<ExitTake>>,
+}
+
+/// Fewest remembered order ends before old ones are forgotten.
+const ENDED_PRUNE_MIN: usize = 4096;
+
+/// Forget order ends that can no longer settle anything: a leg is settled
+/// by the fallback rule `unbooked_grace` after its reservation anyway.
+fn forget_ended(ended: &mut HashMap<String, EndedOrder>, settings: &Settings, now: DateTime<Utc>) {
+    let keep = settings
+        .unbooked_grace
+        .checked_add(&settings.unbooked_grace)
+        .unwrap_or(chrono::Duration::MAX)
+        .max(chrono::Duration::minutes(1));
+    ended.retain(|_, e| after(e.at, keep).is_none_or(|t| t > now));
 }
 
 // ----- live inputs ----------------------------------------------------------
@@ -506,27 +738,100 @@ struct Stores {
     state: kv::Store,
 }
 
+/// What one janitor pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JanitorReport {
+    /// `entries.*` keys examined.
+    pub entries: usize,
+    /// `entries.*` keys deleted.
+    pub entries_purged: usize,
+    /// `exits.*` keys deleted.
+    pub exits_purged: usize,
+    /// Ended-order records forgotten.
+    pub ended_forgotten: usize,
+}
+
 /// The Cerebro handler (one per replica).
 pub struct Cerebro {
+    js: jetstream::Context,
     subjects: Subjects,
     stores: Stores,
     live: Arc<RwLock<Live>>,
+    marks: RwLock<BTreeMap<String, Mark>>,
+    ended: RwLock<HashMap<String, EndedOrder>>,
+    /// Size of `ended` at which old ends are forgotten next.
+    ended_prune_at: std::sync::atomic::AtomicUsize,
+    backtests: RwLock<BacktestState>,
     settings: Settings,
+    /// TTL of purge markers when the bucket allows per-message TTLs.
+    marker_ttl: Option<Duration>,
     locks: std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per account: unlinked signals waiting for a group commit.
+    queues: std::sync::Mutex<HashMap<String, Queue>>,
+    /// Itself, for the group-commit leader tasks.
+    me: std::sync::OnceLock<std::sync::Weak<Cerebro>>,
 }
 
+#[derive(Debug, Clone)]
 enum Fail {
     Retry(String),
     Reject(&'static str, String),
+}
+
+/// One signal waiting for its account's next group commit.
+struct Job {
+    signal: StandardizedSignal,
+    opts: DecideOptions,
+    deliveries: u64,
+    done: tokio::sync::oneshot::Sender<Result<Outcome, Fail>>,
+}
+
+/// The signals waiting for one account, and whether a leader runs them.
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    leading: bool,
+}
+
+/// Clears an account's `leading` flag however the leader task ends, and
+/// fails (retry later) whatever it left queued, so a crashed leader never
+/// strands signals.
+struct LeaderGuard<'a> {
+    queues: &'a std::sync::Mutex<HashMap<String, Queue>>,
+    account: String,
+    /// Cleared when the leader stepped down normally.
+    armed: bool,
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = q.get_mut(&self.account) {
+            e.leading = false;
+            for j in e.jobs.drain(..) {
+                let _ = j
+                    .done
+                    .send(Err(Fail::Retry("decision batch abandoned".into())));
+            }
+        }
+    }
 }
 
 fn retry(e: impl std::fmt::Display) -> Fail {
     Fail::Retry(e.to_string())
 }
 
+/// Only account state keys (single token) are watched in `account_state`;
+/// the worker's own `reservations.*` / `entries.*` / `exits.*` are not.
+const ACCOUNT_KEYS: &str = "*";
+
 impl Cerebro {
-    /// Open the buckets, load the current inputs and start the watchers
-    /// (stopped by `shutdown`).
+    /// Open the buckets, load the current inputs and start the watchers,
+    /// the mark and order-event feeds, the backtest loader and the janitor
+    /// (all stopped by `shutdown`).
     pub async fn start(
         js: &jetstream::Context,
         subjects: Subjects,
@@ -550,13 +855,29 @@ impl Cerebro {
             system: open(buckets::SYSTEM).await?,
             state: open(buckets::ACCOUNT_STATE).await?,
         };
+        let marker_ttl = stores
+            .state
+            .stream
+            .cached_info()
+            .config
+            .allow_message_ttl
+            .then_some(Duration::from_secs(86_400));
         let me = Arc::new(Cerebro {
+            js: js.clone(),
             subjects,
             stores: stores.clone(),
             live: Arc::new(RwLock::new(Live::default())),
+            marks: RwLock::new(BTreeMap::new()),
+            ended: RwLock::new(HashMap::new()),
+            ended_prune_at: std::sync::atomic::AtomicUsize::new(ENDED_PRUNE_MIN),
+            backtests: RwLock::new(BacktestState::default()),
             settings,
+            marker_ttl,
             locks: std::sync::Mutex::new(BTreeMap::new()),
+            queues: std::sync::Mutex::new(HashMap::new()),
+            me: std::sync::OnceLock::new(),
         });
+        let _ = me.me.set(Arc::downgrade(&me));
         for (src, store) in [
             (Source::Strategies, stores.strategies),
             (Source::Allocations, stores.allocations),
@@ -565,22 +886,78 @@ impl Cerebro {
         ] {
             // Start watching first, then load what is there, so no update
             // between the two is missed (stale ones lose on revision).
-            let watch = store.watch_all().await.map_err(|e| format!("watch: {e}"))?;
+            let watch = Self::open_watch(src, &store)
+                .await
+                .map_err(|e| format!("watch: {e}"))?;
             me.load(src, &store).await?;
             tokio::spawn(Arc::clone(&me).watch(src, store, watch, shutdown.clone()));
         }
+        if me.settings.marks {
+            let (ready, mut loaded) = tokio::sync::watch::channel(false);
+            let feed = Feed {
+                stream: topology.stream_name(streams::MARKET),
+                filter: me.subjects.raw_subject("market.prices.>"),
+                deliver: consumer::DeliverPolicy::LastPerSubject,
+                what: "marks",
+            };
+            let c = Arc::clone(&me);
+            tokio::spawn(run_feed(
+                js.clone(),
+                feed,
+                shutdown.clone(),
+                ready,
+                move |m| c.on_mark(m),
+            ));
+            let wait = me.settings.marks_initial_wait;
+            if tokio::time::timeout(wait, loaded.wait_for(|r| *r))
+                .await
+                .is_err()
+            {
+                tracing::warn!(?wait, "latest marks not loaded yet; starting without them");
+            }
+        }
+        if me.settings.order_events {
+            let (ready, _) = tokio::sync::watch::channel(false);
+            let feed = Feed {
+                stream: topology.stream_name(streams::ORDER_EVENTS),
+                filter: me.subjects.raw_subject("orders.*.events"),
+                deliver: consumer::DeliverPolicy::New,
+                what: "order events",
+            };
+            let c = Arc::clone(&me);
+            tokio::spawn(run_feed(
+                js.clone(),
+                feed,
+                shutdown.clone(),
+                ready,
+                move |m| c.on_order_event(m),
+            ));
+        }
+        if let Some(source) = me.settings.backtests.clone() {
+            tokio::spawn(Arc::clone(&me).backtest_loop(source, shutdown.clone()));
+        }
+        tokio::spawn(Arc::clone(&me).janitor_loop(shutdown));
         Ok(me)
     }
 
+    async fn open_watch(src: Source, store: &kv::Store) -> Result<kv::Watch, kv::WatchError> {
+        match src {
+            Source::AccountState => store.watch(ACCOUNT_KEYS).await,
+            _ => store.watch_all().await,
+        }
+    }
+
     async fn load(&self, src: Source, store: &kv::Store) -> Result<(), String> {
+        if src == Source::AccountState {
+            for e in scan_kv(&self.js, store, ACCOUNT_KEYS, false).await? {
+                self.apply(src, &e.key, e.revision, Some(&e.value));
+            }
+            return Ok(());
+        }
         let mut keys = store.keys().await.map_err(|e| format!("kv keys: {e}"))?;
         let mut names = Vec::new();
         while let Some(k) = keys.next().await {
-            let k = k.map_err(|e| format!("kv keys: {e}"))?;
-            if src == Source::AccountState && k.contains('.') {
-                continue;
-            }
-            names.push(k);
+            names.push(k.map_err(|e| format!("kv keys: {e}"))?);
         }
         for k in names {
             if let Some(e) = store
@@ -638,10 +1015,12 @@ impl Cerebro {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     }
-                    match store.watch_all().await {
+                    match Self::open_watch(src, &store).await {
                         Ok(w) => {
                             watch = w;
-                            let _ = self.load(src, &store).await;
+                            if let Err(e) = self.load(src, &store).await {
+                                tracing::warn!(error = %e, "kv reload failed");
+                            }
                         }
                         Err(e) => tracing::warn!(error = %e, "kv re-watch failed"),
                     }
@@ -649,6 +1028,262 @@ impl Cerebro {
             }
         }
     }
+
+    // ----- marks, order events, backtests ----------------------------------
+
+    /// A `market.prices.<symbol>` message: keep the latest observation per
+    /// symbol (greatest `(timestamp, price)`, so arrival order and replays
+    /// do not matter).
+    fn on_mark(&self, m: &jetstream::Message) {
+        match decode_accounts_input(
+            &self.subjects,
+            AccountsSource::Market,
+            &m.subject,
+            &m.payload,
+        ) {
+            Ok(AccountsInput::Price(p)) => {
+                let mark = Mark {
+                    price: p.price,
+                    at: p.timestamp,
+                };
+                let mut marks = self.marks.write().unwrap_or_else(|e| e.into_inner());
+                let newer = marks
+                    .get(&p.symbol)
+                    .is_none_or(|old| (mark.at, mark.price) > (old.at, old.price));
+                if newer {
+                    marks.insert(p.symbol, mark);
+                }
+            }
+            Ok(_) => {}
+            Err((code, detail)) => tracing::debug!(code, %detail, "mark ignored"),
+        }
+    }
+
+    /// An `orders.<account>.events` message: remember terminal ones.
+    fn on_order_event(&self, m: &jetstream::Message) {
+        let Ok(AccountsInput::OrderEvent(e)) = decode_accounts_input(
+            &self.subjects,
+            AccountsSource::OrderEvents,
+            &m.subject,
+            &m.payload,
+        ) else {
+            return;
+        };
+        if !e.status.is_terminal() {
+            return;
+        }
+        let mut ended = self.ended.write().unwrap_or_else(|p| p.into_inner());
+        ended.insert(
+            e.order_id,
+            EndedOrder {
+                filled: e.filled_quantity,
+                at: e.timestamp,
+            },
+        );
+        // Bounded: ends older than the fallback grace (twice) no longer
+        // change any settlement; forget them every so often.
+        let prune_at = self
+            .ended_prune_at
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if ended.len() >= prune_at {
+            forget_ended(&mut ended, &self.settings, Utc::now());
+            // Amortized: the next prune once the map has doubled.
+            self.ended_prune_at.store(
+                (ended.len() * 2).max(ENDED_PRUNE_MIN),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Latest mark known of `symbol` (tests and ops).
+    pub fn mark(&self, symbol: &str) -> Option<Mark> {
+        self.marks.read().ok().and_then(|m| m.get(symbol).copied())
+    }
+
+    /// The end of `order_id`, if its terminal event was seen (tests and ops).
+    pub fn ended_order(&self, order_id: &str) -> Option<EndedOrder> {
+        self.ended
+            .read()
+            .ok()
+            .and_then(|m| m.get(order_id).copied())
+    }
+
+    /// What is known about the backtests (tests and ops).
+    pub fn backtest_state(&self) -> BacktestState {
+        self.backtests.read().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    async fn backtest_loop(self: Arc<Self>, source: BacktestSource, shutdown: CancellationToken) {
+        let mut reader = BacktestReader::new(source);
+        loop {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = reader.load() => r,
+            };
+            let next = {
+                let mut st = self.backtests.write().unwrap_or_else(|p| p.into_inner());
+                match result {
+                    Ok(loaded) => {
+                        for (doc, why) in &loaded.skipped {
+                            tracing::warn!(%doc, %why, "backtest document skipped");
+                        }
+                        tracing::info!(
+                            strategies = loaded.strategies,
+                            skipped = loaded.skipped.len(),
+                            "backtest returns loaded"
+                        );
+                        st.table = Some(loaded.table);
+                        st.strategies = loaded.strategies;
+                        st.skipped = loaded.skipped;
+                        st.loaded_at = Some(Utc::now());
+                        st.last_error = None;
+                        self.settings.backtest_refresh
+                    }
+                    Err(e) => {
+                        if st.table.is_some() {
+                            tracing::warn!(error = %e, "backtest refresh failed; keeping the previous returns");
+                        } else {
+                            tracing::warn!(error = %e, "backtest returns unavailable; CVaR not evaluated");
+                        }
+                        st.last_error = Some(e);
+                        if st.table.is_some() {
+                            self.settings.backtest_refresh
+                        } else {
+                            self.settings.backtest_retry
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(next) => {}
+            }
+        }
+    }
+
+    // ----- janitor ------------------------------------------------------------
+
+    async fn janitor_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        // Replicas start at different moments, so their passes interleave.
+        let period = self.settings.janitor_interval;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            match self.janitor_pass(Utc::now()).await {
+                Ok(r) => tracing::debug!(?r, "janitor pass"),
+                Err(e) => tracing::warn!(error = %e, "janitor pass failed"),
+            }
+        }
+    }
+
+    /// One janitor pass as of `now` (see [`crate::janitor`]): delete the
+    /// `entries.*` / `exits.*` keys whose retention passed, forget old order
+    /// ends, and drop stale reservations of accounts whose state does not
+    /// change. Runs every `janitor_interval`; public for tests and ops.
+    pub async fn janitor_pass(&self, now: DateTime<Utc>) -> Result<JanitorReport, String> {
+        let mut report = JanitorReport::default();
+        {
+            let mut ended = self.ended.write().unwrap_or_else(|p| p.into_inner());
+            let before = ended.len();
+            forget_ended(&mut ended, &self.settings, now);
+            report.ended_forgotten = before - ended.len();
+        }
+        let store = &self.stores.state;
+        let entries = scan_kv(&self.js, store, "entries.>", false).await?;
+        let mut exits: BTreeMap<String, Scanned> = scan_kv(&self.js, store, "exits.>", false)
+            .await?
+            .into_iter()
+            .filter_map(|e| {
+                let id = e.key.strip_prefix("exits.")?.to_string();
+                Some((id, e))
+            })
+            .collect();
+        // Per account: the encoded signal ids its reservation book holds.
+        let mut books: BTreeMap<String, std::collections::HashSet<String>> = BTreeMap::new();
+        report.entries = entries.len();
+        for e in entries {
+            let Some(id) = e.key.strip_prefix("entries.") else {
+                continue;
+            };
+            let x = exits.remove(id);
+            let Ok(entry) = serde_json::from_slice::<StoredEntry>(&e.value) else {
+                tracing::warn!(key = %e.key, "unreadable entry record left in place");
+                continue;
+            };
+            let progress = x
+                .as_ref()
+                .and_then(|x| serde_json::from_slice::<ExitProgress>(&x.value).ok());
+            if !books.contains_key(&entry.account) {
+                let book = self
+                    .read_book(&entry.account)
+                    .await
+                    .map_err(|_| format!("reservation book of {}", entry.account))?
+                    .1;
+                let ids = book.held.keys().map(|sid| StrategyConfig::kv_key(sid));
+                books.insert(entry.account.clone(), ids.collect());
+            }
+            // The key holds the encoded signal id.
+            let reserved = books.get(&entry.account).is_some_and(|b| b.contains(id));
+            let last = x.as_ref().map_or(e.written, |x| x.written.max(e.written));
+            let d = entry_disposition(
+                &entry,
+                progress.as_ref(),
+                reserved,
+                last,
+                now,
+                self.settings.entry_retention,
+            );
+            if let Disposition::Purge(why) = d {
+                if self.purge(&e.key, e.revision).await {
+                    report.entries_purged += 1;
+                    tracing::debug!(key = %e.key, ?why, "entry record deleted");
+                    if let Some(x) = &x {
+                        if self.purge(&x.key, x.revision).await {
+                            report.exits_purged += 1;
+                        }
+                    }
+                }
+            }
+        }
+        // Exit records whose entry is gone.
+        for x in exits.into_values() {
+            if at_least(now, x.written, self.settings.entry_retention.done)
+                && self.purge(&x.key, x.revision).await
+            {
+                report.exits_purged += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Purge `key` if it is still at `revision` (a rewrite meanwhile wins).
+    async fn purge(&self, key: &str, revision: u64) -> bool {
+        let r = match self.marker_ttl {
+            Some(ttl) => {
+                self.stores
+                    .state
+                    .purge_expect_revision_with_ttl(key, revision, ttl)
+                    .await
+            }
+            None => {
+                self.stores
+                    .state
+                    .purge_expect_revision(key, Some(revision))
+                    .await
+            }
+        };
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(key, error = %e, "not purged (changed meanwhile?)");
+                false
+            }
+        }
+    }
+
+    // ----- accessors ----------------------------------------------------------
 
     /// Current allocation (tests and ops).
     pub fn allocation(&self) -> Option<ActiveAllocation> {
@@ -728,6 +1363,22 @@ impl Cerebro {
         }
     }
 
+    /// Reconcile `book` with `state` and the known order ends.
+    fn reconcile(
+        &self,
+        book: &mut ReservationBook,
+        state: Option<&AccountState>,
+        now: DateTime<Utc>,
+    ) -> bool {
+        let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
+        let ev = Evidence {
+            state,
+            ended: &ended,
+            now,
+        };
+        book.reconcile(&ev, &SettleRules::of(&self.settings))
+    }
+
     /// Reconcile an account's book with its latest state and store it if it
     /// changed.
     async fn sync_book(&self, account: &str) -> Result<(), String> {
@@ -736,7 +1387,7 @@ impl Cerebro {
         for _ in 0..self.settings.cas_attempts {
             let (rev, mut book) = self.read_book(account).await.map_err(|_| "kv read")?;
             let state = self.account_state(account);
-            if !book.reconcile(state.as_ref(), self.settings.unbooked_grace) {
+            if !self.reconcile(&mut book, state.as_ref(), Utc::now()) {
                 return Ok(());
             }
             let body = serde_json::to_vec(&book).map_err(|e| e.to_string())?;
@@ -751,8 +1402,28 @@ impl Cerebro {
         Err("cas contention".into())
     }
 
-    fn snapshot(&self, now: DateTime<Utc>) -> Inputs {
+    /// The decision inputs at `now` for `signal`: live configuration, marks
+    /// of the signal's instruments, backtest returns (accounts and entries
+    /// are added by the transaction).
+    fn snapshot(&self, now: DateTime<Utc>, signal: &StandardizedSignal) -> Inputs {
         let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+        let marks = {
+            let all = self.marks.read().unwrap_or_else(|p| p.into_inner());
+            signal
+                .legs
+                .iter()
+                .filter_map(|l| all.get(&l.instrument).map(|m| (l.instrument.clone(), *m)))
+                .collect()
+        };
+        let (returns, returns_unavailable) = {
+            let b = self.backtests.read().unwrap_or_else(|p| p.into_inner());
+            let reason = match (&b.table, &self.settings.backtests) {
+                (Some(_), _) => None,
+                (None, None) => Some("no backtest store configured".to_string()),
+                (None, Some(_)) => b.unavailable_reason(),
+            };
+            (b.table.clone(), reason)
+        };
         Inputs {
             strategies: live
                 .strategies
@@ -763,9 +1434,10 @@ impl Cerebro {
             accounts: BTreeMap::new(),
             system: live.system(),
             instruments: self.settings.instruments.clone(),
-            marks: BTreeMap::new(),
+            marks,
             entries: BTreeMap::new(),
-            returns: None,
+            returns,
+            returns_unavailable,
             now,
         }
     }
@@ -784,11 +1456,11 @@ impl Cerebro {
         let base_now = Utc::now();
         let expired = (self.settings.max_deliver > 1
             && d.deliveries as i64 >= self.settings.max_deliver - 1)
-            || base_now.signed_duration_since(signal.received_at) >= self.settings.entry_wait;
+            || at_least(base_now, signal.received_at, self.settings.entry_wait);
         let opts = DecideOptions {
             entry_wait_expired: expired,
         };
-        let probe = self.snapshot(base_now);
+        let probe = self.snapshot(base_now, &signal);
         // The linked entry's record decides the account for exits / cancels.
         let stored_entry = match signal.entry_signal_id.as_deref() {
             Some(e) => self
@@ -805,39 +1477,72 @@ impl Cerebro {
             // Unknown strategy / no account: decide without a book.
             return self.finish(&signal, decide_with(&signal, &probe, opts), None);
         };
+        if signal.entry_signal_id.is_none() {
+            // Entries and unlinked exits: group commit.
+            return self.enqueue(account, signal, opts, d.deliveries).await;
+        }
         let lock = self.lock_for(&account);
         let _g = lock.lock().await;
+        let rules = SettleRules::of(&self.settings);
+        // Set when the book could not take one more entry: decide again
+        // with the book's size as the limit.
+        let mut book_full = false;
         for _ in 0..self.settings.cas_attempts {
             let now = Utc::now();
-            let mut inputs = self.snapshot(now);
+            let mut inputs = self.snapshot(now, &signal);
             let (book_rev, mut book) = self.read_book(&account).await?;
             let state = self.account_state(&account);
-            let grace = self.settings.unbooked_grace;
-            let book_changed = book.reconcile(state.as_ref(), grace);
-            if let Some(st) = &state {
-                let mut a = AccountInputs::new(st.clone());
-                a.reserved = book.reserved(state.as_ref(), grace, Some(&signal.signal_id));
-                inputs.accounts.insert(account.clone(), a);
-            }
-            // Entry record with its live fill progress and earlier exits.
-            let mut exits_rev = None;
-            let mut exits = ExitProgress::default();
-            if let (Some(entry_id), Some(se)) = (signal.entry_signal_id.as_deref(), &stored_entry) {
-                if let Some((r, p)) = self.read_json::<ExitProgress>(&exits_key(entry_id)).await? {
-                    exits_rev = Some(r);
-                    exits = p;
+            let exits_read = match (signal.entry_signal_id.as_deref(), &stored_entry) {
+                (Some(entry_id), Some(_)) => self
+                    .read_json::<ExitProgress>(&exits_key(entry_id))
+                    .await?
+                    .map(|(r, p)| (Some(r), p)),
+                _ => None,
+            };
+            let (exits_rev, mut exits) = exits_read.unwrap_or_default();
+            // Everything that needs the order ends, under one read lock
+            // (no await inside).
+            let book_changed = {
+                let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
+                let ev = Evidence {
+                    state: state.as_ref(),
+                    ended: &ended,
+                    now,
+                };
+                let changed = book.reconcile(&ev, &rules);
+                if let Some(st) = &state {
+                    let mut a = AccountInputs::new(st.clone());
+                    a.reserved = book.reserved(&ev, &rules, Some(&signal.signal_id));
+                    a.in_flight = book.in_flight(Some(&signal.signal_id));
+                    a.max_in_flight = Some(if book_full {
+                        a.in_flight
+                    } else {
+                        self.settings.reservation_max_entries
+                    });
+                    // Today's P&L of a state of an earlier UTC day is not
+                    // today's.
+                    if st.timestamp.date_naive() == now.date_naive() {
+                        a.pnl_today = st.strategy_pnl_today.clone();
+                    }
+                    inputs.accounts.insert(account.clone(), a);
                 }
-                let rec = entry_with_progress(
-                    entry_id,
-                    se,
-                    book.held.get(entry_id),
-                    state.as_ref(),
-                    grace,
-                    &exits,
-                    &signal.signal_id,
-                );
-                inputs.entries.insert(entry_id.to_string(), rec);
-            }
+                // Entry record with its live fill progress and earlier exits.
+                if let (Some(entry_id), Some(se)) =
+                    (signal.entry_signal_id.as_deref(), &stored_entry)
+                {
+                    let rec = entry_with_progress(
+                        entry_id,
+                        se,
+                        book.held.get(entry_id),
+                        &ev,
+                        &rules,
+                        &exits,
+                        &signal.signal_id,
+                    );
+                    inputs.entries.insert(entry_id.to_string(), rec);
+                }
+                changed
+            };
             let out = decide_with(&signal, &inputs, opts);
             let DecisionOutput::Decided(decided) = &out else {
                 if book_changed {
@@ -867,6 +1572,16 @@ impl Cerebro {
             }
             if write_book {
                 let body = serde_json::to_vec(&book).map_err(retry)?;
+                if body.len() > MAX_BOOK_BYTES && reserves && !book_full {
+                    tracing::warn!(
+                        %account,
+                        entries = book.held.len(),
+                        bytes = body.len(),
+                        "reservation book full"
+                    );
+                    book_full = true;
+                    continue;
+                }
                 if !self
                     .cas(&reservations_key(&account), book_rev, body)
                     .await?
@@ -903,6 +1618,209 @@ impl Cerebro {
                     .map_err(retry)?;
             }
             return self.finish(&signal, out, Some(d.deliveries));
+        }
+        Err(Fail::Retry("reservation compare-and-set contention".into()))
+    }
+
+    // ----- group commit -------------------------------------------------------
+
+    /// Queue an unlinked signal for its account's next group commit and wait
+    /// for its outcome. The first signal of an idle account starts a leader
+    /// task that runs the queue in batches until it is empty.
+    async fn enqueue(
+        &self,
+        account: String,
+        signal: StandardizedSignal,
+        opts: DecideOptions,
+        deliveries: u64,
+    ) -> Result<Outcome, Fail> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job = Job {
+            signal,
+            opts,
+            deliveries,
+            done,
+        };
+        let lead = {
+            let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            let e = q.entry(account.clone()).or_default();
+            e.jobs.push(job);
+            !std::mem::replace(&mut e.leading, true)
+        };
+        if lead {
+            match self.me.get().and_then(std::sync::Weak::upgrade) {
+                Some(me) => {
+                    tokio::spawn(async move { me.lead(account).await });
+                }
+                None => self.lead(account).await,
+            }
+        }
+        result
+            .await
+            .unwrap_or_else(|_| Err(Fail::Retry("decision batch dropped".into())))
+    }
+
+    /// Run `account`'s queue in batches until it is empty.
+    async fn lead(&self, account: String) {
+        let mut guard = LeaderGuard {
+            queues: &self.queues,
+            account: account.clone(),
+            armed: true,
+        };
+        loop {
+            let jobs = {
+                let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                match q.get_mut(&account) {
+                    Some(e) if !e.jobs.is_empty() => std::mem::take(&mut e.jobs),
+                    Some(e) => {
+                        // Step down in the same critical section that saw
+                        // the queue empty: the next job starts a new leader.
+                        e.leading = false;
+                        guard.armed = false;
+                        return;
+                    }
+                    None => {
+                        guard.armed = false;
+                        return;
+                    }
+                }
+            };
+            let lock = self.lock_for(&account);
+            let _g = lock.lock().await;
+            match self.decide_batch(&account, &jobs).await {
+                Ok(results) => {
+                    for (job, r) in jobs.into_iter().zip(results) {
+                        let _ = job.done.send(r);
+                    }
+                }
+                Err(f) => {
+                    for job in jobs {
+                        let _ = job.done.send(Err(f.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decide `jobs` (unlinked signals of `account`, in order) against one
+    /// read of the reservation book, each seeing the reservations of the
+    /// ones before it, and store the book with one compare-and-set; on a
+    /// conflict the whole batch is decided again on the new book. Same
+    /// guarantees as one transaction per signal (see the module docs).
+    async fn decide_batch(
+        &self,
+        account: &str,
+        jobs: &[Job],
+    ) -> Result<Vec<Result<Outcome, Fail>>, Fail> {
+        let rules = SettleRules::of(&self.settings);
+        for _ in 0..self.settings.cas_attempts {
+            let now = Utc::now();
+            let (book_rev, mut book) = self.read_book(account).await?;
+            let state = self.account_state(account);
+            let mut decided: Vec<DecisionOutput> = Vec::with_capacity(jobs.len());
+            let mut records: Vec<(String, Vec<u8>)> = Vec::new();
+            let mut book_changed;
+            {
+                let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
+                let ev = Evidence {
+                    state: state.as_ref(),
+                    ended: &ended,
+                    now,
+                };
+                book_changed = book.reconcile(&ev, &rules);
+                // Serialized size of the book, kept up to date as entries
+                // are added (a map entry costs key + value + 4 bytes).
+                let mut bytes = serde_json::to_vec(&book).map_err(retry)?.len();
+                let mut full = false;
+                for job in jobs {
+                    let signal = &job.signal;
+                    let decide = |full: bool, book: &ReservationBook| {
+                        let mut inputs = self.snapshot(now, signal);
+                        if let Some(st) = &state {
+                            let mut a = AccountInputs::new(st.clone());
+                            a.reserved = book.reserved(&ev, &rules, Some(&signal.signal_id));
+                            a.in_flight = book.in_flight(Some(&signal.signal_id));
+                            a.max_in_flight = Some(if full {
+                                a.in_flight
+                            } else {
+                                self.settings.reservation_max_entries
+                            });
+                            if st.timestamp.date_naive() == now.date_naive() {
+                                a.pnl_today = st.strategy_pnl_today.clone();
+                            }
+                            inputs.accounts.insert(account.to_string(), a);
+                        }
+                        decide_with(signal, &inputs, job.opts)
+                    };
+                    let mut out = decide(full, &book);
+                    if let DecisionOutput::Decided(d) = &out {
+                        let reserves = !d.orders.is_empty()
+                            && d.record.action == Some(SignalAction::Entry)
+                            && (d.reservation.margin > Decimal::ZERO
+                                || d.reservation.notional > Decimal::ZERO);
+                        if reserves {
+                            let held = held_of(signal, d, now);
+                            let keep_old = book
+                                .held
+                                .get(&signal.signal_id)
+                                .is_some_and(|old| old.margin() >= held.margin());
+                            if !keep_old {
+                                let size = serde_json::to_vec(&held).map_err(retry)?.len()
+                                    + signal.signal_id.len()
+                                    + 8;
+                                if bytes + size > MAX_BOOK_BYTES && !full {
+                                    tracing::warn!(
+                                        %account,
+                                        entries = book.held.len(),
+                                        bytes,
+                                        "reservation book full"
+                                    );
+                                    full = true;
+                                    out = decide(full, &book);
+                                } else {
+                                    bytes += size;
+                                    book.held.insert(signal.signal_id.clone(), held);
+                                    book_changed = true;
+                                }
+                            }
+                        }
+                    }
+                    if let DecisionOutput::Decided(d) = &out {
+                        if d.record.action == Some(SignalAction::Entry) {
+                            let se = StoredEntry {
+                                strategy_id: signal.strategy_id.clone(),
+                                account: account.to_string(),
+                                decision: d.record.decision,
+                                legs: entry_legs(signal, d),
+                            };
+                            records.push((
+                                entry_key(&signal.signal_id),
+                                serde_json::to_vec(&se).map_err(retry)?,
+                            ));
+                        }
+                    }
+                    decided.push(out);
+                }
+            }
+            if book_changed {
+                let body = serde_json::to_vec(&book).map_err(retry)?;
+                if !self.cas(&reservations_key(account), book_rev, body).await? {
+                    continue;
+                }
+            }
+            // Entry records for later exits / cancels, before any decision
+            // is published.
+            let puts = records
+                .into_iter()
+                .map(|(key, body)| self.stores.state.put(key, body.into()));
+            for r in futures::future::join_all(puts).await {
+                r.map_err(retry)?;
+            }
+            return Ok(jobs
+                .iter()
+                .zip(decided)
+                .map(|(job, out)| self.finish(&job.signal, out, Some(job.deliveries)))
+                .collect());
         }
         Err(Fail::Retry("reservation compare-and-set contention".into()))
     }
@@ -1024,11 +1942,12 @@ fn entry_with_progress(
     entry_id: &str,
     se: &StoredEntry,
     held: Option<&Held>,
-    state: Option<&AccountState>,
-    grace: chrono::Duration,
+    ev: &Evidence<'_>,
+    rules: &SettleRules,
     exits: &ExitProgress,
     this_exit: &str,
 ) -> EntryRecord {
+    let state = ev.state;
     let legs = se
         .legs
         .iter()
@@ -1051,7 +1970,7 @@ fn entry_with_progress(
                     };
                     (f, st)
                 }
-                (None, Some((hl, created))) => match progress(hl, created, state, grace) {
+                (None, Some((hl, created))) => match progress(hl, created, ev, rules) {
                     LegProgress::Settled => (l.ordered_quantity, OrderStatus::Filled),
                     _ => (Decimal::ZERO, OrderStatus::Pending),
                 },
@@ -1098,6 +2017,15 @@ impl Handler for Cerebro {
 /// Start Cerebro in `process`: watchers plus the consume loop on `cerebro`.
 pub async fn spawn(process: &mut Process) -> Result<Arc<Cerebro>, SpawnError> {
     let settings = Settings::from_config(&process.config);
+    spawn_with(process, settings).await
+}
+
+/// [`spawn`] with explicit settings (tests, or a `[cerebro]` section read
+/// by the caller).
+pub async fn spawn_with(
+    process: &mut Process,
+    settings: Settings,
+) -> Result<Arc<Cerebro>, SpawnError> {
     let c = Cerebro::start(
         &process.js,
         process.subjects.clone(),
@@ -1120,4 +2048,208 @@ pub enum SpawnError {
     /// The consumer is not in the topology.
     #[error(transparent)]
     Process(#[from] ProcessError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use mtx_schemas::order::OpenOrder;
+    use mtx_schemas::{OrderType, Side};
+    use rust_decimal_macros::dec;
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 5, 15, 0, 0).unwrap() + chrono::Duration::seconds(secs)
+    }
+
+    fn rules() -> SettleRules {
+        SettleRules {
+            unbooked_grace: chrono::Duration::seconds(30),
+            booking_grace: chrono::Duration::seconds(2),
+            max_age: chrono::Duration::hours(1),
+        }
+    }
+
+    fn book(ids: &[&str]) -> ReservationBook {
+        ReservationBook {
+            held: ids
+                .iter()
+                .map(|id| {
+                    (
+                        id.to_string(),
+                        Held {
+                            strategy_id: "s".into(),
+                            created_at: t(0),
+                            legs: vec![HeldLeg {
+                                order_id: format!("ord_{id}"),
+                                quantity: dec!(10),
+                                margin: dec!(400),
+                                notional: dec!(1600),
+                                seen: false,
+                            }],
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn state(at: i64, working: &[(&str, Decimal)]) -> AccountState {
+        AccountState {
+            account: "A".into(),
+            timestamp: t(at),
+            equity: dec!(1000000),
+            cash_balance: dec!(1000000),
+            margin_used: Decimal::ZERO,
+            margin_available: dec!(1000000),
+            unrealized_pnl: Decimal::ZERO,
+            realized_pnl: Decimal::ZERO,
+            commissions: Decimal::ZERO,
+            open_positions: vec![],
+            open_orders: working
+                .iter()
+                .map(|(id, q)| OpenOrder {
+                    order_id: id.to_string(),
+                    instrument: "AAPL".into(),
+                    side: Side::Buy,
+                    quantity: *q,
+                    order_type: OrderType::Limit,
+                    price: Some(dec!(160)),
+                })
+                .collect(),
+            deployed_capital: BTreeMap::new(),
+            strategy_pnl_today: BTreeMap::new(),
+        }
+    }
+
+    fn reconcile(
+        b: &mut ReservationBook,
+        st: Option<&AccountState>,
+        ended: &HashMap<String, EndedOrder>,
+        now: i64,
+    ) -> bool {
+        b.reconcile(
+            &Evidence {
+                state: st,
+                ended,
+                now: t(now),
+            },
+            &rules(),
+        )
+    }
+
+    #[test]
+    fn an_order_ended_unfilled_releases_at_once() {
+        let mut b = book(&["a", "b"]);
+        let ended = HashMap::from([(
+            "ord_a".to_string(),
+            EndedOrder {
+                filled: Decimal::ZERO,
+                at: t(1),
+            },
+        )]);
+        assert!(reconcile(&mut b, None, &ended, 1));
+        assert_eq!(b.held.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn a_fill_releases_once_a_state_booking_grace_newer_omits_it() {
+        let mut b = book(&["a"]);
+        let ended = HashMap::from([(
+            "ord_a".to_string(),
+            EndedOrder {
+                filled: dec!(10),
+                at: t(5),
+            },
+        )]);
+        assert!(!reconcile(&mut b, Some(&state(6, &[])), &ended, 6));
+        // A stale state still listing it working: held (pro rata).
+        assert!(reconcile(
+            &mut b,
+            Some(&state(8, &[("ord_a", dec!(4))])),
+            &ended,
+            8
+        ));
+        let ev = Evidence {
+            state: Some(&state(8, &[("ord_a", dec!(4))])),
+            ended: &ended,
+            now: t(8),
+        };
+        assert_eq!(
+            b.reserved(&ev, &rules(), None)["s"],
+            Reservation {
+                margin: dec!(160),
+                notional: dec!(640)
+            }
+        );
+        assert!(reconcile(&mut b, Some(&state(7, &[])), &ended, 9));
+        assert!(b.held.is_empty());
+    }
+
+    #[test]
+    fn seen_then_gone_releases_and_the_fallback_grace_covers_the_rest() {
+        let none = HashMap::new();
+        let mut b = book(&["a", "b"]);
+        // `a` is seen working; `b` never shows up.
+        assert!(reconcile(
+            &mut b,
+            Some(&state(1, &[("ord_a", dec!(10))])),
+            &none,
+            1
+        ));
+        assert!(b.held["a"].legs[0].seen);
+        // `a` gone: released; `b` waits for the fallback grace.
+        assert!(reconcile(&mut b, Some(&state(2, &[])), &none, 2));
+        assert_eq!(b.held.keys().collect::<Vec<_>>(), ["b"]);
+        assert!(!reconcile(&mut b, Some(&state(29, &[])), &none, 29));
+        assert!(reconcile(&mut b, Some(&state(30, &[])), &none, 30));
+        assert!(b.held.is_empty());
+    }
+
+    #[test]
+    fn the_max_age_prune_drops_whatever_the_state_says() {
+        let none = HashMap::new();
+        let mut b = book(&["a"]);
+        let working = state(3599, &[("ord_a", dec!(10))]);
+        assert!(reconcile(&mut b, Some(&working), &none, 3599));
+        assert_eq!(b.held.len(), 1);
+        assert!(reconcile(&mut b, Some(&working), &none, 3600));
+        assert!(b.held.is_empty());
+        // No state at all: the prune still applies.
+        let mut b = book(&["a"]);
+        assert!(!reconcile(&mut b, None, &none, 10));
+        assert!(reconcile(&mut b, None, &none, 3600));
+        assert!(b.held.is_empty());
+    }
+
+    #[test]
+    fn settings_follow_the_cerebro_section_and_never_overflow() {
+        let c = CerebroConfig {
+            reservation_max_entries: 7,
+            booking_grace_secs: u64::MAX,
+            unbooked_grace_secs: u64::MAX,
+            ..CerebroConfig::default()
+        };
+        let mut s = Settings::default();
+        s.apply(&c);
+        assert_eq!(s.reservation_max_entries, 7);
+        assert_eq!(s.booking_grace, chrono::Duration::MAX);
+        assert!(c.validate().is_err());
+        // A grace past the end of time never settles (and never panics).
+        let mut b = book(&["a"]);
+        let ended = HashMap::from([(
+            "ord_a".to_string(),
+            EndedOrder {
+                filled: dec!(10),
+                at: t(5),
+            },
+        )]);
+        let r = SettleRules::of(&s);
+        let ev = Evidence {
+            state: Some(&state(100, &[])),
+            ended: &ended,
+            now: t(100),
+        };
+        assert!(!b.reconcile(&ev, &r));
+    }
 }

@@ -648,6 +648,42 @@ fn cvar_skipped_without_backtest_is_recorded() {
 }
 
 #[test]
+fn cvar_unavailable_is_recorded_with_its_reason_and_does_not_block() {
+    let mut inputs = base_inputs();
+    inputs.returns_unavailable = Some("mongo: connection refused".into());
+    let out = decided(decide(&aapl(), &inputs));
+    assert_decision(&out, Decision::Approved);
+    let skip = out.record.risk_assessment.cvar_skipped.clone().unwrap();
+    assert_eq!(
+        skip,
+        mtx_cerebro::CvarSkip::Unavailable {
+            reason: "mongo: connection refused".into()
+        }
+    );
+    let v = serde_json::to_value(&skip).unwrap();
+    assert_eq!(v["code"], "unavailable");
+    assert_eq!(v["reason"], "mongo: connection refused");
+    assert_eq!(out.record.risk_assessment.cvar_contribution, None);
+}
+
+#[test]
+fn reservation_backlog() {
+    let mut inputs = base_inputs();
+    acct(&mut inputs).max_in_flight = Some(3);
+    acct(&mut inputs).in_flight = 2;
+    assert_decision(&decided(decide(&aapl(), &inputs)), Decision::Approved);
+    acct(&mut inputs).in_flight = 3;
+    assert_eq!(
+        rejected(&aapl(), &inputs).0,
+        Reason::ReservationBacklog {
+            account: ACCOUNT.into(),
+            limit: 3,
+            actual: 3
+        }
+    );
+}
+
+#[test]
 fn absurd_numbers_reject_instead_of_panicking() {
     let mut sig = aapl_fixed();
     sig.legs[0].quantity = Decimal::MAX;

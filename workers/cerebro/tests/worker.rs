@@ -10,16 +10,21 @@ use async_nats::HeaderMap;
 use chrono::Utc;
 use common::{account_state, d, fixture, strategy, ACCOUNT, SPX};
 use futures::StreamExt;
-use mtx_cerebro::worker::{self, reservations_key, Cerebro, ReservationBook};
-use mtx_cerebro::{ActiveAllocation, DecisionRecord};
-use mtx_harness::{unique, NatsServer};
+use mtx_cerebro::worker::{self, reservations_key, Cerebro, ReservationBook, Settings};
+use mtx_cerebro::{ActiveAllocation, CvarSkip, DecisionRecord, Reason};
+use mtx_harness::{unique, MongoServer, NatsServer};
 use mtx_runtime::config::Config;
 use mtx_runtime::process::Process;
 use mtx_schemas::ids::{derive_id, order_id};
-use mtx_schemas::order::{account_state_key, AccountState, OpenOrder, OpenPosition, Order};
+use mtx_schemas::market::MarketPrice;
+use mtx_schemas::order::{
+    account_state_key, AccountState, OpenOrder, OpenPosition, Order, OrderEvent,
+};
 use mtx_schemas::signal::StandardizedSignal;
 use mtx_schemas::strategy::StrategyConfig;
-use mtx_schemas::{Decision, Direction, OrderType, Side, SignalAction, SignalType, SizingMode};
+use mtx_schemas::{
+    Decision, Direction, OrderStatus, OrderType, Side, SignalAction, SignalType, SizingMode,
+};
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::{Subjects, Topology};
 use rust_decimal::Decimal;
@@ -35,6 +40,7 @@ struct Env {
     state: kv::Store,
     system: kv::Store,
     allocations: kv::Store,
+    strategies: kv::Store,
     shutdown: CancellationToken,
 }
 
@@ -48,6 +54,8 @@ impl Env {
         cfg.worker.heartbeat_ms = 500;
         cfg.worker.pull_expires_ms = 2_000;
         cfg.worker.publish_retry_delay_ms = 200;
+        // Never another test's (or a local dev server's) backtests.
+        cfg.mongo.trading_db = unique("db");
         let client = async_nats::connect(nats.url()).await.unwrap();
         let js = jetstream::new(client);
         let topo = Topology::build(&cfg.topology);
@@ -70,16 +78,10 @@ impl Env {
             state,
             system,
             allocations: allocations.clone(),
+            strategies,
             shutdown: CancellationToken::new(),
         };
-        let s = strategy(SPX);
-        strategies
-            .put(
-                StrategyConfig::kv_key(SPX),
-                serde_json::to_vec(&s).unwrap().into(),
-            )
-            .await
-            .unwrap();
+        env.put_strategy(&strategy(SPX)).await;
         env.set_allocation("89.36").await;
         env.put_state(&fresh_state(d("1000000"))).await;
         env
@@ -109,13 +111,75 @@ impl Env {
             .unwrap();
     }
 
+    async fn put_strategy(&self, s: &StrategyConfig) {
+        self.strategies
+            .put(
+                StrategyConfig::kv_key(&s.strategy_id),
+                serde_json::to_vec(s).unwrap().into(),
+            )
+            .await
+            .unwrap();
+    }
+
     /// One replica: a full process running the `cerebro` pool.
     async fn replica(&self) -> (Arc<Cerebro>, tokio::task::JoinHandle<()>) {
+        self.replica_with(|_| {}).await
+    }
+
+    /// One replica with adjusted settings.
+    async fn replica_with(
+        &self,
+        tune: impl FnOnce(&mut Settings),
+    ) -> (Arc<Cerebro>, tokio::task::JoinHandle<()>) {
         let mut p = Process::start(self.cfg.clone(), self.shutdown.clone())
             .await
             .unwrap();
-        let c = worker::spawn(&mut p).await.unwrap();
+        let mut settings = Settings::from_config(&p.config);
+        tune(&mut settings);
+        let c = worker::spawn_with(&mut p, settings).await.unwrap();
         (c, tokio::spawn(p.wait()))
+    }
+
+    async fn publish_mark(&self, symbol: &str, price: &str) {
+        let m = MarketPrice {
+            symbol: symbol.into(),
+            price: d(price),
+            timestamp: Utc::now(),
+            source: Some("test".into()),
+        };
+        self.js
+            .publish(
+                self.subjects.market_price(symbol).unwrap(),
+                serde_json::to_vec(&m).unwrap().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// The venue's terminal event of an order: FILLED with `filled`.
+    async fn publish_filled(&self, order_id: &str, filled: Decimal) {
+        let e = OrderEvent {
+            order_id: order_id.into(),
+            account: ACCOUNT.into(),
+            status: OrderStatus::Filled,
+            previous_status: Some(OrderStatus::Submitted),
+            filled_quantity: filled,
+            avg_fill_price: Some(d("150")),
+            reason: None,
+            timestamp: Utc::now(),
+            seq: 9,
+        };
+        self.js
+            .publish(
+                self.subjects.orders_events(ACCOUNT).unwrap(),
+                serde_json::to_vec(&e).unwrap().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
 
     async fn publish(&self, s: &StandardizedSignal) {
@@ -181,6 +245,11 @@ impl Env {
 
     /// Wait until the `cerebro` consumer has settled everything.
     async fn drained(&self) {
+        self.drained_within(T).await
+    }
+
+    /// [`Env::drained`] with its own timeout.
+    async fn drained_within(&self, timeout: Duration) {
         let st = self
             .js
             .get_stream(self.topo.stream_name(streams::SIGNALS_STANDARDIZED))
@@ -193,7 +262,7 @@ impl Env {
             if i.num_pending == 0 && i.num_ack_pending == 0 {
                 return;
             }
-            assert!(start.elapsed() < T, "consumer not drained");
+            assert!(start.elapsed() < timeout, "consumer not drained");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -574,29 +643,395 @@ async fn four_replicas_never_approve_more_margin_than_the_account_has() {
     env.shutdown.cancel();
 }
 
-/// Decisions per second of one replica, end to end (publish → decision
-/// stored). `cargo test -p mtx-cerebro --release --test worker -- --ignored --nocapture bench`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn bench_one_replica_decisions_per_second() {
+async fn marks_from_the_market_stream_drive_the_slippage_rule() {
     let env = Env::new().await;
-    env.put_state(&fresh_state(d("1000000000"))).await;
+    // Published before the replica starts: loaded at start (last per symbol).
+    env.publish_mark("AAPL", "160").await;
     let (c, _h) = env.replica().await;
+    assert_eq!(c.mark("AAPL").map(|m| m.price), Some(d("160")));
+
+    // BUY 10 @ 150 with the market at 160: 6.67 % adverse drift against an
+    // expected alpha of 2 % (limit 30 % = 0.006).
+    let far = aapl("m1");
+    env.publish(&far).await;
+    let r = env.decision_of(&far.signal_id, T).await.unwrap();
+    assert_eq!(r.decision, Decision::Rejected, "{}", r.reason);
+    assert_eq!(r.reason_code, "slippage");
+    let Some(Reason::Slippage {
+        limit,
+        actual,
+        fraction,
+        expected_alpha,
+        price_drift,
+        ..
+    }) = r.reason_detail.clone()
+    else {
+        panic!("{:?}", r.reason_detail)
+    };
+    let drift = (d("160") - d("150")) / d("150");
+    assert_eq!(price_drift, drift);
+    assert_eq!(
+        (limit, fraction, expected_alpha),
+        (d("0.006"), d("0.30"), d("0.02"))
+    );
+    assert!(actual >= drift && actual > limit, "{actual}");
+    let sl = r.risk_assessment.slippage.as_ref().unwrap();
+    assert_eq!(sl.legs_with_mark, 1);
+    assert_eq!(sl.price_drift, drift);
+
+    // The market comes back next to the signal price: approved, the small
+    // drift recorded, the order referenced at the mark.
+    env.publish_mark("AAPL", "150.15").await;
+    assert!(wait_until(T, || c.mark("AAPL").is_some_and(|m| m.price == d("150.15"))).await);
+    let close = aapl("m2");
+    env.publish(&close).await;
+    let r = env.decision_of(&close.signal_id, T).await.unwrap();
+    assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
+    let sl = r.risk_assessment.slippage.as_ref().unwrap();
+    assert_eq!(sl.legs_with_mark, 1);
+    assert_eq!(sl.price_drift, d("0.001"));
+    assert!(sl.alpha_lost < d("0.006"), "{sl:?}");
+    let order = env
+        .orders()
+        .await
+        .into_iter()
+        .find(|o| o.signal_id == close.signal_id)
+        .unwrap();
+    assert_eq!(order.price, Some(d("150.15")));
+    env.shutdown.cancel();
+}
+
+fn holding_aapl(equity: &str) -> AccountState {
+    let mut st = fresh_state(d(equity));
+    st.open_positions.push(OpenPosition {
+        strategy_id: SPX.into(),
+        instrument: "AAPL".into(),
+        direction: Direction::Long,
+        quantity: d("17"),
+        entry_price: d("150"),
+        current_price: d("150"),
+        unrealized_pnl: Decimal::ZERO,
+        margin_required: d("637.50"),
+    });
+    st.margin_used = d("637.50");
+    st.margin_available = st.equity - st.margin_used;
+    st.deployed_capital.insert(SPX.into(), d("637.50"));
+    st
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_daily_loss_from_the_accounts_strategy_pnl_today() {
+    let env = Env::new().await;
+    let mut s = strategy(SPX);
+    s.risk_limits = Some(mtx_cerebro::RiskLimits {
+        max_daily_loss: Some(d("5000")),
+        ..Default::default()
+    });
+    env.put_strategy(&s).await;
+    let mut st = holding_aapl("1000000");
+    st.strategy_pnl_today.insert(SPX.into(), d("-5000.00"));
+    st.strategy_pnl_today.insert("Forex".into(), d("-90000"));
+    env.put_state(&st).await;
+    let (c, _h) = env.replica().await;
+
+    let entry = aapl("dl1");
+    env.publish(&entry).await;
+    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
+    assert_eq!(r.decision, Decision::Rejected, "{}", r.reason);
+    assert_eq!(
+        r.reason_detail,
+        Some(Reason::DailyLossLimit {
+            limit: d("5000"),
+            actual: d("5000.00"),
+        })
+    );
+    assert_eq!(r.risk_assessment.pnl_today, Some(d("-5000.00")));
+
+    // Reducing risk is still allowed.
+    let exit = exit_of(&entry, "dl2", false);
+    env.publish(&exit).await;
+    let r = env.decision_of(&exit.signal_id, T).await.unwrap();
+    assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
+    assert_eq!(r.final_quantity, d("17"));
+
+    // The loss recovers above the limit: entries pass again, no restart.
+    st.strategy_pnl_today.insert(SPX.into(), d("-4999.99"));
+    st.timestamp = Utc::now();
+    env.put_state(&st).await;
     assert!(
         wait_until(T, || c
             .account_state(ACCOUNT)
-            .is_some_and(|s| s.equity == d("1000000000")))
+            .is_some_and(|s| s.strategy_pnl_today[SPX] == d("-4999.99")))
         .await
     );
-    let n = 3000;
-    let signals: Vec<StandardizedSignal> = (0..n)
-        .map(|i| {
-            let mut s = aapl(&format!("b{i}"));
-            s.sizing_mode = SizingMode::FixedUnits;
-            s
+    let again = aapl("dl3");
+    env.publish(&again).await;
+    let r = env.decision_of(&again.signal_id, T).await.unwrap();
+    assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
+    assert_eq!(r.risk_assessment.pnl_today, Some(d("-4999.99")));
+    env.shutdown.cancel();
+}
+
+/// A `strategy_backtest_data` document as `mtx backtest ingest` writes it;
+/// `reversed` stores the days newest first (CVaR must align by date).
+fn backtest_doc(s: &mtx_cerebro::ReturnSeries, reversed: bool) -> mongodb::bson::Document {
+    use mongodb::bson::{doc, Bson, DateTime as BsonDate};
+    let mut rows: Vec<(Bson, Bson)> = s
+        .dates
+        .iter()
+        .zip(&s.daily_returns)
+        .map(|(day, r)| {
+            let ms = day
+                .and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc()
+                .timestamp_millis();
+            (Bson::DateTime(BsonDate::from_millis(ms)), Bson::Double(*r))
         })
         .collect();
-    let start = Instant::now();
+    if reversed {
+        rows.reverse();
+    }
+    let (dates, returns): (Vec<Bson>, Vec<Bson>) = rows.into_iter().unzip();
+    doc! {
+        "strategy_id": s.strategy_id.clone(),
+        "dates": dates,
+        "daily_returns": returns,
+        "metadata": {"backtest_source": "test"},
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cvar_from_mongo_backtests_and_unavailable_while_mongo_is_down() {
+    let mut mongo = MongoServer::start();
+    let mut env = Env::new().await;
+    env.cfg.mongo.uri = mongo.uri();
+    let series = common::backtest_series();
+    let pick = |id: &str| series.iter().find(|s| s.strategy_id == id).unwrap();
+    {
+        let client = mongodb::Client::with_uri_str(mongo.uri()).await.unwrap();
+        let coll = client
+            .database(&env.cfg.mongo.trading_db)
+            .collection::<mongodb::bson::Document>("strategy_backtest_data");
+        coll.insert_many([
+            backtest_doc(pick(SPX), true),
+            backtest_doc(pick("Com1-Met"), false),
+        ])
+        .await
+        .unwrap();
+    }
+    // Com1-Met already runs 100,000 of capital in the account.
+    let mut st = fresh_state(d("1000000"));
+    st.open_positions.push(OpenPosition {
+        strategy_id: "Com1-Met".into(),
+        instrument: "HG".into(),
+        direction: Direction::Long,
+        quantity: d("1"),
+        entry_price: d("4"),
+        current_price: d("4"),
+        unrealized_pnl: Decimal::ZERO,
+        margin_required: d("100000"),
+    });
+    st.margin_used = d("100000");
+    st.margin_available = d("900000");
+    st.deployed_capital.insert("Com1-Met".into(), d("100000"));
+    env.put_state(&st).await;
+
+    // Mongo is down when Cerebro starts: decisions go on, CVaR unavailable.
+    mongo.stop();
+    let (c, _h) = env
+        .replica_with(|s| s.backtest_retry = Duration::from_millis(300))
+        .await;
+    assert!(wait_until(T, || c.backtest_state().last_error.is_some()).await);
+    let s1 = aapl("cv1");
+    env.publish(&s1).await;
+    let r = env.decision_of(&s1.signal_id, T).await.unwrap();
+    assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
+    let Some(CvarSkip::Unavailable { reason }) = r.risk_assessment.cvar_skipped.clone() else {
+        panic!("{:?}", r.risk_assessment.cvar_skipped)
+    };
+    assert!(!reason.is_empty());
+    assert_eq!(r.risk_assessment.cvar, None);
+
+    // Mongo back: the next retry loads the backtests, CVaR is evaluated.
+    mongo.restart();
+    assert!(
+        wait_until(Duration::from_secs(60), || c
+            .backtest_state()
+            .table
+            .is_some())
+        .await
+    );
+    assert_eq!(c.backtest_state().strategies, 2);
+    let s2 = aapl("cv2");
+    env.publish(&s2).await;
+    let r = env.decision_of(&s2.signal_id, T).await.unwrap();
+    assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
+    let ra = &r.risk_assessment;
+    let cvar = ra.cvar.clone().expect("cvar evaluated");
+    assert_eq!(ra.cvar_skipped, None);
+    // The same numbers as the fixture series aligned by date in memory.
+    let table =
+        mtx_cerebro::ReturnsTable::new([pick(SPX).clone(), pick("Com1-Met").clone()]).unwrap();
+    let exposures = [("Com1-Met".to_string(), 100_000.0)].into_iter().collect();
+    let margin: f64 = ra.margin_required.unwrap().to_string().parse().unwrap();
+    let (expect, corr) = mtx_cerebro::risk::cvar_impact(
+        Some(&table),
+        &exposures,
+        SPX,
+        margin,
+        1_000_000.0,
+        0.95,
+        20,
+    )
+    .unwrap();
+    assert_eq!(cvar.observations, expect.observations);
+    assert!(cvar.observations > 2000, "{}", cvar.observations);
+    assert!(
+        (cvar.cvar_before - expect.cvar_before).abs() < 1e-6,
+        "{cvar:?} vs {expect:?}"
+    );
+    assert!(
+        (cvar.cvar_after - expect.cvar_after).abs() < 1e-6,
+        "{cvar:?} vs {expect:?}"
+    );
+    assert_eq!(
+        ra.cvar_contribution,
+        Some(cvar.cvar_after - cvar.cvar_before)
+    );
+    let got = ra.correlation_impact.clone().unwrap();
+    assert!((got.with_strategies["Com1-Met"] - corr.with_strategies["Com1-Met"]).abs() < 1e-9);
+
+    // Mongo gone again: the loaded returns stay in use.
+    mongo.stop();
+    let s3 = aapl("cv3");
+    env.publish(&s3).await;
+    let r = env.decision_of(&s3.signal_id, T).await.unwrap();
+    assert!(r.risk_assessment.cvar.is_some());
+    env.shutdown.cancel();
+}
+
+/// A stand-in for the execution and accounts stages: every new order fills
+/// at once (a FILLED order event), and every 100 ms the account state shows
+/// every fill booked (positions and margin), with no working orders.
+struct AccountsSim {
+    stop: CancellationToken,
+    filled: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl AccountsSim {
+    async fn start(env: &Env, equity: Decimal) -> AccountsSim {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let stop = CancellationToken::new();
+        let filled = Arc::new(AtomicUsize::new(0));
+        let (js, subjects, state) = (env.js.clone(), env.subjects.clone(), env.state.clone());
+        let orders = env
+            .js
+            .get_stream(env.topo.stream_name(streams::ORDERS))
+            .await
+            .unwrap()
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: env.subjects.raw_subject("orders.*.new"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut orders = orders.messages().await.unwrap();
+        let (stop2, filled2) = (stop.clone(), filled.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let (mut qty, mut margin) = (Decimal::ZERO, Decimal::ZERO);
+            loop {
+                tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    m = orders.next() => {
+                        let Some(Ok(m)) = m else { return };
+                        let o: Order = serde_json::from_slice(&m.payload).unwrap();
+                        let e = OrderEvent {
+                            order_id: o.order_id.clone(),
+                            account: o.account.clone(),
+                            status: OrderStatus::Filled,
+                            previous_status: Some(OrderStatus::Submitted),
+                            filled_quantity: o.quantity,
+                            avg_fill_price: o.price,
+                            reason: None,
+                            timestamp: Utc::now(),
+                            seq: 2,
+                        };
+                        js.publish(
+                            subjects.orders_events(&o.account).unwrap(),
+                            serde_json::to_vec(&e).unwrap().into(),
+                        )
+                        .await
+                        .unwrap()
+                        .await
+                        .unwrap();
+                        qty += o.quantity;
+                        margin += o.cerebro_decision.map(|c| c.margin_required).unwrap_or_default();
+                        filled2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ = tick.tick() => {
+                        let mut st = fresh_state(equity);
+                        if qty > Decimal::ZERO {
+                            st.open_positions.push(OpenPosition {
+                                strategy_id: SPX.into(),
+                                instrument: "AAPL".into(),
+                                direction: Direction::Long,
+                                quantity: qty,
+                                entry_price: d("150"),
+                                current_price: d("150"),
+                                unrealized_pnl: Decimal::ZERO,
+                                margin_required: margin,
+                            });
+                            st.deployed_capital.insert(SPX.into(), margin);
+                        }
+                        st.margin_used = margin;
+                        st.margin_available = equity - margin;
+                        let _ = state
+                            .put(account_state_key(ACCOUNT), serde_json::to_vec(&st).unwrap().into())
+                            .await;
+                    }
+                }
+            }
+        });
+        AccountsSim { stop, filled }
+    }
+
+    fn filled(&self) -> usize {
+        self.filled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for AccountsSim {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Largest reservation book (entries, bytes) written while it runs.
+fn watch_book_size(
+    env: &Env,
+) -> (
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (entries, bytes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (e2, b2, state) = (entries.clone(), bytes.clone(), env.state.clone());
+    tokio::spawn(async move {
+        let mut w = state.watch(reservations_key(ACCOUNT)).await.unwrap();
+        while let Some(Ok(e)) = w.next().await {
+            if let Ok(book) = serde_json::from_slice::<ReservationBook>(&e.value) {
+                e2.fetch_max(book.held.len(), Ordering::Relaxed);
+                b2.fetch_max(e.value.len(), Ordering::Relaxed);
+            }
+        }
+    });
+    (entries, bytes)
+}
+
+async fn publish_all(env: &Env, signals: &[StandardizedSignal]) {
     for chunk in signals.chunks(500) {
         let mut acks = Vec::new();
         for s in chunk {
@@ -617,6 +1052,261 @@ async fn bench_one_replica_decisions_per_second() {
             a.await.unwrap();
         }
     }
+}
+
+fn fixed_aapl(n: usize, tag: &str) -> Vec<StandardizedSignal> {
+    (0..n)
+        .map(|i| {
+            let mut s = aapl(&format!("{tag}{i}"));
+            s.sizing_mode = SizingMode::FixedUnits;
+            s
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_thousand_approvals_keep_the_reservation_book_bounded() {
+    let env = Env::new().await;
+    let equity = d("1000000000");
+    env.put_state(&fresh_state(equity)).await;
+    let (c, _h) = env
+        .replica_with(|s| s.booking_grace = chrono::Duration::zero())
+        .await;
+    let sim = AccountsSim::start(&env, equity).await;
+    let (max_entries, max_bytes) = watch_book_size(&env);
+    let n = 3000;
+    let signals = fixed_aapl(n, "bb");
+    let start = Instant::now();
+    publish_all(&env, &signals).await;
+    env.drained_within(Duration::from_secs(300)).await;
+    eprintln!("{n} decisions in {:?}", start.elapsed());
+    let decisions = env.decisions().await;
+    assert_eq!(decisions.len(), n);
+    let not_approved: Vec<_> = decisions
+        .iter()
+        .filter(|r| r.decision != Decision::Approved)
+        .map(|r| &r.reason)
+        .collect();
+    assert!(
+        not_approved.is_empty(),
+        "{:?}",
+        &not_approved[..not_approved.len().min(3)]
+    );
+    assert!(wait_until(T, || sim.filled() == n).await);
+    // Every fill booked: the book drains completely.
+    let mut left = usize::MAX;
+    for _ in 0..200 {
+        left = c.reservation_book(ACCOUNT).await.unwrap().held.len();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0, "reservations left after every fill was booked");
+    let (entries, bytes) = (
+        max_entries.load(std::sync::atomic::Ordering::Relaxed),
+        max_bytes.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    eprintln!("{n} approvals: largest book {entries} entries, {bytes} bytes");
+    assert!(entries > 0);
+    // Released as fills are booked: far below the 3,000 it would hold
+    // without release (and below the 4,000 cap).
+    assert!(entries < n / 2, "book grew to {entries} entries");
+    assert!(bytes < worker::MAX_BOOK_BYTES, "book grew to {bytes} bytes");
+    env.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbooked_backlog_is_capped_with_a_typed_rejection_and_fills_release_it() {
+    let env = Env::new().await;
+    env.put_state(&fresh_state(d("1000000000"))).await;
+    let (c, _h) = env.replica_with(|s| s.reservation_max_entries = 50).await;
+    // The accounts stage is silent: nothing is ever booked.
+    let signals = fixed_aapl(80, "cap");
+    publish_all(&env, &signals).await;
+    env.drained().await;
+    let decisions = env.decisions().await;
+    assert_eq!(decisions.len(), 80);
+    let approved = decisions
+        .iter()
+        .filter(|r| r.decision == Decision::Approved)
+        .count();
+    assert_eq!(approved, 50);
+    for r in decisions
+        .iter()
+        .filter(|r| r.decision != Decision::Approved)
+    {
+        assert_eq!(
+            r.reason_detail,
+            Some(Reason::ReservationBacklog {
+                account: ACCOUNT.into(),
+                limit: 50,
+                actual: 50
+            }),
+            "{}",
+            r.reason
+        );
+    }
+    let book = c.reservation_book(ACCOUNT).await.unwrap();
+    assert_eq!(book.held.len(), 50);
+
+    // The venue reports the fills and the accounts stage books them: the
+    // reservations are released and entries pass again.
+    for o in env.orders().await {
+        env.publish_filled(&o.order_id, o.quantity).await;
+    }
+    let ids: Vec<String> = env.orders().await.into_iter().map(|o| o.order_id).collect();
+    assert!(wait_until(T, || ids.iter().all(|id| c.ended_order(id).is_some())).await);
+    let mut st = fresh_state(d("1000000000"));
+    st.timestamp = Utc::now() + chrono::Duration::seconds(3);
+    env.put_state(&st).await;
+    let mut left = usize::MAX;
+    for _ in 0..100 {
+        left = c.reservation_book(ACCOUNT).await.unwrap().held.len();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0);
+    let more = aapl("cap-more");
+    env.publish(&more).await;
+    let r = env.decision_of(&more.signal_id, T).await.unwrap();
+    assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
+    env.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_and_exit_keys_are_deleted_when_done_or_too_old() {
+    let env = Env::new().await;
+    let mut held = holding_aapl("1000000");
+    held.strategy_pnl_today.clear();
+    let (c, _h) = env.replica().await;
+    let key_live = |key: String| {
+        let state = env.state.clone();
+        async move {
+            matches!(state.entry(key).await.unwrap(), Some(e) if e.operation == kv::Operation::Put)
+        }
+    };
+    // 1. An entry rejected by the kill switch.
+    env.system.put("kill_switch", "true".into()).await.unwrap();
+    assert!(wait_until(T, || !c.system().trading_enabled).await);
+    let rejected = aapl("j1");
+    env.publish(&rejected).await;
+    assert_eq!(
+        env.decision_of(&rejected.signal_id, T)
+            .await
+            .unwrap()
+            .decision,
+        Decision::Rejected
+    );
+    env.system.put("kill_switch", "false".into()).await.unwrap();
+    assert!(wait_until(T, || c.system().trading_enabled).await);
+    // 2. An entry that fills and is exited in full.
+    let done = aapl("j2");
+    env.publish(&done).await;
+    let r = env.decision_of(&done.signal_id, T).await.unwrap();
+    assert_eq!(r.final_quantity, d("17"));
+    env.publish_filled(&order_id(&done.signal_id, 0), d("17"))
+        .await;
+    assert!(wait_until(T, || c.ended_order(&order_id(&done.signal_id, 0)).is_some()).await);
+    held.timestamp = Utc::now() + chrono::Duration::seconds(3);
+    env.put_state(&held).await;
+    let exit = exit_of(&done, "j3", true);
+    env.publish(&exit).await;
+    let r = env.decision_of(&exit.signal_id, T).await.unwrap();
+    assert_eq!(
+        (r.decision, r.final_quantity),
+        (Decision::Approved, d("17")),
+        "{}",
+        r.reason
+    );
+    // 3. An entry still open (approved, never exited).
+    let open = aapl("j4");
+    env.publish(&open).await;
+    env.decision_of(&open.signal_id, T).await.unwrap();
+    let (k1, k2, x2, k4) = (
+        worker::entry_key(&rejected.signal_id),
+        worker::entry_key(&done.signal_id),
+        worker::exits_key(&done.signal_id),
+        worker::entry_key(&open.signal_id),
+    );
+    for k in [&k1, &k2, &x2, &k4] {
+        assert!(key_live(k.clone()).await, "{k} written");
+    }
+
+    // Within the retention nothing goes.
+    let r = c.janitor_pass(Utc::now()).await.unwrap();
+    assert_eq!((r.entries, r.entries_purged, r.exits_purged), (3, 0, 0));
+    // Two days on: the finished ones (rejected; filled and fully exited) go.
+    let r = c
+        .janitor_pass(Utc::now() + chrono::Duration::days(2))
+        .await
+        .unwrap();
+    assert_eq!((r.entries_purged, r.exits_purged), (2, 1), "{r:?}");
+    assert!(!key_live(k1.clone()).await);
+    assert!(!key_live(k2.clone()).await);
+    assert!(!key_live(x2.clone()).await);
+    assert!(key_live(k4.clone()).await, "an open entry stays");
+    // Past the max age everything goes.
+    let r = c
+        .janitor_pass(Utc::now() + chrono::Duration::days(31))
+        .await
+        .unwrap();
+    assert_eq!(r.entries_purged, 1, "{r:?}");
+    assert!(!key_live(k4).await);
+    let mut keys = env.state.keys().await.unwrap();
+    while let Some(k) = keys.next().await {
+        let k = k.unwrap();
+        assert!(
+            !k.starts_with("entries.") && !k.starts_with("exits."),
+            "{k} left"
+        );
+    }
+    env.shutdown.cancel();
+}
+
+/// Decisions per second of one replica, end to end: signals published to
+/// the file-backed `SIGNALS_STANDARDIZED` stream, decided by the real worker
+/// (KV reads, reservation CAS, entry record, decision + order published and
+/// acked), until every decision is stored. A stand-in accounts stage fills
+/// every order and publishes states, so reservations are released as in
+/// production (default settings). Release build:
+/// `cargo test -p mtx-cerebro --release --test worker -- --ignored --nocapture bench`
+/// (`MTX_BENCH_SIGNALS` = signals, default 5000; `MTX_BENCH_BOOKING_GRACE_MS`
+/// overrides `booking_grace`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_one_replica_decisions_per_second() {
+    let env = Env::new().await;
+    let equity = d("1000000000");
+    env.put_state(&fresh_state(equity)).await;
+    let grace: Option<i64> = std::env::var("MTX_BENCH_BOOKING_GRACE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let (c, _h) = env
+        .replica_with(|s| {
+            if let Some(ms) = grace {
+                s.booking_grace = chrono::Duration::milliseconds(ms);
+            }
+        })
+        .await;
+    assert!(
+        wait_until(T, || c
+            .account_state(ACCOUNT)
+            .is_some_and(|s| s.equity == equity))
+        .await
+    );
+    let _sim = AccountsSim::start(&env, equity).await;
+    let (max_entries, _) = watch_book_size(&env);
+    let n: usize = std::env::var("MTX_BENCH_SIGNALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let signals = fixed_aapl(n, "bench");
+    let start = Instant::now();
+    publish_all(&env, &signals).await;
+    let published = start.elapsed();
     let st = env
         .js
         .get_stream(env.topo.stream_name(streams::CEREBRO_DECISIONS))
@@ -627,19 +1317,19 @@ async fn bench_one_replica_decisions_per_second() {
         if st.info().await.unwrap().state.messages >= n as u64 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(300));
+        assert!(start.elapsed() < Duration::from_secs(600));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let el = start.elapsed();
-    let approved = env
-        .decisions()
-        .await
+    let decisions = env.decisions().await;
+    let approved = decisions
         .iter()
         .filter(|r| r.decision == Decision::Approved)
         .count();
     eprintln!(
-        "one replica: {n} decisions ({approved} approved) in {el:?} = {:.0} decisions/s",
-        n as f64 / el.as_secs_f64()
+        "one replica: {n} decisions ({approved} approved) in {el:?} (published in {published:?}) = {:.0} decisions/s; largest reservation book {} entries",
+        n as f64 / el.as_secs_f64(),
+        max_entries.load(std::sync::atomic::Ordering::Relaxed),
     );
     env.shutdown.cancel();
 }

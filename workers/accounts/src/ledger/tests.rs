@@ -269,6 +269,86 @@ fn commissions_are_deducted_from_cash() {
     assert_eq!(s.equity, dec!(9994.65));
 }
 
+#[test]
+fn strategy_pnl_today_is_todays_net_realized_plus_open_unrealized() {
+    let day = Duration::days(1);
+    let at = |x: ExecutionConfirmation, when: DateTime<Utc>| ExecutionConfirmation {
+        timestamp: when,
+        ..x
+    };
+    let other = |x: ExecutionConfirmation| ExecutionConfirmation {
+        strategy_id: "Forex".into(),
+        ..x
+    };
+    let xs = vec![
+        // Yesterday: 20 AAPL @ 100 (fee 2), 10 sold @ 110 (fee 1): +100 realized.
+        at(
+            with_commission(fill("y1", "AAPL", Entry, Buy, dec!(20), dec!(100)), dec!(2)),
+            t(0) - day,
+        ),
+        at(
+            with_commission(fill("y2", "AAPL", Exit, Sell, dec!(10), dec!(110)), dec!(1)),
+            t(0) - day,
+        ),
+        // Today: 5 more sold @ 90 (fee 1): −50 realized; 10 MSFT @ 50 (fee 3).
+        at(
+            with_commission(fill("d1", "AAPL", Exit, Sell, dec!(5), dec!(90)), dec!(1)),
+            t(60),
+        ),
+        at(
+            with_commission(fill("d2", "MSFT", Entry, Buy, dec!(10), dec!(50)), dec!(3)),
+            t(120),
+        ),
+        // Another strategy closes a round trip today: +20 − 2 fees.
+        at(
+            other(with_commission(
+                fill("f1", "IBM", Entry, Buy, dec!(2), dec!(100)),
+                dec!(1),
+            )),
+            t(10),
+        ),
+        at(
+            other(with_commission(
+                fill("f2", "IBM", Exit, Sell, dec!(2), dec!(110)),
+                dec!(1),
+            )),
+            t(20),
+        ),
+    ];
+    let mut l = Ledger::new(config(dec!(100000)));
+    for x in &xs {
+        l.apply(x).unwrap();
+    }
+    l.mark("AAPL", dec!(80));
+    l.mark("MSFT", dec!(52));
+    let s = l.snapshot(ACC, t(300));
+    // SPX: today realized −50 − 1 − 3 = −54; unrealized AAPL 5 × (80 − 100)
+    // = −100, MSFT 10 × 2 = +20: −134. Yesterday's +100 and fees do not count.
+    assert_eq!(s.strategy_pnl_today[STRAT], dec!(-134));
+    assert_eq!(s.strategy_pnl_today["Forex"], dec!(18));
+    assert_eq!(s.strategy_pnl_today.len(), 2);
+    // Cumulative figures are unaffected.
+    assert_eq!(s.realized_pnl, dec!(100) - dec!(50) + dec!(20));
+    // Tomorrow only the open positions' unrealized P&L is left; the Forex
+    // strategy (flat, nothing today) is absent.
+    let s = l.snapshot(ACC, t(300) + day);
+    assert_eq!(s.strategy_pnl_today[STRAT], dec!(-80));
+    assert!(!s.strategy_pnl_today.contains_key("Forex"));
+    // Yesterday's net realized figure is kept per day.
+    assert_eq!(
+        l.realized_on(ACC, (t(0) - day).date_naive())[STRAT],
+        dec!(100) - dec!(3)
+    );
+    // A ledger replayed from the executions gives the same figures for the
+    // same snapshot time, whenever the replay runs.
+    let mut replayed = Ledger::replay(config(dec!(100000)), &xs).unwrap();
+    replayed.mark("AAPL", dec!(80));
+    replayed.mark("MSFT", dec!(52));
+    for when in [t(300), t(300) + day] {
+        assert_eq!(replayed.snapshot(ACC, when), l.snapshot(ACC, when));
+    }
+}
+
 fn gc_config() -> LedgerConfig {
     LedgerConfig {
         default_initial_balance: dec!(500000),
@@ -705,6 +785,10 @@ proptest! {
             prop_assert_eq!(s.margin_available, s.equity - s.margin_used);
             let deployed: Decimal = s.deployed_capital.values().copied().sum();
             prop_assert_eq!(deployed, s.margin_used);
+            // Every execution is on the snapshot's day: today's P&L of all
+            // strategies is the account's whole P&L.
+            let today: Decimal = s.strategy_pnl_today.values().copied().sum();
+            prop_assert_eq!(today, s.realized_pnl - s.commissions + s.unrealized_pnl);
             prop_assert_eq!(s.commissions, fees);
             prop_assert!(s.open_positions.iter().all(|p| p.quantity > Decimal::ZERO));
         }

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use mtx_cerebro::{
@@ -110,6 +111,7 @@ pub fn account_state(equity: Decimal) -> AccountState {
         open_positions: vec![],
         open_orders: vec![],
         deployed_capital: BTreeMap::new(),
+        strategy_pnl_today: BTreeMap::new(),
     }
 }
 
@@ -141,6 +143,7 @@ pub fn base_inputs() -> Inputs {
         marks: BTreeMap::new(),
         entries: BTreeMap::new(),
         returns: None,
+        returns_unavailable: None,
         now: t0() + Duration::seconds(2),
     }
 }
@@ -220,12 +223,18 @@ pub fn assert_decision(d: &Decided, decision: Decision) {
 }
 
 /// The shared backtests as a returns table.
-pub fn returns_table() -> ReturnsTable {
+pub fn returns_table() -> Arc<ReturnsTable> {
+    Arc::new(ReturnsTable::new(backtest_series()).unwrap())
+}
+
+/// The shared backtests (`tests/fixtures/backtests`) as return series.
+pub fn backtest_series() -> Vec<ReturnSeries> {
     let all = mtx_portfolio::load_backtest_dir(&fixtures_dir().join("backtests")).unwrap();
-    ReturnsTable::new(all.into_iter().map(|b| ReturnSeries {
-        strategy_id: b.strategy_id,
-        dates: b.dates,
-        daily_returns: b.daily_returns,
-    }))
-    .unwrap()
+    all.into_iter()
+        .map(|b| ReturnSeries {
+            strategy_id: b.strategy_id,
+            dates: b.dates,
+            daily_returns: b.daily_returns,
+        })
+        .collect()
 }
