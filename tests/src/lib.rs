@@ -4,7 +4,8 @@
 //!   temp store dir; can be killed (`SIGKILL`) and restarted on the same port
 //!   and store.
 //! - [`MongoServer`]: the MongoDB-wire-compatible SecantusDB on a free port
-//!   with a temp storage dir; can be stopped and started again.
+//!   with a temp storage dir; can be stopped and started again (durably:
+//!   [`MongoServer::start_durable`]).
 //! - [`bus`]: reading back what landed on a stream (assertions).
 //! - [`unique`]: fresh stream prefixes / database names so tests run in
 //!   parallel without interfering.
@@ -191,16 +192,31 @@ impl Drop for NatsServer {
 pub struct MongoServer {
     port: u16,
     dir: TempDir,
+    durable: bool,
     child: Option<Child>,
 }
 
 impl MongoServer {
     /// Start on a free port with a temp storage dir.
     pub fn start() -> MongoServer {
+        Self::launch_new(false)
+    }
+
+    /// Like [`MongoServer::start`], but every commit is synced to disk
+    /// (`--sync-on-commit`) so acknowledged writes survive [`MongoServer::stop`]
+    /// (a SIGKILL), as they do on a journaled MongoDB. Without it the stand-in
+    /// loses its last acknowledged writes when killed. Slower per write: use it
+    /// for tests that stop the server mid-run.
+    pub fn start_durable() -> MongoServer {
+        Self::launch_new(true)
+    }
+
+    fn launch_new(durable: bool) -> MongoServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = MongoServer {
             port: free_port(),
             dir,
+            durable,
             child: None,
         };
         s.launch();
@@ -218,6 +234,9 @@ impl MongoServer {
             .arg(self.dir.path().join("data"))
             .arg("--log-level")
             .arg("WARNING");
+        if self.durable {
+            cmd.arg("--sync-on-commit");
+        }
         self.child = Some(spawn_child(&mut cmd, &log));
         wait_port(self.port, Duration::from_secs(60), "SecantusDB", &log);
     }
@@ -230,7 +249,8 @@ impl MongoServer {
         )
     }
 
-    /// Stop (SIGKILL) the server; data stays.
+    /// Stop (SIGKILL) the server; the data dir stays (with every
+    /// acknowledged write only when started with [`MongoServer::start_durable`]).
     pub fn stop(&mut self) {
         kill(&mut self.child);
     }

@@ -273,3 +273,142 @@ async fn stop_mid_batch_and_restart_loses_nothing_and_repeats_nothing() {
     let twice: Vec<_> = per.iter().filter(|(_, c)| **c > 1).collect();
     assert!(twice.is_empty(), "handled more than once: {twice:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stages_dead_lettering_the_same_message_keep_one_entry_each() {
+    let nats = NatsServer::start();
+    let cfg = config(&nats);
+    let js = js(&nats).await;
+    let topo = apply(&js, &cfg).await;
+    let shutdown = CancellationToken::new();
+    let mut p = Process::start(cfg.clone(), shutdown.clone()).await.unwrap();
+    let handler = Arc::new(Script {
+        out_subject: p.subjects.audit("out").unwrap(),
+        ..Default::default()
+    });
+    // Two stages reading SIGNALS_RAW (as the standardizer and the sink do).
+    p.spawn_consumer("standardizer", "standardizer", handler.clone())
+        .unwrap();
+    p.spawn_consumer("sink", "sink_signals_raw", handler.clone())
+        .unwrap();
+    let waiter = tokio::spawn(p.wait());
+
+    let raw = mtx_subjects::Subjects::new(&cfg.topology.prefix)
+        .signals_raw(Environment::Staging, "test")
+        .unwrap();
+    let before = chrono::Utc::now();
+    publish_raw(&js, &raw, &["reject:1".to_string()]).await;
+    let dlq = topo.stream_name(streams::DLQ);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&js, &dlq, ">").await == 2
+        })
+        .await,
+        "both stages' dead letters expected, got {}",
+        count(&js, &dlq, ">").await
+    );
+    let after = chrono::Utc::now();
+    let raw_stream = topo.stream_name(streams::SIGNALS_RAW);
+    let mut seen = Vec::new();
+    for m in read_all(&js, &dlq, ">").await {
+        let h = m.headers.as_ref().unwrap();
+        let get = |k: &str| h.get(k).unwrap().as_str().to_string();
+        let consumer = get(mtx_runtime::dlq::DLQ_CONSUMER);
+        assert_eq!(
+            get(headers::MSG_ID),
+            mtx_runtime::dlq::msg_id(&raw_stream, &consumer, 1)
+        );
+        // When the runtime dead-lettered it, RFC 3339.
+        let t = chrono::DateTime::parse_from_rfc3339(&get(mtx_runtime::dlq::DLQ_TIME))
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert!(
+            t >= before - chrono::Duration::milliseconds(1) && t <= after,
+            "{t} not within [{before}, {after}]"
+        );
+        assert_eq!(get(headers::DLQ_REASON), "bad_input");
+        seen.push((get(headers::DLQ_STAGE), consumer, m.subject.to_string()));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "sink".to_string(),
+                "sink_signals_raw".to_string(),
+                format!("{}.dlq.sink", cfg.topology.prefix)
+            ),
+            (
+                "standardizer".to_string(),
+                "standardizer".to_string(),
+                format!("{}.dlq.standardizer", cfg.topology.prefix)
+            ),
+        ]
+    );
+    shutdown.cancel();
+    waiter.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_never_dead_letters_its_own_dead_letters_again() {
+    let nats = NatsServer::start();
+    let cfg = config(&nats);
+    let js = js(&nats).await;
+    let topo = apply(&js, &cfg).await;
+    let shutdown = CancellationToken::new();
+    let mut p = Process::start(cfg.clone(), shutdown.clone()).await.unwrap();
+    let handler = Arc::new(Script {
+        out_subject: p.subjects.audit("out").unwrap(),
+        ..Default::default()
+    });
+    // The sink reads the DLQ; here it refuses everything it reads.
+    p.spawn_consumer("sink", "sink_dlq", handler.clone())
+        .unwrap();
+    let waiter = tokio::spawn(p.wait());
+    let subjects = mtx_subjects::Subjects::new(&cfg.topology.prefix);
+    // Another stage's dead letter may take one hop into dlq.sink ...
+    publish_raw(
+        &js,
+        &subjects.dlq("standardizer").unwrap(),
+        &["reject:std".to_string()],
+    )
+    .await;
+    let dlq = topo.stream_name(streams::DLQ);
+    let drained = || async {
+        let i = js
+            .get_stream(&dlq)
+            .await
+            .unwrap()
+            .consumer_info("sink_dlq")
+            .await
+            .unwrap();
+        i.num_pending == 0 && i.num_ack_pending == 0
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&js, &dlq, ">").await == 2 && drained().await
+        })
+        .await,
+        "dlq holds {}",
+        count(&js, &dlq, ">").await
+    );
+    // ... but the sink's own dead letters are only terminated: no loop.
+    publish_raw(
+        &js,
+        &subjects.dlq("sink").unwrap(),
+        &["reject:own".to_string()],
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&js, &dlq, ">").await == 3 && drained().await
+        })
+        .await
+    );
+    let own = subjects.dlq("sink").unwrap();
+    let std = subjects.dlq("standardizer").unwrap();
+    assert_eq!(count(&js, &dlq, &own).await, 2, "the hop and the own one");
+    assert_eq!(count(&js, &dlq, &std).await, 1);
+    shutdown.cancel();
+    waiter.await.unwrap();
+}

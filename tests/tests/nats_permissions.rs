@@ -7,7 +7,9 @@
 //! - `ops` is read-only: it can run `mtx topology check` and watch the
 //!   pipeline subjects, but cannot delete a stream or publish an order;
 //! - every pool's user can bind and pull each durable consumer of its pool
-//!   (the topology's consumers, with the test prefix) and only its own;
+//!   (the topology's consumers, with the test prefix) and only its own, hear
+//!   their max-deliveries advisories and read their streams by sequence
+//!   (the runtime's dead-lettering of messages the server gave up on);
 //! - the KV permissions match what the stages do (create / put / get);
 //! - the pipeline runs end to end with the role credentials: the setup
 //!   credential (`admin`) applies the topology, a provider publishes raw
@@ -22,7 +24,7 @@
 
 mod common;
 
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::jetstream::{self, consumer::pull, stream::RawMessageErrorKind};
 use bytes::Bytes;
 use common::{count, eventually};
 use futures::StreamExt;
@@ -408,6 +410,22 @@ async fn every_pool_pulls_its_own_consumers_and_no_other() {
         while let Some(m) = batch.next().await {
             m.unwrap_or_else(|e| panic!("{} pull {}/{}: {e}", c.pool, c.stream, c.durable()));
         }
+        // The runtime's max-deliveries listener: the advisory of its own
+        // durable, and the message by stream sequence.
+        let advisory = mtx_runtime::dlq::advisory_subject(&c.stream, c.durable());
+        let _sub = conn.client.subscribe(advisory).await.unwrap();
+        match conn
+            .js
+            .get_stream_no_info(&c.stream)
+            .await
+            .unwrap()
+            .get_raw_message(1)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {}
+            Err(e) => panic!("{} reads {} by sequence: {e}", c.pool, c.stream),
+        }
     }
     for (pool, conn) in &conns {
         let _ = conn.client.flush().await;
@@ -433,6 +451,12 @@ async fn every_pool_pulls_its_own_consumers_and_no_other() {
             "$js.api.consumer.info.{}.standardizer",
             raw.to_lowercase()
         ))
+        .await;
+    // ... nor hear its advisories.
+    let other = mtx_runtime::dlq::advisory_subject(&raw, "standardizer");
+    let _sub = cerebro.client.subscribe(other.clone()).await.unwrap();
+    cerebro
+        .expect_violation(&format!("subscription to \"{}\"", other.to_lowercase()))
         .await;
     drop(admin);
 }

@@ -6,7 +6,9 @@
 //! Env: `ECHO_DELAY_MS` per-message handler time; `ECHO_ID_MODE` = `seq`
 //! (output id from the input's stream sequence: redeliveries dedupe) or
 //! `seq_delivery` (id includes the delivery count: a redelivery of an
-//! already-handled message shows up as a second output).
+//! already-handled message shows up as a second output); `ECHO_POISON` = a
+//! payload that aborts the whole process whenever it is handled (a handler
+//! that crashes instead of returning an outcome).
 
 use mtx_runtime::config::Config;
 use mtx_runtime::process::Process;
@@ -19,10 +21,18 @@ struct Echo {
     delay: Duration,
     with_delivery: bool,
     subject: String,
+    poison: Option<String>,
 }
 
 impl Handler for Echo {
     async fn handle(&self, msg: &Delivery) -> Outcome {
+        if self.poison.as_deref().map(str::as_bytes) == Some(&msg.payload[..]) {
+            eprintln!(
+                "poison message (seq {}, delivery {}): aborting the process",
+                msg.stream_seq, msg.deliveries
+            );
+            std::process::abort();
+        }
         tokio::time::sleep(self.delay).await;
         let id = if self.with_delivery {
             format!("echo-{}-{}", msg.stream_seq, msg.deliveries)
@@ -54,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         delay: Duration::from_millis(delay),
         with_delivery,
         subject: p.subjects.audit("echo")?,
+        poison: std::env::var("ECHO_POISON").ok().filter(|p| !p.is_empty()),
     });
     let binding = Binding {
         stage: "echo".into(),

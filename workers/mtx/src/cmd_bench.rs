@@ -55,13 +55,14 @@ pub async fn run(cmd: BenchCmd, cfg: &Config) -> Result<ExitCode> {
     );
     for (i, x) in r.rounds.iter().enumerate() {
         println!(
-            "round {}{}: plain insert_many {:>8.0} docs/s ({:.2} s)   sink {:>8.0} docs/s ({:.2} s)   ratio {:.2}",
+            "round {}{}: plain insert_many {:>8.0} docs/s ({:.2} s)   sink {:>8.0} docs/s ({:.2} s, {} batches)   ratio {:.2}",
             i + 1,
             if x.sink_first { " (sink first)" } else { "" },
             x.plain_rate(),
             x.plain_secs,
             x.sink_rate(),
             x.sink_secs,
+            x.sink_batches,
             x.ratio()
         );
     }

@@ -230,6 +230,28 @@ pub struct WorkerConfig {
     pub shutdown_grace_secs: u64,
     /// Liveness fails when a loop has not beaten for this long, seconds.
     pub liveness_timeout_secs: u64,
+    /// How long a batch may wait for more messages after its first one, while
+    /// the server reports more pending, milliseconds (0 = hand over only what
+    /// is already buffered). Never delays a message when nothing else is pending.
+    pub batch_linger_ms: u64,
+    /// Issue the next pull request as soon as the current one is complete,
+    /// while its last batch is handled, so the server keeps delivering
+    /// (skipped while batches take longer than a quarter of the ack wait).
+    pub prefetch: bool,
+    /// Messages in their last this-many allowed deliveries (the consumer's
+    /// `max_deliver`; at most `max_deliver - 1` apply) that were not NAKed by
+    /// this process are handled one at a time, so a message that crashes the
+    /// process cannot take its batch mates to the DLQ with it (0 = off).
+    pub isolate_last_deliveries: u32,
+    /// Upper bound on the batches a loop hands to one handler at once; a
+    /// handler asks for more than one with `Handler::batches_in_flight` (the
+    /// sink does: it prepares and sends the next batch while the previous
+    /// one waits on MongoDB). 1 = strictly one batch after the other.
+    pub max_batches_in_flight: usize,
+    /// Dead-letter messages the server gave up on (`max_deliver` reached
+    /// without an ack, e.g. the handler crashed the process each time),
+    /// reported by the JetStream `MAX_DELIVERIES` advisory.
+    pub dlq_on_max_deliveries_advisory: bool,
 }
 
 impl Default for WorkerConfig {
@@ -242,6 +264,11 @@ impl Default for WorkerConfig {
             publish_retry_delay_ms: 1_000,
             shutdown_grace_secs: 20,
             liveness_timeout_secs: 60,
+            batch_linger_ms: 5,
+            prefetch: true,
+            max_batches_in_flight: 2,
+            isolate_last_deliveries: 2,
+            dlq_on_max_deliveries_advisory: true,
         }
     }
 }
@@ -401,6 +428,24 @@ impl Config {
             return bad(format!(
                 "worker.pull_expires_ms: {} must be at least twice worker.heartbeat_ms ({}, itself >= 100)",
                 w.pull_expires_ms, w.heartbeat_ms
+            ));
+        }
+        if w.batch_linger_ms > 1_000 || w.batch_linger_ms >= w.heartbeat_ms {
+            return bad(format!(
+                "worker.batch_linger_ms: {} must be at most 1000 and below worker.heartbeat_ms ({})",
+                w.batch_linger_ms, w.heartbeat_ms
+            ));
+        }
+        if w.max_batches_in_flight == 0 || w.max_batches_in_flight > 16 {
+            return bad(format!(
+                "worker.max_batches_in_flight: {} must be between 1 and 16",
+                w.max_batches_in_flight
+            ));
+        }
+        if w.isolate_last_deliveries > 100 {
+            return bad(format!(
+                "worker.isolate_last_deliveries: {} must be at most 100 (it applies below the consumer's max_deliver)",
+                w.isolate_last_deliveries
             ));
         }
         if (w.batch_size as i64) > self.topology.max_ack_pending {
@@ -684,6 +729,57 @@ mod tests {
             jail.set_env("MTX_MONGO__TRADING_DB", "mathematricks_signals");
             let e = Config::load(None).unwrap_err().to_string();
             assert!(e.contains("never written"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn batching_and_dlq_knobs() {
+        let d = WorkerConfig::default();
+        assert_eq!(d.batch_linger_ms, 5);
+        assert!(d.prefetch);
+        assert_eq!(d.max_batches_in_flight, 2);
+        assert_eq!(d.isolate_last_deliveries, 2);
+        assert!(d.dlq_on_max_deliveries_advisory);
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "mtx.toml",
+                "[worker]\nbatch_linger_ms = 0\nprefetch = false\nisolate_last_deliveries = 0\n",
+            )?;
+            jail.set_env("MTX_WORKER__DLQ_ON_MAX_DELIVERIES_ADVISORY", "false");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.worker.batch_linger_ms, 0, "0 keeps the old behaviour");
+            assert!(!c.worker.prefetch);
+            assert_eq!(c.worker.isolate_last_deliveries, 0);
+            assert!(!c.worker.dlq_on_max_deliveries_advisory);
+            Ok(())
+        });
+        for (var, value, key) in [
+            (
+                "MTX_WORKER__BATCH_LINGER_MS",
+                "2000",
+                "worker.batch_linger_ms",
+            ),
+            (
+                "MTX_WORKER__ISOLATE_LAST_DELIVERIES",
+                "101",
+                "worker.isolate_last_deliveries",
+            ),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.set_env(var, value);
+                let e = Config::load(None).unwrap_err().to_string();
+                assert!(e.starts_with(&format!("config error: {key}")), "{e}");
+                Ok(())
+            });
+        }
+        // The linger stays below the heartbeat, so it never hides a dead server.
+        Jail::expect_with(|jail| {
+            jail.set_env("MTX_WORKER__HEARTBEAT_MS", "200");
+            jail.set_env("MTX_WORKER__PULL_EXPIRES_MS", "1000");
+            jail.set_env("MTX_WORKER__BATCH_LINGER_MS", "200");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("worker.batch_linger_ms"), "{e}");
             Ok(())
         });
     }

@@ -13,10 +13,26 @@
 //!
 //! A `Retry` on the last allowed delivery (`max_deliver`) takes the DLQ path
 //! with reason `max_deliveries`, so nothing is silently dropped by the server.
+//! A message whose handler never returns (it crashes the process) is
+//! dead-lettered from the server's max-deliveries advisory instead
+//! ([`crate::dlq::watch_max_deliveries`], on unless
+//! `worker.dlq_on_max_deliveries_advisory` is off); messages in their last
+//! `worker.isolate_last_deliveries` deliveries are handled one at a time so
+//! such a message does not take its batch mates down with it. A stage's own
+//! dead letters (`dlq.<stage>`, read by the sink) are never dead-lettered
+//! again.
+//!
+//! Batching: a pull request asks for `worker.batch_size` messages; after the
+//! first one arrives the loop waits up to `worker.batch_linger_ms` for more
+//! while the server reports a backlog, so handlers get full batches. With
+//! `worker.prefetch`, the next pull request is sent as soon as the current
+//! one is complete, while its last batch is being handled.
+//!
 //! On shutdown the loop issues no new pull request, handles every message of
-//! the request in hand (until it is complete or idle), then stops.
+//! the requests in hand (until each is complete or idle), then stops.
 
 use crate::config::WorkerConfig;
+use crate::dlq;
 use crate::health::{Beat, Health, ReadyFlag};
 use crate::metrics::RuntimeMetrics;
 use crate::publish::{Outgoing, Publisher};
@@ -24,12 +40,14 @@ use crate::pull::PullRequest;
 use async_nats::jetstream::{self, consumer::pull, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use mtx_schemas::headers;
 use mtx_subjects::Subjects;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -89,6 +107,8 @@ pub struct Delivery {
     pub stream_seq: u64,
     /// Messages still pending for this consumer when it was delivered.
     pub pending: u64,
+    /// When JetStream stored the message (from its delivery metadata).
+    pub published: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Delivery {
@@ -104,6 +124,16 @@ impl Delivery {
 pub trait Handler: Send + Sync + 'static {
     /// Handle one message. Must be idempotent: it may see the same message again.
     fn handle(&self, msg: &Delivery) -> impl Future<Output = Outcome> + Send;
+
+    /// How many batches the loop may hand to this handler at once (at most
+    /// `worker.max_batches_in_flight`). The default, 1, hands over the next
+    /// batch only when the previous one is settled. Return more when batches
+    /// are independent (idempotent writes with guarded follow-ups, like the
+    /// sink's): the next batch is then prepared and sent while the previous
+    /// one waits on I/O.
+    fn batches_in_flight(&self) -> usize {
+        1
+    }
 
     /// Handle a batch; one outcome per message, in order. The default runs
     /// [`Handler::handle`] with up to `concurrency` messages at once.
@@ -173,9 +203,91 @@ pub async fn run<H: Handler>(ctx: LoopContext, binding: Binding, handler: Arc<H>
         .ready_flag(format!("consumer {}/{}", binding.stream, binding.durable));
     let beat = ctx.health.beat(format!("loop {}", binding.stage));
     let span = tracing::info_span!("consume", stage = %binding.stage, stream = %binding.stream);
-    run_inner(ctx, binding, handler, ready, beat)
-        .instrument(span)
-        .await
+    let watch = ctx
+        .worker
+        .dlq_on_max_deliveries_advisory
+        .then(|| dlq::watch_max_deliveries(ctx.clone(), binding.clone()).instrument(span.clone()));
+    let main = run_inner(ctx, binding, handler, ready, beat).instrument(span);
+    match watch {
+        Some(w) => {
+            futures::join!(main, w);
+        }
+        None => main.await,
+    }
+}
+
+/// Per-loop memory across batches (shared by the batches in flight).
+struct LoopState {
+    /// The consumer's `max_deliver` (≤ 0: unlimited).
+    max_deliver: i64,
+    /// The consumer's ack wait.
+    ack_wait: Duration,
+    /// How long the last batch took to handle and settle.
+    last_batch: Mutex<Duration>,
+    /// Stream sequences this loop recently NAKed (their redelivery is expected,
+    /// not a sign of a crash).
+    naked: Mutex<RecentSeqs>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A bounded set of recent stream sequences (oldest forgotten first).
+#[derive(Default)]
+struct RecentSeqs {
+    set: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+impl RecentSeqs {
+    const CAP: usize = 65_536;
+
+    fn insert(&mut self, seq: u64) {
+        if self.set.insert(seq) {
+            self.order.push_back(seq);
+            while self.order.len() > Self::CAP {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, seq: u64) -> bool {
+        self.set.contains(&seq)
+    }
+}
+
+fn start_request<'a>(
+    ctx: &'a LoopContext,
+    consumer: &'a jetstream::consumer::Consumer<pull::Config>,
+) -> impl Future<Output = Result<PullRequest, crate::pull::PullError>> + 'a {
+    PullRequest::start(
+        consumer,
+        &ctx.js,
+        ctx.worker.batch_size,
+        Duration::from_millis(ctx.worker.pull_expires_ms),
+        Duration::from_millis(ctx.worker.heartbeat_ms),
+    )
+}
+
+/// Handle every message still coming on `request` (until it is complete or
+/// idle for [`DRAIN_IDLE`]): used when stopping or abandoning a request.
+async fn finish_request<H: Handler>(
+    ctx: &LoopContext,
+    b: &Binding,
+    handler: &H,
+    state: &LoopState,
+    request: &mut PullRequest,
+) {
+    while !request.is_done() {
+        match request.drain_ready(DRAIN_IDLE, ctx.worker.batch_size).await {
+            Ok(batch) if batch.is_empty() => break,
+            Ok(batch) => handle_chunk(ctx, b, handler, state, batch).await,
+            Err(_) => break,
+        }
+    }
 }
 
 async fn run_inner<H: Handler>(
@@ -185,6 +297,17 @@ async fn run_inner<H: Handler>(
     ready: ReadyFlag,
     beat: Beat,
 ) {
+    let handler = handler.as_ref();
+    let linger = Duration::from_millis(ctx.worker.batch_linger_ms);
+    let max_in_flight = handler
+        .batches_in_flight()
+        .clamp(1, ctx.worker.max_batches_in_flight.max(1));
+    let mut state = LoopState {
+        max_deliver: -1,
+        ack_wait: Duration::from_secs(30),
+        last_batch: Mutex::new(Duration::ZERO),
+        naked: Mutex::new(RecentSeqs::default()),
+    };
     let mut bind_attempt: u32 = 0;
     'bind: while !ctx.shutdown.is_cancelled() {
         beat.beat();
@@ -216,44 +339,55 @@ async fn run_inner<H: Handler>(
             }
         };
         bind_attempt = 0;
-        let max_deliver = consumer.cached_info().config.max_deliver;
+        state.max_deliver = consumer.cached_info().config.max_deliver;
+        state.ack_wait = consumer.cached_info().config.ack_wait;
+        let state = &state;
         ready.set(true);
-        tracing::info!(durable = %b.durable, max_deliver, "consumer bound");
+        tracing::info!(durable = %b.durable, max_deliver = state.max_deliver, "consumer bound");
         let mut tick = tokio::time::interval(Duration::from_secs(5));
-        // One pull request per turn: `batch_size` messages or `pull_expires_ms`,
-        // whichever first. Requests are bounded, so shutdown can finish the
-        // request in hand instead of abandoning messages already on the wire.
+        // Pull requests are bounded (`batch_size` messages or `pull_expires_ms`,
+        // whichever first), so shutdown can finish the requests in hand
+        // instead of abandoning messages already on the wire. `next` is the
+        // request sent ahead while the current one's last batch is handled;
+        // `in_flight` the batches being handled (one, unless the handler
+        // allows more).
+        let mut next: Option<PullRequest> = None;
+        let mut in_flight = FuturesUnordered::new();
         'pull: loop {
             if ctx.shutdown.is_cancelled() {
+                while in_flight.next().await.is_some() {}
+                if let Some(mut r) = next.take() {
+                    finish_request(&ctx, &b, handler, state, &mut r).await;
+                }
                 break 'bind;
             }
-            let mut request = match PullRequest::start(
-                &consumer,
-                &ctx.js,
-                ctx.worker.batch_size,
-                Duration::from_millis(ctx.worker.pull_expires_ms),
-                Duration::from_millis(ctx.worker.heartbeat_ms),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, "pull request failed; rebinding");
-                    break 'pull;
-                }
+            let mut request = match next.take() {
+                Some(r) => r,
+                None => match start_request(&ctx, &consumer).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pull request failed; rebinding");
+                        while in_flight.next().await.is_some() {}
+                        break 'pull;
+                    }
+                },
             };
             while !request.is_done() {
                 let chunk = tokio::select! {
                     biased;
                     _ = ctx.shutdown.cancelled() => {
                         // Finish what is already on the wire, then stop.
-                        tracing::info!("shutdown: finishing the pull request in hand");
-                        if let Ok(batch) = request.drain_ready(DRAIN_IDLE, ctx.worker.batch_size).await {
-                            if !batch.is_empty() {
-                                process_batch(&ctx, &b, handler.as_ref(), batch, max_deliver).await;
-                            }
+                        tracing::info!("shutdown: finishing the pull requests in hand");
+                        while in_flight.next().await.is_some() {}
+                        finish_request(&ctx, &b, handler, state, &mut request).await;
+                        if let Some(mut r) = next.take() {
+                            finish_request(&ctx, &b, handler, state, &mut r).await;
                         }
                         break 'bind;
+                    }
+                    Some(()) = in_flight.next(), if !in_flight.is_empty() => {
+                        beat.beat();
+                        continue;
                     }
                     _ = tick.tick() => {
                         beat.beat();
@@ -264,16 +398,44 @@ async fn run_inner<H: Handler>(
                         }
                         continue;
                     }
-                    c = request.next_chunk(ctx.worker.batch_size) => c,
+                    c = request.next_chunk_lingering(ctx.worker.batch_size, linger),
+                        if in_flight.len() < max_in_flight => c,
                 };
                 beat.beat();
                 match chunk {
                     Ok(batch) if batch.is_empty() => {}
                     Ok(batch) => {
-                        process_batch(&ctx, &b, handler.as_ref(), batch, max_deliver).await
+                        // The request is complete: ask for the next one now,
+                        // so it fills while this batch is handled (unless
+                        // batches are slow against the ack wait: prefetched
+                        // messages would wait a whole batch unacked).
+                        if request.is_done()
+                            && next.is_none()
+                            && ctx.worker.prefetch
+                            && !ctx.shutdown.is_cancelled()
+                            && *lock(&state.last_batch) < state.ack_wait / 4
+                        {
+                            match start_request(&ctx, &consumer).await {
+                                Ok(r) => next = Some(r),
+                                Err(e) => tracing::debug!(error = %e, "prefetch failed"),
+                            }
+                        }
+                        if max_in_flight == 1 {
+                            handle_chunk(&ctx, &b, handler, state, batch).await;
+                        } else if has_suspects(&ctx, state, &batch) {
+                            // Handled one at a time, with nothing else in flight.
+                            while in_flight.next().await.is_some() {}
+                            handle_chunk(&ctx, &b, handler, state, batch).await;
+                        } else {
+                            in_flight.push(handle_chunk(&ctx, &b, handler, state, batch));
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "pull request ended; rebinding");
+                        while in_flight.next().await.is_some() {}
+                        if let Some(mut r) = next.take() {
+                            finish_request(&ctx, &b, handler, state, &mut r).await;
+                        }
                         break 'pull;
                     }
                 }
@@ -291,13 +453,96 @@ async fn run_inner<H: Handler>(
 /// How long a stopping loop waits for more messages of the request in hand.
 const DRAIN_IDLE: Duration = Duration::from_millis(250);
 
+/// Handle one chunk of delivered messages. Messages in their last
+/// `worker.isolate_last_deliveries` deliveries that this loop did not NAK
+/// itself (so their last delivery probably ended in a crash or a timeout) are
+/// handled and settled one at a time after the others, those before their
+/// last try in stream order, those on their last try in reverse order: a
+/// message that crashes the process then takes no batch mate with it
+/// (whoever comes before it in one of the two rounds is settled).
+async fn handle_chunk<H: Handler>(
+    ctx: &LoopContext,
+    b: &Binding,
+    handler: &H,
+    state: &LoopState,
+    batch: Vec<jetstream::Message>,
+) {
+    let started = Instant::now();
+    let Some(from) = isolate_from(ctx, state) else {
+        process_batch(ctx, b, handler, state, batch).await;
+        *lock(&state.last_batch) = started.elapsed();
+        return;
+    };
+    let mut normal = Vec::with_capacity(batch.len());
+    let mut before_last = Vec::new();
+    let mut last = Vec::new();
+    for msg in batch {
+        if !is_suspect(state, from, &msg) {
+            normal.push(msg);
+        } else if msg.info().map(|i| i.delivered).unwrap_or(1) < state.max_deliver {
+            before_last.push(msg);
+        } else {
+            last.push(msg);
+        }
+    }
+    if !normal.is_empty() {
+        process_batch(ctx, b, handler, state, normal).await;
+    }
+    last.reverse();
+    let mut suspects: VecDeque<_> = before_last.into_iter().chain(last).collect();
+    if !suspects.is_empty() {
+        tracing::info!(
+            count = suspects.len(),
+            "handling messages near max_deliver one at a time"
+        );
+    }
+    let mut progress_at = Instant::now();
+    while let Some(msg) = suspects.pop_front() {
+        // Those still waiting must not run out of ack wait meanwhile.
+        if progress_at.elapsed() > state.ack_wait / 3 {
+            for m in &suspects {
+                let _ = m.ack_with(AckKind::Progress).await;
+            }
+            progress_at = Instant::now();
+        }
+        process_batch(ctx, b, handler, state, vec![msg]).await;
+        // Acks are buffered publishes: make sure this one reached the server
+        // before the next suspect gets a chance to crash the process.
+        if let Err(e) = ctx.js.client().flush().await {
+            tracing::warn!(error = %e, "flush after an isolated message failed");
+        }
+    }
+    *lock(&state.last_batch) = started.elapsed();
+}
+
+/// The first delivery count handled in isolation, if isolation applies.
+fn isolate_from(ctx: &LoopContext, state: &LoopState) -> Option<i64> {
+    let isolate = i64::from(ctx.worker.isolate_last_deliveries).min(state.max_deliver - 1);
+    (state.max_deliver > 0 && isolate > 0).then(|| state.max_deliver - isolate + 1)
+}
+
+/// Near `max_deliver` and not NAKed by this loop.
+fn is_suspect(state: &LoopState, from: i64, msg: &jetstream::Message) -> bool {
+    let (delivered, seq) = msg
+        .info()
+        .map(|i| (i.delivered, i.stream_sequence))
+        .unwrap_or((1, 0));
+    delivered >= from && !lock(&state.naked).contains(seq)
+}
+
+/// True when some message of `batch` will be handled in isolation.
+fn has_suspects(ctx: &LoopContext, state: &LoopState, batch: &[jetstream::Message]) -> bool {
+    isolate_from(ctx, state).is_some_and(|from| batch.iter().any(|m| is_suspect(state, from, m)))
+}
+
 async fn process_batch<H: Handler>(
     ctx: &LoopContext,
     b: &Binding,
     handler: &H,
+    state: &LoopState,
     batch: Vec<jetstream::Message>,
-    max_deliver: i64,
 ) {
+    let max_deliver = state.max_deliver;
     let m = &ctx.metrics;
     let stage = b.stage.as_str();
     let n = batch.len();
@@ -317,6 +562,7 @@ async fn process_batch<H: Handler>(
                 deliveries,
                 stream_seq,
                 pending,
+                published: msg.reply.as_deref().and_then(published_at),
             }
         })
         .collect();
@@ -404,12 +650,13 @@ async fn process_batch<H: Handler>(
                         b,
                         &msg,
                         d,
-                        "max_deliveries",
+                        dlq::MAX_DELIVERIES,
                         &format!("publish failed: {err}"),
                     )
                     .await
                 } else {
                     tracing::warn!(error = %err, "output publish failed; will retry");
+                    lock(&state.naked).insert(d.stream_seq);
                     ("retry", msg.ack_with(AckKind::Nak(Some(retry_delay))).await)
                 }
             }
@@ -417,9 +664,10 @@ async fn process_batch<H: Handler>(
             (Outcome::Duplicate, _) => ("duplicate", msg.ack().await),
             (Outcome::Retry { after, reason }, _) => {
                 if last_try {
-                    dead_letter(ctx, b, &msg, d, "max_deliveries", &reason).await
+                    dead_letter(ctx, b, &msg, d, dlq::MAX_DELIVERIES, &reason).await
                 } else {
                     tracing::debug!(%reason, delay_ms = after.as_millis() as u64, "retry");
+                    lock(&state.naked).insert(d.stream_seq);
                     ("retry", msg.ack_with(AckKind::Nak(Some(after))).await)
                 }
             }
@@ -437,7 +685,9 @@ async fn process_batch<H: Handler>(
 }
 
 /// Publish the original message to `dlq.<stage>` and terminate it; if the DLQ
-/// publish fails, NAK instead so the message is not lost.
+/// publish fails, NAK instead so the message is not lost. One of the stage's
+/// own dead letters (`dlq.<stage>`) is only terminated: it stays in the DLQ
+/// stream.
 async fn dead_letter(
     ctx: &LoopContext,
     b: &Binding,
@@ -446,43 +696,28 @@ async fn dead_letter(
     reason: &str,
     detail: &str,
 ) -> (&'static str, Result<(), async_nats::Error>) {
-    let subject = match ctx.subjects.dlq(&b.stage) {
-        Ok(s) => s,
+    if dlq::is_own_dead_letter(ctx, b, &d.subject) {
+        tracing::error!(reason, %detail, seq = d.stream_seq, "giving up on one of this stage's own dead letters; it stays in the DLQ stream");
+        ctx.metrics.dlq.with_label_values(&[&b.stage, reason]).inc();
+        return ("dlq", msg.ack_with(AckKind::Term).await);
+    }
+    let letter = dlq::Letter {
+        subject: &d.subject,
+        stream_seq: d.stream_seq,
+        headers: &d.headers,
+        payload: d.payload.clone(),
+        deliveries: d.deliveries,
+        reason,
+        detail,
+    };
+    let out = match dlq::build(ctx, b, &letter) {
+        Ok(o) => o,
         Err(e) => return ("retry", Err(e.into())),
     };
-    let mut out = Outgoing::new(
-        subject,
-        format!("dlq:{}:{}", b.stream, d.stream_seq),
-        d.payload.clone(),
-    );
-    for (k, vals) in d.headers.iter() {
-        if k.to_string().eq_ignore_ascii_case(headers::MSG_ID) {
-            continue;
-        }
-        for v in vals {
-            out.headers.append(k.clone(), v.clone());
-        }
-    }
-    // Header values must be one line.
-    let detail_line: String = detail
-        .replace(['\r', '\n'], " ")
-        .chars()
-        .take(2000)
-        .collect();
-    out.headers.insert(headers::DLQ_STAGE, b.stage.as_str());
-    out.headers.insert(headers::DLQ_REASON, reason);
-    out.headers
-        .insert(headers::DLQ_DETAIL, detail_line.as_str());
-    out.headers
-        .insert(headers::ORIGINAL_SUBJECT, d.subject.as_str());
-    out.headers
-        .insert(headers::ORIGINAL_SEQ, d.stream_seq.to_string().as_str());
-    out.headers
-        .insert(headers::DELIVERIES, d.deliveries.to_string().as_str());
     let publisher = Publisher::new(ctx.js.clone(), Some(ctx.metrics.clone()), b.stage.as_str());
     match publisher.publish(out).await {
         Ok(_) => {
-            tracing::warn!(reason, detail = %detail_line, seq = d.stream_seq, "dead-lettered");
+            tracing::warn!(reason, %detail, seq = d.stream_seq, "dead-lettered");
             ctx.metrics.dlq.with_label_values(&[&b.stage, reason]).inc();
             ("dlq", msg.ack_with(AckKind::Term).await)
         }
@@ -491,5 +726,48 @@ async fn dead_letter(
             let delay = Duration::from_millis(ctx.worker.publish_retry_delay_ms);
             ("retry", msg.ack_with(AckKind::Nak(Some(delay))).await)
         }
+    }
+}
+
+/// The stream timestamp of a JetStream delivery, from its ack subject
+/// (`$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<nanos>.<pending>`,
+/// or the 11/12-token form with domain and account hash).
+pub fn published_at(reply: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let t: Vec<&str> = reply.split('.').collect();
+    if t.len() < 9 || t[0] != "$JS" || t[1] != "ACK" {
+        return None;
+    }
+    let nanos: i64 = match t.len() {
+        9 => t[7],
+        _ => t[9],
+    }
+    .parse()
+    .ok()?;
+    Some(chrono::DateTime::from_timestamp_nanos(nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_at_reads_both_ack_subject_forms() {
+        let v1 = "$JS.ACK.S.C.1.2.3.1790230470084404000.0";
+        let v2 = "$JS.ACK.dom.acc.S.C.1.2.3.1790230470084404000.0.tok";
+        let want = chrono::DateTime::from_timestamp_nanos(1_790_230_470_084_404_000);
+        assert_eq!(published_at(v1), Some(want));
+        assert_eq!(published_at(v2), Some(want));
+        assert_eq!(published_at("_INBOX.x"), None);
+    }
+
+    #[test]
+    fn recent_seqs_forget_the_oldest() {
+        let mut r = RecentSeqs::default();
+        for s in 0..(RecentSeqs::CAP as u64 + 10) {
+            r.insert(s);
+        }
+        assert!(!r.contains(5));
+        assert!(r.contains(RecentSeqs::CAP as u64 + 9));
+        assert_eq!(r.set.len(), RecentSeqs::CAP);
     }
 }

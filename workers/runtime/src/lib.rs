@@ -8,11 +8,13 @@
 //! - [`publish`]: publishing with `Nats-Msg-Id` and batched acks.
 //! - [`pull`]: one bounded pull request with idle heartbeats.
 //! - [`consume`]: the one consume loop (ack / NAK with delay / DLQ).
+//! - [`dlq`]: dead letters, and the max-deliveries advisory listener.
 //! - [`shutdown`]: SIGTERM/SIGINT → a cancellation token.
 //! - [`process`]: wiring of the above for one process ([`process::Process`]).
 
 pub mod config;
 pub mod consume;
+pub mod dlq;
 pub mod health;
 pub mod metrics;
 pub mod nats;

@@ -18,10 +18,7 @@ pub async fn connect(
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_millis(cfg.request_timeout_ms)))
-        .reconnect_delay_callback(|attempts| {
-            // 50 ms, 100 ms, ... capped at 2 s: fast recovery after a restart.
-            Duration::from_millis((50u64 << attempts.min(6) as u32).min(2_000))
-        })
+        .reconnect_delay_callback(reconnect_delay)
         .event_callback(move |event| {
             let metrics = metrics.clone();
             async move {
@@ -61,4 +58,29 @@ pub async fn connect(
         .max_ack_inflight(20_000)
         .build(client.clone());
     Ok((client, js))
+}
+
+/// Delay before connection attempt `attempts` (counted from 1): none for the
+/// first (the client counts before asking, so a plain `50 << attempts` made
+/// every start and every reconnect wait 100 ms), then 100 ms, 200 ms, …
+/// capped at 2 s: fast recovery after a restart, no hammering of a dead server.
+fn reconnect_delay(attempts: usize) -> Duration {
+    if attempts <= 1 {
+        Duration::ZERO
+    } else {
+        Duration::from_millis((50u64 << (attempts - 1).min(6) as u32).min(2_000))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_attempt_is_immediate_then_backs_off() {
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        assert_eq!(reconnect_delay(2), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(3), Duration::from_millis(200));
+        assert_eq!(reconnect_delay(50), Duration::from_millis(2_000));
+    }
 }

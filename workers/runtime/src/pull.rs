@@ -6,6 +6,11 @@
 //! `CONSUMER.MSG.NEXT` with `batch`, `expires` and `idle_heartbeat`, then read
 //! the inbox, treating status 100 as a heartbeat, 404/408 as "request done" and
 //! 409 as the server ending the request (consumer deleted, leadership change).
+//!
+//! Reading is cancel-safe: messages taken from the inbox are kept in the
+//! request until a call returns them, so a caller that drops a
+//! [`PullRequest::next_chunk_lingering`] future (a `select!` on shutdown)
+//! gets them from the next call or from [`PullRequest::drain_ready`].
 
 use async_nats::jetstream::{self, consumer::pull};
 use async_nats::{StatusCode, Subscriber};
@@ -33,6 +38,10 @@ pub struct PullRequest {
     context: jetstream::Context,
     heartbeat: Duration,
     done: bool,
+    /// Messages read from the inbox and not yet returned.
+    buf: Vec<jetstream::Message>,
+    /// How the request ended, reported once `buf` is empty.
+    error: Option<PullError>,
 }
 
 impl PullRequest {
@@ -66,47 +75,70 @@ impl PullRequest {
             context: context.clone(),
             heartbeat,
             done: false,
+            buf: Vec::new(),
+            error: None,
         })
     }
 
-    /// Interpret one inbox message: `Ok(Some(msg))`, `Ok(None)` for a
-    /// heartbeat, or marks the request done.
-    fn classify(
-        &mut self,
-        m: async_nats::Message,
-    ) -> Result<Option<jetstream::Message>, PullError> {
+    /// Interpret one inbox message: a message goes to `buf`, a heartbeat is
+    /// ignored, a final status marks the request done (and an abnormal one
+    /// is kept in `error`).
+    fn classify(&mut self, m: async_nats::Message) {
         match m.status.unwrap_or(StatusCode::OK) {
             StatusCode::OK => {
                 self.remaining = self.remaining.saturating_sub(1);
                 if self.remaining == 0 {
                     self.done = true;
                 }
-                Ok(Some(jetstream::Message {
+                self.buf.push(jetstream::Message {
                     message: m,
                     context: self.context.clone(),
-                }))
+                });
             }
-            StatusCode::IDLE_HEARTBEAT => Ok(None),
-            StatusCode::TIMEOUT | StatusCode::NOT_FOUND => {
-                self.done = true;
-                Ok(None)
-            }
+            StatusCode::IDLE_HEARTBEAT => {}
+            StatusCode::TIMEOUT | StatusCode::NOT_FOUND => self.done = true,
             other => {
                 self.done = true;
-                Err(PullError::Terminated(format!(
+                self.error = Some(PullError::Terminated(format!(
                     "{other} {}",
                     m.description.unwrap_or_default()
-                )))
+                )));
             }
         }
+    }
+
+    /// Up to `max` buffered messages, or the error the request ended with.
+    fn take(&mut self, max: usize) -> Result<Vec<jetstream::Message>, PullError> {
+        if self.buf.is_empty() {
+            if let Some(e) = self.error.take() {
+                return Err(e);
+            }
+        }
+        let n = self.buf.len().min(max.max(1));
+        Ok(self.buf.drain(..n).collect())
     }
 
     /// Wait for the next messages: returns the first one to arrive plus every
     /// other one already buffered (up to `max`). An empty vector means the
     /// request is complete.
     pub async fn next_chunk(&mut self, max: usize) -> Result<Vec<jetstream::Message>, PullError> {
-        let mut out = Vec::new();
-        while !self.done && out.is_empty() {
+        self.next_chunk_lingering(max, Duration::ZERO).await
+    }
+
+    /// Like [`PullRequest::next_chunk`], but after the first message keeps
+    /// collecting for up to `linger` while the server reports more messages
+    /// pending for the consumer (or delivers redeliveries), so a backlog is
+    /// handed over in full batches instead of whatever happened to be
+    /// buffered. Stops at `max` messages, at the end of the request, and as
+    /// soon as the newest message says nothing else is pending: a lone new
+    /// message is never delayed.
+    pub async fn next_chunk_lingering(
+        &mut self,
+        max: usize,
+        linger: Duration,
+    ) -> Result<Vec<jetstream::Message>, PullError> {
+        let max = max.max(1);
+        while !self.done && self.buf.is_empty() {
             let wait = self.heartbeat * 2 + Duration::from_millis(100);
             match tokio::time::timeout(wait, self.sub.next()).await {
                 Err(_) => {
@@ -117,49 +149,60 @@ impl PullRequest {
                     self.done = true;
                     return Err(PullError::Terminated("subscription closed".into()));
                 }
-                Ok(Some(m)) => {
-                    if let Some(msg) = self.classify(m)? {
-                        out.push(msg);
-                    }
-                }
+                Ok(Some(m)) => self.classify(m),
             }
         }
-        while !self.done && out.len() < max {
-            match self.sub.next().now_or_never() {
-                Some(Some(m)) => {
-                    if let Some(msg) = self.classify(m)? {
-                        out.push(msg);
+        let deadline = tokio::time::Instant::now() + linger;
+        while !self.done && self.buf.len() < max {
+            let m = match self.sub.next().now_or_never() {
+                Some(Some(m)) => m,
+                Some(None) => break,
+                None => {
+                    // Nothing buffered: wait only while more is known to come.
+                    let more = self.buf.last().map(more_pending).unwrap_or(false);
+                    if linger.is_zero() || !more {
+                        break;
+                    }
+                    match tokio::time::timeout_at(deadline, self.sub.next()).await {
+                        Ok(Some(m)) => m,
+                        _ => break,
                     }
                 }
-                _ => break,
-            }
+            };
+            self.classify(m);
         }
-        Ok(out)
+        self.take(max)
     }
 
-    /// Messages already delivered to the inbox, without waiting (used when
-    /// stopping, to finish what is on the wire).
+    /// Messages already delivered to the inbox, waiting at most `idle` for
+    /// each next one (used when stopping, to finish what is on the wire).
     pub async fn drain_ready(
         &mut self,
         idle: Duration,
         max: usize,
     ) -> Result<Vec<jetstream::Message>, PullError> {
-        let mut out = Vec::new();
-        while !self.done && out.len() < max {
+        while !self.done && self.buf.len() < max {
             match tokio::time::timeout(idle, self.sub.next()).await {
-                Ok(Some(m)) => {
-                    if let Some(msg) = self.classify(m)? {
-                        out.push(msg);
-                    }
-                }
+                Ok(Some(m)) => self.classify(m),
                 _ => break,
             }
         }
-        Ok(out)
+        self.take(max)
     }
 
-    /// True once the server completed or ended the request.
+    /// True once the server completed or ended the request and every
+    /// message of it was returned.
     pub fn is_done(&self) -> bool {
-        self.done
+        self.done && self.buf.is_empty() && self.error.is_none()
     }
+}
+
+/// True when more messages are likely on their way after `m`: the server
+/// said, delivering it, that more are pending for the consumer, or `m` is a
+/// redelivery (redeliveries come in bursts and are not counted as pending).
+/// Unknown metadata counts as "no".
+fn more_pending(m: &jetstream::Message) -> bool {
+    m.info()
+        .map(|i| i.pending > 0 || i.delivered > 1)
+        .unwrap_or(false)
 }

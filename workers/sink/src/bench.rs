@@ -102,6 +102,8 @@ pub struct RoundReport {
     pub sink_secs: f64,
     /// Documents in the sink's collection afterwards (must equal `n`).
     pub sink_docs: u64,
+    /// Batches the sink wrote them in (`n / sink_batches` = mean batch size).
+    pub sink_batches: u64,
     /// Batch size used by both.
     pub batch_size: usize,
     /// The sink ran first in this round.
@@ -222,6 +224,7 @@ async fn round(
             deliveries: 1,
             stream_seq: i as u64 + 1,
             pending: 0,
+            published: None,
         };
         let p = mapper
             .prepare(Kind::StandardizedSignals, &d, now)
@@ -255,7 +258,11 @@ async fn round(
     let counter = core
         .metrics()
         .documents
-        .with_label_values(&[names::STANDARDIZED_SIGNALS, "inserted"]);
+        .with_label_values(&[names::STANDARDIZED_SIGNALS, "ok"]);
+    let batches = core
+        .metrics()
+        .batch_seconds
+        .with_label_values(&[Kind::StandardizedSignals.stream()]);
     let mut sink_secs = None;
     while t.elapsed() < opts.timeout {
         if counter.get() as usize >= opts.n {
@@ -266,6 +273,7 @@ async fn round(
     }
     shutdown.cancel();
     let _ = waiter.await;
+    let sink_batches = batches.get_sample_count();
     if plain_secs.is_none() {
         plain_secs = Some(plain_loop(&plain, &docs, batch).await?);
     }
@@ -302,6 +310,7 @@ async fn round(
         plain_secs,
         sink_secs,
         sink_docs,
+        sink_batches,
         batch_size: batch,
         sink_first,
     })

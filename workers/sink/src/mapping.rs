@@ -23,6 +23,7 @@
 use crate::convert::{self, ConvertError};
 use crate::spec::{self, names, Db};
 use bson::{doc, Binary, Bson, DateTime, Document};
+use mtx_runtime::dlq::DLQ_TIME;
 use mtx_runtime::Delivery;
 use mtx_schemas::{headers, ids};
 use mtx_subjects::topology::streams;
@@ -510,8 +511,11 @@ impl Mapper {
     }
 
     /// Dead letters are never rejected: whatever arrives on `dlq.>` is stored.
+    /// `time` is when the runtime dead-lettered the message (`Mtx-Dlq-Time`),
+    /// else when the DLQ stream stored it, else now.
     fn dead_letter(&self, d: &Delivery, subject: &str, now: DateTime) -> Prepared {
         let h = |k: &str| d.header(k).map(str::to_string);
+        let time = dead_letter_time(d).unwrap_or(now);
         let stage = h(headers::DLQ_STAGE)
             .or_else(|| self.subjects.token(&d.subject, 1).and_then(Result::ok))
             .unwrap_or_else(|| "unknown".into());
@@ -548,6 +552,7 @@ impl Mapper {
             headers::ORIGINAL_SEQ,
             headers::DELIVERIES,
             headers::MSG_ID,
+            DLQ_TIME,
         ];
         let mut hdrs = Document::new();
         for (name, values) in d.headers.iter() {
@@ -577,7 +582,7 @@ impl Mapper {
             "stage": &stage,
             "reason": &reason,
             "detail": &detail,
-            "at": now,
+            "at": time,
             "dead_letter_id": &dead_letter_id,
         };
         let target = match (orig_stripped.as_deref(), stage.as_str()) {
@@ -598,7 +603,7 @@ impl Mapper {
             "detail": detail,
             "payload": payload,
             "payload_encoding": encoding,
-            "time": now,
+            "time": time,
             "original_subject": opt(original_subject),
             "original_stream": opt(original_stream.map(str::to_string)),
             "original_seq": original_seq.map(Bson::Int64).unwrap_or(Bson::Null),
@@ -618,6 +623,16 @@ impl Mapper {
             follow: Follow::DeadLetter { target },
         }
     }
+}
+
+/// When a dead letter was dead-lettered: the runtime's `Mtx-Dlq-Time`
+/// header, else the DLQ stream's timestamp of the message.
+fn dead_letter_time(d: &Delivery) -> Option<DateTime> {
+    d.header(DLQ_TIME)
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t.trim()).ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .or(d.published)
+        .map(DateTime::from_chrono)
 }
 
 /// The `trading_orders` fields an order event (as stored in `order_events`)
@@ -686,6 +701,7 @@ mod tests {
             deliveries: 1,
             stream_seq: 7,
             pending: 0,
+            published: None,
         }
     }
 
@@ -785,6 +801,54 @@ mod tests {
         assert!(
             matches!(dl.follow, Follow::DeadLetter { target: Some(ref t) } if t.coll == names::RAW_SIGNALS)
         );
+    }
+
+    #[test]
+    fn dead_letter_time_is_when_the_runtime_dead_lettered_it() {
+        let m = Mapper::new(Subjects::new(""));
+        let now = DateTime::now();
+        let base = [
+            (headers::DLQ_STAGE, "standardizer"),
+            (headers::DLQ_REASON, "invalid_json"),
+            (headers::ORIGINAL_SUBJECT, "signals.raw.staging.tv"),
+            (headers::ORIGINAL_SEQ, "12"),
+        ];
+        let time_of = |d: &Delivery| {
+            let p = m.prepare(Kind::DeadLetters, d, now).unwrap();
+            let Follow::DeadLetter { target: Some(t) } = &p.follow else {
+                panic!("no error target")
+            };
+            assert_eq!(
+                t.error.get_datetime("at").unwrap(),
+                p.doc.get_datetime("time").unwrap(),
+                "raw_signals.error.at is the dead letter's time"
+            );
+            assert!(p
+                .doc
+                .get_document("headers")
+                .unwrap()
+                .get(DLQ_TIME)
+                .is_none());
+            *p.doc.get_datetime("time").unwrap()
+        };
+        // The runtime's header wins over the stream timestamp.
+        let mut hs = base.to_vec();
+        hs.push((DLQ_TIME, "2025-11-20T10:00:01.500Z"));
+        let mut d = delivery("dlq.standardizer", "{}", &hs);
+        d.published = chrono::DateTime::from_timestamp(1_800_000_000, 0);
+        assert_eq!(time_of(&d).timestamp_millis(), 1_763_632_801_500);
+        // No header: the DLQ stream's timestamp.
+        let mut d = delivery("dlq.standardizer", "{}", &base);
+        d.published = chrono::DateTime::from_timestamp(1_800_000_000, 0);
+        assert_eq!(
+            time_of(&d).timestamp_millis(),
+            1_800_000_000_000,
+            "falls back to the JetStream timestamp"
+        );
+        // Unreadable header, no timestamp: now.
+        let mut hs = base.to_vec();
+        hs.push((DLQ_TIME, "yesterday"));
+        assert_eq!(time_of(&delivery("dlq.standardizer", "{}", &hs)), now);
     }
 
     #[test]

@@ -613,7 +613,10 @@ pub async fn redrive(
     if let Ok(hs) = dead_letter.get_document("headers") {
         for (k, v) in hs {
             if let Some(v) = v.as_str() {
-                if !k.eq_ignore_ascii_case(headers::MSG_ID) {
+                // Not the old id, nor the dead-lettering consumer (DLQ metadata).
+                if !k.eq_ignore_ascii_case(headers::MSG_ID)
+                    && !k.eq_ignore_ascii_case(mtx_runtime::dlq::DLQ_CONSUMER)
+                {
                     h.insert(k.as_str(), v);
                 }
             }

@@ -16,6 +16,11 @@
 //! 4. only then does the loop ack: a message is acked when Mongo has
 //!    acknowledged its document and its follow-ups.
 //!
+//! Two batches of a consumer may be in flight at once
+//! (`worker.max_batches_in_flight`): the next batch is mapped and inserted
+//! while the previous one's follow-ups run. Nothing above depends on batch
+//! order: documents are keyed, follow-ups are guarded and set-based.
+//!
 //! Mongo away: the readiness flag `mongo (sink)` drops, batches wait a few
 //! seconds for it and are otherwise NAKed with a delay that grows with the
 //! delivery count (back-pressure, not a redelivery storm); nothing is acked,
@@ -42,16 +47,22 @@ pub const POOL: &str = "sink";
 /// Stage name of the sink (metric label, `dlq.sink`).
 pub const STAGE: &str = "sink";
 
-/// Sink metrics on the process registry.
+/// Sink metrics on the process registry (names in `deploy/prometheus/METRICS.md`).
 #[derive(Clone)]
 pub struct SinkMetrics {
-    /// Documents by collection and result (`inserted`, `duplicate`,
-    /// `rejected`, `retry`).
+    /// `mtx_mongo_documents_total{collection,result}`: documents by
+    /// collection and result (`ok` written, `duplicate` already there,
+    /// `rejected` refused by the server (dead-lettered), `error` failed and
+    /// retried).
     pub documents: IntCounterVec,
-    /// 1 while the sink reaches Mongo.
+    /// `mtx_mongo_up`: 1 while the sink reaches Mongo.
     pub mongo_up: IntGauge,
-    /// Time to write one batch (documents and follow-ups), by stream.
+    /// `mtx_sink_batch_duration_seconds{stream}`: time to write one batch
+    /// (documents and follow-ups), by stream.
     pub batch_seconds: HistogramVec,
+    /// Per bulk write: `mtx_mongo_write_duration_seconds{collection}` and
+    /// `mtx_mongo_batch_size`.
+    pub writes: crate::store::WriteMetrics,
 }
 
 impl SinkMetrics {
@@ -59,22 +70,23 @@ impl SinkMetrics {
     pub fn new(registry: &Registry) -> Result<SinkMetrics, prometheus::Error> {
         let documents = IntCounterVec::new(
             Opts::new(
-                "mtx_sink_documents_total",
-                "Documents handled by the sink, by collection and result",
+                "mtx_mongo_documents_total",
+                "Documents the sink wrote, by collection and result (ok, duplicate, rejected, error)",
             ),
             &["collection", "result"],
         )?;
-        let mongo_up = IntGauge::new("mtx_sink_mongo_up", "1 while the sink reaches MongoDB")?;
+        let mongo_up = IntGauge::new("mtx_mongo_up", "1 while the sink reaches MongoDB, else 0")?;
         let batch_seconds = HistogramVec::new(
             HistogramOpts::new(
-                "mtx_sink_batch_seconds",
-                "Time to write one batch to MongoDB (documents and follow-ups)",
+                "mtx_sink_batch_duration_seconds",
+                "Time to write one batch to MongoDB (documents and follow-ups), by stream",
             )
             .buckets(vec![
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
             &["stream"],
         )?;
+        let writes = crate::store::WriteMetrics::new(registry)?;
         registry.register(Box::new(documents.clone()))?;
         registry.register(Box::new(mongo_up.clone()))?;
         registry.register(Box::new(batch_seconds.clone()))?;
@@ -82,6 +94,7 @@ impl SinkMetrics {
             documents,
             mongo_up,
             batch_seconds,
+            writes,
         })
     }
 }
@@ -341,7 +354,7 @@ impl SinkCore {
     fn retry_pending(&self, slots: &mut [Slot], msgs: &[Delivery], reason: &str) {
         for (s, d) in slots.iter_mut().zip(msgs) {
             if let Slot::Pending(p) | Slot::Stored { prepared: p, .. } = s {
-                self.count(p.coll, "retry", 1);
+                self.count(p.coll, "error", 1);
                 *s = Slot::Done(Outcome::retry(self.timing.delay(d.deliveries), reason));
             }
         }
@@ -382,7 +395,7 @@ impl SinkCore {
                         let Slot::Pending(p) = slot else { continue };
                         slots[i] = match r {
                             WriteResult::Ok => {
-                                self.count(coll, "inserted", 1);
+                                self.count(coll, "ok", 1);
                                 Slot::Stored {
                                     prepared: p,
                                     inserted: true,
@@ -413,7 +426,7 @@ impl SinkCore {
                                 ))
                             }
                             WriteResult::Failed { code, message, .. } => {
-                                self.count(coll, "retry", 1);
+                                self.count(coll, "error", 1);
                                 Slot::Done(Outcome::retry(
                                     self.timing.delay(deliveries[i]),
                                     format!("{coll}: code {code}: {message}"),
@@ -431,7 +444,7 @@ impl SinkCore {
                             self.count(coll, "rejected", 1);
                             Outcome::reject("write_failed", format!("{coll}: {detail}"))
                         } else {
-                            self.count(coll, "retry", 1);
+                            self.count(coll, "error", 1);
                             Outcome::retry(
                                 self.timing.delay(deliveries[i]),
                                 format!("{coll}: {detail}"),
@@ -799,6 +812,14 @@ impl Handler for SinkHandler {
     async fn handle_batch(&self, msgs: &[Delivery], _concurrency: usize) -> Vec<Outcome> {
         self.core.write_batch(self.kind, msgs).await
     }
+
+    /// Batches are independent (unique natural keys, guarded set-based
+    /// follow-ups where each side writes before it looks for the other), so
+    /// the next batch is mapped and sent while the previous one's follow-ups
+    /// run: MongoDB always has the next write queued.
+    fn batches_in_flight(&self) -> usize {
+        2
+    }
 }
 
 /// Start the sink pool on `process`: connect to Mongo, register the
@@ -806,10 +827,12 @@ impl Handler for SinkHandler {
 /// `sink_*` consumer of the topology.
 pub async fn spawn(process: &mut Process) -> Result<Arc<SinkCore>, SinkError> {
     let timing = Timing::for_ack_wait(Duration::from_secs(process.config.topology.ack_wait_secs));
-    let store = Store::connect(&process.config.mongo, timing.op_timeout).await?;
+    let metrics = SinkMetrics::new(&process.registry)?;
+    let store = Store::connect(&process.config.mongo, timing.op_timeout)
+        .await?
+        .with_metrics(metrics.writes.clone());
     let flag = process.health.ready_flag("mongo (sink)");
     let schema_flag = process.health.ready_flag("mongo schema migrated (sink)");
-    let metrics = SinkMetrics::new(&process.registry)?;
     let core = Arc::new(SinkCore::new(
         store,
         Mapper::new(process.subjects.clone()),

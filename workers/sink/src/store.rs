@@ -14,8 +14,9 @@ use mongodb::error::ErrorKind;
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Collection, Database};
 use mtx_runtime::config::MongoConfig;
+use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Result of one document or statement of a bulk write.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +47,53 @@ pub struct UpdateStmt {
     pub multi: bool,
 }
 
+/// Per bulk write metrics: `mtx_mongo_write_duration_seconds{collection}`
+/// and `mtx_mongo_batch_size` (documents or statements per write).
+#[derive(Clone)]
+pub struct WriteMetrics {
+    /// Duration of one bulk write (insert or update command), by collection.
+    pub duration: HistogramVec,
+    /// Documents / statements per bulk write.
+    pub batch_size: Histogram,
+}
+
+impl WriteMetrics {
+    /// Register on `registry`.
+    pub fn new(registry: &Registry) -> Result<WriteMetrics, prometheus::Error> {
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "mtx_mongo_write_duration_seconds",
+                "Duration of one bulk write to MongoDB, by collection",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["collection"],
+        )?;
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "mtx_mongo_batch_size",
+                "Documents or statements per bulk write to MongoDB",
+            )
+            .buckets((0..=10).map(|i| f64::from(1u32 << i)).collect()),
+        )?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(batch_size.clone()))?;
+        Ok(WriteMetrics {
+            duration,
+            batch_size,
+        })
+    }
+
+    fn observe(&self, coll: &str, n: usize, started: Instant) {
+        self.duration
+            .with_label_values(&[coll])
+            .observe(started.elapsed().as_secs_f64());
+        self.batch_size.observe(n as f64);
+    }
+}
+
 /// Both databases on one client.
 #[derive(Clone)]
 pub struct Store {
@@ -54,6 +102,7 @@ pub struct Store {
     trading: Database,
     bot_core: Database,
     op_timeout: Duration,
+    metrics: Option<WriteMetrics>,
 }
 
 impl Store {
@@ -84,7 +133,14 @@ impl Store {
             bot_core: client.database(&cfg.bot_core_db),
             client,
             op_timeout,
+            metrics: None,
         }
+    }
+
+    /// Observe every bulk write on `metrics`.
+    pub fn with_metrics(mut self, metrics: WriteMetrics) -> Store {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The database handle.
@@ -138,11 +194,15 @@ impl Store {
             return Ok(vec![]);
         }
         let c = self.coll(db, coll);
+        let started = Instant::now();
         let r = self
             .timed(&format!("insert into {coll}"), async {
                 Ok(c.insert_many(docs).ordered(false).await)
             })
             .await?;
+        if let Some(m) = &self.metrics {
+            m.observe(coll, n, started);
+        }
         let mut out = vec![WriteResult::Ok; n];
         match r {
             Ok(_) => Ok(out),
@@ -210,11 +270,15 @@ impl Store {
             }
         }
         let database = self.db(db);
+        let started = Instant::now();
         let reply = self
             .timed(&format!("update {coll}"), async {
                 Ok(database.run_command(cmd).await?)
             })
             .await?;
+        if let Some(m) = &self.metrics {
+            m.observe(coll, stmts.len(), started);
+        }
         if let Ok(wce) = reply.get_document("writeConcernError") {
             return Err(SinkError::Command {
                 op: "update",

@@ -210,7 +210,7 @@ async fn replay_from_sequence_one_with_two_replicas_changes_no_count() {
             mtx_runtime::metrics::render(&s.registry)
                 .lines()
                 .filter(|l| {
-                    l.starts_with("mtx_sink_documents_total") && l.contains("result=\"duplicate\"")
+                    l.starts_with("mtx_mongo_documents_total") && l.contains("result=\"duplicate\"")
                 })
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
                 .sum::<u64>()
@@ -329,7 +329,9 @@ async fn sink_killed_mid_batch_restarts_to_exact_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongo_stopped_20s_mid_run_every_document_arrives_once() {
     let nats = NatsServer::start();
-    let mut mongo_server = MongoServer::start();
+    // Durable: a SIGKILLed stand-in otherwise loses its last acknowledged
+    // writes, which no sink could bring back (they were acked and are gone).
+    let mut mongo_server = MongoServer::start_durable();
     let cfg = config(&nats, &mongo_server);
     let js = js(&nats).await;
     let topo = apply(&js, &cfg).await;

@@ -191,6 +191,9 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     h.insert(headers::ORIGINAL_SEQ, "2");
     h.insert(headers::DELIVERIES, "1");
     h.insert(headers::SIGNAL_ID, signal_id(2).as_str());
+    // When the standardizer's runtime dead-lettered it (not when the sink
+    // got to store it).
+    h.insert(mtx_runtime::dlq::DLQ_TIME, "2025-11-20T10:00:07.250Z");
     js.publish_with_headers(sub.dlq("standardizer").unwrap(), h, raw2.into())
         .await
         .unwrap()
@@ -288,6 +291,7 @@ async fn every_stage_lands_with_seed_fields_and_types() {
         "error.detail",
         "strategy SPX_1-D_Opt is not configured",
     );
+    date(&raw2, "error.at", "2025-11-20T10:00:07.250Z");
 
     // standardized_signals
     let st = only(find(&m, &tdb, "standardized_signals", doc! {}).await, "std");
@@ -426,7 +430,7 @@ async fn every_stage_lands_with_seed_fields_and_types() {
         serde_json::from_str::<serde_json::Value>(dl.get_str("payload").unwrap()).unwrap(),
         raw_signal(2)
     );
-    is_date(&dl, "time");
+    date(&dl, "time", "2025-11-20T10:00:07.250Z");
     let au = only(
         find(&m, &cfg.mongo.bot_core_db, "audit_logs", doc! {}).await,
         "audit",
@@ -461,7 +465,16 @@ async fn every_stage_lands_with_seed_fields_and_types() {
         0
     );
     let text = mtx_runtime::metrics::render(&sink.registry);
-    assert!(text.contains("mtx_sink_mongo_up 1"), "{text}");
+    assert!(text.contains("mtx_mongo_up 1"), "{text}");
+    // Every bulk write is timed and sized; documents counted by result.
+    for want in [
+        "mtx_mongo_write_duration_seconds_count{collection=\"standardized_signals\"}",
+        "mtx_mongo_batch_size_count ",
+        "mtx_mongo_documents_total{collection=\"standardized_signals\",result=\"ok\"}",
+        "mtx_sink_batch_duration_seconds_count{stream=",
+    ] {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
     assert!(
         sink.health.readiness().is_ok(),
         "{:?}",
@@ -554,6 +567,16 @@ async fn validator_rejection_goes_to_dlq_sink_not_into_retries() {
     );
     s(&stored, "stage", "sink");
     s(&stored, "original_subject", &exe);
+    // The runtime stamped when it dead-lettered the message; the sink keeps it.
+    let stamped = v
+        .headers
+        .as_ref()
+        .unwrap()
+        .get(mtx_runtime::dlq::DLQ_TIME)
+        .expect("Mtx-Dlq-Time set by the runtime")
+        .as_str()
+        .to_string();
+    date(&stored, "time", &stamped);
     assert!(stored
         .get_str("detail")
         .unwrap()
@@ -561,7 +584,7 @@ async fn validator_rejection_goes_to_dlq_sink_not_into_retries() {
     // Each bad message was tried once, not retried until max_deliver.
     let text = mtx_runtime::metrics::render(&sink.registry);
     assert!(
-        text.contains("mtx_sink_documents_total{collection=\"execution_confirmations\",result=\"rejected\"} 1"),
+        text.contains("mtx_mongo_documents_total{collection=\"execution_confirmations\",result=\"rejected\"} 1"),
         "{text}"
     );
     assert!(
@@ -609,6 +632,58 @@ async fn an_unmigrated_database_is_never_written() {
         sink.health.readiness().is_ok(),
         "{:?}",
         sink.health.readiness()
+    );
+    sink.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_time_without_the_runtime_header_is_the_stream_timestamp() {
+    let nats = NatsServer::start();
+    let mongo_server = MongoServer::start();
+    let cfg = config(&nats, &mongo_server);
+    let js = js(&nats).await;
+    let topo = apply(&js, &cfg).await;
+    migrate(&cfg).await;
+    let m = mongo(&cfg).await;
+    let tdb = cfg.mongo.trading_db.clone();
+    let sub = subjects(&cfg);
+    // A dead letter from a producer that sets no Mtx-Dlq-Time (an older
+    // runtime, a tool).
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, "old-dlq-1");
+    h.insert(headers::DLQ_STAGE, "standardizer");
+    h.insert(headers::DLQ_REASON, "unknown_strategy");
+    h.insert(
+        headers::ORIGINAL_SUBJECT,
+        sub.signals_raw(Environment::Staging, "mathematricks")
+            .unwrap()
+            .as_str(),
+    );
+    h.insert(headers::ORIGINAL_SEQ, "9");
+    js.publish_with_headers(
+        sub.dlq("standardizer").unwrap(),
+        h,
+        serde_json::to_vec(&raw_signal(9)).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let stored = read_all(&js, &topo.stream_name(streams::DLQ), ">").await;
+    let stored_at =
+        mtx_runtime::consume::published_at(stored[0].reply.as_deref().unwrap()).unwrap();
+    let sink = start_sink(&cfg).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            count(&m, &tdb, "dead_letters", doc! {}).await == 1
+        })
+        .await
+    );
+    let dl = only(find(&m, &tdb, "dead_letters", doc! {}).await, "dead letter");
+    assert_eq!(
+        dl.get_datetime("time").unwrap().timestamp_millis(),
+        stored_at.timestamp_millis(),
+        "the DLQ stream's timestamp of the message"
     );
     sink.stop().await;
 }
