@@ -10,14 +10,17 @@
 //! - `mtx dlq list | show | redrive`: inspect dead letters and send fixed ones back.
 //! - `mtx signal show <signal_id>`: one signal's lifecycle from Mongo.
 //! - `mtx bench sink`: sink throughput against a plain `insert_many` loop.
+//! - `mtx bench pipeline`: end-to-end throughput / latency against a pass-through chain.
 
 mod cmd_bench;
+mod cmd_bench_pipeline;
 mod cmd_db;
 mod cmd_dlq;
 mod cmd_market;
 mod cmd_secrets;
 mod cmd_signal;
 mod cmd_signal_show;
+mod passthrough;
 mod workers;
 
 use anyhow::{Context, Result};
@@ -82,7 +85,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cmd_dlq::DlqCmd,
     },
-    /// Benchmarks: `mtx bench sink`.
+    /// Benchmarks: `mtx bench sink`, `mtx bench pipeline`.
     Bench {
         #[command(subcommand)]
         cmd: cmd_bench::BenchCmd,
@@ -113,13 +116,20 @@ enum ConfigCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg = match Config::load(cli.config.as_deref()) {
+    let mut cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
         }
     };
+    if let Cmd::Bench {
+        cmd: cmd_bench::BenchCmd::Pipeline(a),
+    } = &cli.cmd
+    {
+        // The workers of the bench log at their own level (default warn).
+        cfg.log.level = a.log_level.clone();
+    }
     mtx_runtime::telemetry::init(&cfg.log);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
