@@ -116,8 +116,9 @@ pub struct PipelineArgs {
     pub seed: u64,
     /// Only generate and measure: the pools run in other processes on
     /// `--prefix` (or `topology.prefix`), with the bench accounts in their
-    /// `accounts.initial_balances`. The bench writes strategies and the
-    /// `active` allocation of that prefix: never point it at production.
+    /// `accounts.initial_balances` (`MTX_ACCOUNTS__INITIAL_BALANCES__BENCH_A1=1000000000`
+    /// ... for `bench_a1`..`bench_a<accounts>`). The bench writes strategies and
+    /// the `active` allocation of that prefix: never point it at production.
     #[arg(long)]
     pub external: bool,
     /// Topology prefix (default: a fresh one per run, deleted afterwards).
@@ -159,6 +160,8 @@ pub struct Report {
     pub passthrough: Option<PhaseReport>,
     /// Pipeline throughput / pass-through throughput.
     pub ratio: Option<f64>,
+    /// The broker's own round trips, one at a time, before the run.
+    pub broker_round_trips: BTreeMap<String, Summary>,
     /// The issue's goals, checked against this run.
     pub goals: BTreeMap<String, Option<bool>>,
     /// How the figures were taken.
@@ -221,10 +224,15 @@ pub struct PhaseReport {
     pub timed_out: bool,
     /// First raw publish to the last completion, seconds.
     pub wall_secs: f64,
+    /// First raw publish to the bench seeing every consumer quiet, seconds.
+    pub quiet_secs: f64,
     /// Time the publisher took, seconds.
     pub publish_secs: f64,
     /// Completed signals per second.
     pub throughput_per_sec: f64,
+    /// Completed entries (exits) per second, over the time from the first
+    /// raw publish to the last entry (exit) completed.
+    pub throughput_by_action: BTreeMap<String, f64>,
     /// End-to-end latencies (per order message / per fill message).
     pub latency: BTreeMap<String, Summary>,
     /// Per stage (pipeline) or per hop (pass-through) delays between store times.
@@ -239,9 +247,60 @@ pub struct PhaseReport {
     pub dlq: BTreeMap<String, usize>,
     /// CPU, wall, peak RSS of this process; host and server CPU.
     pub usage: UsageDelta,
+    /// What the workers' NATS connection sent and received during the phase
+    /// (in-process only; the load generator's own publishes excluded).
+    pub nats_traffic: Option<Traffic>,
     /// The runtime's counters at the end (in-process): messages by outcome,
     /// handler and publish-ack time sums, redeliveries, stage metrics.
     pub metrics: BTreeMap<String, f64>,
+}
+
+/// Bytes and messages over one NATS connection (payload + headers, no
+/// protocol overhead), in total and per signal.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Traffic {
+    /// Sent to the server (publishes, KV writes, API requests, acks).
+    pub out_bytes: u64,
+    /// Messages sent.
+    pub out_messages: u64,
+    /// Received from the server (deliveries, acks, KV reads, watches).
+    pub in_bytes: u64,
+    /// Messages received.
+    pub in_messages: u64,
+    /// `out_bytes / signals`.
+    pub out_bytes_per_signal: f64,
+    /// `in_bytes / signals`.
+    pub in_bytes_per_signal: f64,
+    /// `out_messages / signals`.
+    pub out_messages_per_signal: f64,
+}
+
+fn counters(c: &async_nats::Client) -> [u64; 4] {
+    let s = c.statistics();
+    [
+        s.out_bytes.load(Ordering::Relaxed),
+        s.out_messages.load(Ordering::Relaxed),
+        s.in_bytes.load(Ordering::Relaxed),
+        s.in_messages.load(Ordering::Relaxed),
+    ]
+}
+
+fn traffic(before: [u64; 4], after: [u64; 4], signals: usize) -> Traffic {
+    let d: Vec<u64> = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| a.saturating_sub(b))
+        .collect();
+    let n = signals.max(1) as f64;
+    Traffic {
+        out_bytes: d[0],
+        out_messages: d[1],
+        in_bytes: d[2],
+        in_messages: d[3],
+        out_bytes_per_signal: d[0] as f64 / n,
+        in_bytes_per_signal: d[2] as f64 / n,
+        out_messages_per_signal: d[1] as f64 / n,
+    }
 }
 
 // ---- setup -------------------------------------------------------------------
@@ -300,7 +359,9 @@ impl Bench {
         let fresh = given.is_none();
         cfg.topology.prefix = given.unwrap_or_else(fresh_prefix);
         cfg.metrics.addr = "127.0.0.1:0".into();
-        let accounts: Vec<String> = (1..=args.accounts).map(|i| format!("BENCH_A{i}")).collect();
+        // Lowercase: `MTX_ACCOUNTS__INITIAL_BALANCES__BENCH_A1` (env keys are
+        // lowercased) configures external pools for `bench_a1`.
+        let accounts: Vec<String> = (1..=args.accounts).map(|i| format!("bench_a{i}")).collect();
         let routes: Vec<(String, String)> = (0..args.strategies)
             .map(|i| {
                 (
@@ -811,9 +872,21 @@ async fn analyze_pipeline(
         dead_signals.insert(id);
     }
 
-    // Completion.
+    // Completion: decided, every order filled or ended, and each fill in a
+    // state of its account (the first one stored after the fill).
+    let booked_at = |acct: &str, t: i128| {
+        state_at
+            .get(acct)
+            .and_then(|v| v.get(v.partition_point(|x| *x < t)).copied())
+            .unwrap_or(t)
+    };
+    let mut account_of: HashMap<&str, &str> = HashMap::new();
+    for (o, acct, _) in &fill_rows {
+        account_of.insert(o.as_str(), acct.as_str());
+    }
     let mut completed = 0;
-    let mut t_end = i128::MIN;
+    let mut done_at: Vec<(&'static str, i128)> = Vec::new();
+    let mut to_complete: BTreeMap<String, Vec<i128>> = BTreeMap::new();
     for s in signals.iter().filter(|s| s.expect != Expect::Bad) {
         let Some((dt, _)) = dec_at.get(&s.signal_id) else {
             continue;
@@ -826,29 +899,48 @@ async fn analyze_pipeline(
         for o in orders_of.get(&s.signal_id).into_iter().flatten() {
             let row = &orders[o];
             match fills.get(o) {
-                Some((q, ended, _, last)) if *ended || *q >= row.quantity => at = at.max(*last),
+                Some((q, ended, _, last)) if *ended || *q >= row.quantity => {
+                    let acct = account_of.get(o.as_str()).copied().unwrap_or_default();
+                    at = at.max(booked_at(acct, *last));
+                }
                 _ => done = false,
             }
         }
         if done {
             completed += 1;
-            t_end = t_end.max(at);
+            let a = action.get(s.signal_id.as_str()).copied().unwrap_or("?");
+            done_at.push((a, at));
+            if let Some(r) = recv.get(&s.signal_id) {
+                to_complete
+                    .entry("raw_to_complete".into())
+                    .or_default()
+                    .push(at - r);
+                to_complete
+                    .entry(format!("raw_to_complete_{a}"))
+                    .or_default()
+                    .push(at - r);
+            }
         }
     }
-    let last_state = state_at
-        .values()
-        .flat_map(|v| v.iter().copied())
-        .filter(|t| *t <= d.quiet_at)
-        .max();
-    if let Some(t) = last_state {
-        t_end = t_end.max(t);
-    }
     let t0 = recv.values().copied().min().unwrap_or(0);
-    let wall = if t_end > t0 {
-        (t_end - t0) as f64 / 1e9
-    } else {
-        0.0
+    let rate_of = |n: usize, end: Option<i128>| match end {
+        Some(e) if e > t0 => n as f64 / ((e - t0) as f64 / 1e9),
+        _ => 0.0,
     };
+    let t_end = done_at.iter().map(|(_, t)| *t).max();
+    let wall = t_end.map(|e| (e - t0).max(0) as f64 / 1e9).unwrap_or(0.0);
+    let mut throughput_by_action = BTreeMap::new();
+    for a in ["entry", "exit"] {
+        let mine: Vec<i128> = done_at
+            .iter()
+            .filter(|(x, _)| *x == a)
+            .map(|(_, t)| *t)
+            .collect();
+        throughput_by_action.insert(
+            a.to_string(),
+            rate_of(mine.len(), mine.iter().copied().max()),
+        );
+    }
 
     // Latencies.
     let mut lat: BTreeMap<String, Vec<i128>> = BTreeMap::new();
@@ -868,6 +960,7 @@ async fn analyze_pipeline(
             push(&format!("raw_to_fill_{a}"), at - r);
         }
     }
+    lat.extend(to_complete);
     let latency = lat
         .into_iter()
         .map(|(k, v)| (k, Summary::of_nanos(v)))
@@ -940,12 +1033,10 @@ async fn analyze_pipeline(
         duplicates: d.duplicates,
         timed_out: d.timed_out,
         wall_secs: wall,
+        quiet_secs: (d.quiet_at - t0).max(0) as f64 / 1e9,
         publish_secs: d.publish_secs,
-        throughput_per_sec: if wall > 0.0 {
-            completed as f64 / wall
-        } else {
-            0.0
-        },
+        throughput_per_sec: rate_of(completed, t_end),
+        throughput_by_action,
         latency,
         stages,
         messages,
@@ -953,6 +1044,7 @@ async fn analyze_pipeline(
         decisions,
         dlq: dead,
         usage: d.usage.clone(),
+        nats_traffic: None,
         metrics: BTreeMap::new(),
     })
 }
@@ -1011,7 +1103,7 @@ async fn analyze_chain(
     let latency = BTreeMap::from([
         ("raw_to_order".to_string(), lat_at(3)),
         ("raw_to_fill".to_string(), lat_at(4)),
-        ("raw_to_state".to_string(), lat_at(5)),
+        ("raw_to_complete".to_string(), lat_at(5)),
     ]);
     let mut stages = BTreeMap::new();
     stages.insert(
@@ -1041,6 +1133,7 @@ async fn analyze_chain(
         duplicates: d.duplicates,
         timed_out: d.timed_out,
         wall_secs: wall,
+        quiet_secs: (d.quiet_at - t0).max(0) as f64 / 1e9,
         publish_secs: d.publish_secs,
         throughput_per_sec: if wall > 0.0 {
             completed as f64 / wall
@@ -1051,9 +1144,11 @@ async fn analyze_chain(
         stages,
         messages,
         sizes,
+        throughput_by_action: BTreeMap::new(),
         decisions: BTreeMap::new(),
         dlq: BTreeMap::new(),
         usage: d.usage.clone(),
+        nats_traffic: None,
         metrics: BTreeMap::new(),
     })
 }
@@ -1073,6 +1168,82 @@ fn flatten_metrics(registry: &prometheus::Registry) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// Round trips of the broker on their own, before the run: a JetStream
+/// publish awaiting its ack (600-byte body), a KV `entry` read and a KV
+/// compare-and-set `update` (2 KB value), one at a time, on a scratch
+/// stream and bucket configured like the topology's (deleted after). Stage
+/// latencies are multiples of these.
+async fn probe_rtt(js: &jetstream::Context, topo: &Topology) -> Result<BTreeMap<String, Summary>> {
+    const N: usize = 300;
+    let prefix = &topo.settings.prefix;
+    let subjects = Subjects::new(prefix);
+    let stream = if prefix.is_empty() {
+        "BENCH_PROBE".to_string()
+    } else {
+        format!("{}_BENCH_PROBE", prefix.to_ascii_uppercase())
+    };
+    let bucket = if prefix.is_empty() {
+        "bench_probe".to_string()
+    } else {
+        format!("{prefix}_bench_probe")
+    };
+    let template = topo
+        .stream(streams::SIGNALS_RAW)
+        .context("topology lacks SIGNALS_RAW")?
+        .config
+        .clone();
+    let subject = subjects.raw_subject("benchprobe.x");
+    let _ = js.delete_stream(&stream).await;
+    js.create_stream(jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![subjects.raw_subject("benchprobe.>")],
+        ..template.clone()
+    })
+    .await
+    .context("creating the probe stream")?;
+    let _ = js.delete_key_value(&bucket).await;
+    let kv = js
+        .create_key_value(jetstream::kv::Config {
+            bucket: bucket.clone(),
+            history: 1,
+            storage: template.storage,
+            num_replicas: template.num_replicas,
+            ..Default::default()
+        })
+        .await
+        .context("creating the probe bucket")?;
+    let result = async {
+        let body = bytes::Bytes::from(vec![b'x'; 600]);
+        let value = bytes::Bytes::from(vec![b'y'; 2048]);
+        let (mut publish, mut get, mut update) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rev = kv.put("k", value.clone()).await?;
+        for i in 0..N {
+            let t = Instant::now();
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(headers::MSG_ID, format!("probe{i}").as_str());
+            js.publish_with_headers(subject.clone(), h, body.clone())
+                .await?
+                .await?;
+            publish.push(t.elapsed().as_nanos() as i128);
+            let t = Instant::now();
+            let _ = kv.entry("k").await?;
+            get.push(t.elapsed().as_nanos() as i128);
+            let t = Instant::now();
+            rev = kv.update("k", value.clone(), rev).await?;
+            update.push(t.elapsed().as_nanos() as i128);
+        }
+        Ok::<_, anyhow::Error>(BTreeMap::from([
+            ("js_publish_ack".to_string(), Summary::of_nanos(publish)),
+            ("kv_entry".to_string(), Summary::of_nanos(get)),
+            ("kv_update_cas".to_string(), Summary::of_nanos(update)),
+        ]))
+    }
+    .await;
+    let _ = js.delete_stream(&stream).await;
+    let _ = js.delete_key_value(&bucket).await;
+    result
+}
+
 // ---- the command -----------------------------------------------------------------
 
 /// Run `mtx bench pipeline`.
@@ -1080,6 +1251,7 @@ pub async fn run(args: PipelineArgs, base: &Config) -> Result<ExitCode> {
     let started_at = chrono::Utc::now();
     let b = Bench::new(args, base).await?;
     b.setup().await?;
+    let rtt = probe_rtt(&b.js, &b.topo).await?;
     let signals = Arc::new(b.signals()?);
     let expected = signals.iter().filter(|s| s.expect != Expect::Bad).count();
     let env = b.cfg.environment;
@@ -1107,6 +1279,7 @@ pub async fn run(args: PipelineArgs, base: &Config) -> Result<ExitCode> {
         b.wait_states(Duration::from_secs(30)).await?;
         process = Some(p);
     }
+    let before = process.as_ref().map(|p| counters(&p.client));
     let consumers: Vec<(String, String)> = PIPELINE_CONSUMERS
         .iter()
         .map(|(s, c)| (b.topo.stream_name(s), c.to_string()))
@@ -1128,12 +1301,17 @@ pub async fn run(args: PipelineArgs, base: &Config) -> Result<ExitCode> {
         .as_ref()
         .map(|p| flatten_metrics(&p.registry))
         .unwrap_or_default();
+    let sent = process
+        .as_ref()
+        .zip(before)
+        .map(|(p, b)| traffic(b, counters(&p.client), signals.len()));
     if let Some(p) = process.take() {
         token.cancel();
         p.wait().await;
     }
     let mut pipeline = analyze_pipeline(&b, &signals, &start, &driven).await?;
     pipeline.metrics = metrics;
+    pipeline.nats_traffic = sent;
 
     // ---- pass-through
     let mut chain = None;
@@ -1156,6 +1334,7 @@ pub async fn run(args: PipelineArgs, base: &Config) -> Result<ExitCode> {
             .context("starting the pass-through chain")?;
         c.spawn(&mut p);
         wait_ready(&p, Duration::from_secs(30)).await?;
+        let before = counters(&p.client);
         let pt_signals: Vec<LoadSignal> = signals
             .iter()
             .map(|s| LoadSignal {
@@ -1177,10 +1356,12 @@ pub async fn run(args: PipelineArgs, base: &Config) -> Result<ExitCode> {
         )
         .await?;
         let m = flatten_metrics(&p.registry);
+        let sent = traffic(before, counters(&p.client), pt_signals.len());
         token.cancel();
         p.wait().await;
         let mut r = analyze_chain(&b.js, &c, &pt_signals, &d).await?;
         r.metrics = m;
+        r.nats_traffic = Some(sent);
         pt = Some(r);
         chain = Some(c);
     }
@@ -1203,6 +1384,7 @@ pub async fn run(args: PipelineArgs, base: &Config) -> Result<ExitCode> {
         pipeline,
         passthrough: pt,
         ratio,
+        broker_round_trips: rtt,
         method: method(),
     };
     print_table(&report);
@@ -1325,9 +1507,11 @@ fn method() -> BTreeMap<&'static str, &'static str> {
         ),
         (
             "throughput",
-            "completed signals / (last account state, fill or decision stored - first raw \
-             Mtx-Received-At); completed = decided, and every order filled or ended; all \
-             pipeline consumers quiet (nothing pending, nothing unacked) at the end",
+            "completed signals / (last completion - first raw Mtx-Received-At); a signal \
+             completes when it is decided and every order of it is filled (or ended) and each \
+             fill is in an account state: its completion time is the store time of the first \
+             ACCOUNTS state of the fill's account stored after the fill (else the decision); \
+             all pipeline consumers are quiet (nothing pending, nothing unacked) at the end",
         ),
         (
             "stages",
@@ -1424,6 +1608,11 @@ fn print_table(r: &Report) {
     );
     println!(
         "{:<40} {}",
+        "raw→complete p50/p95/p99/max (ms)",
+        col(&|x| ms4(x.latency.get("raw_to_complete")))
+    );
+    println!(
+        "{:<40} {}",
         "CPU of this process",
         col(&|x| usage_line(&x.usage))
     );
@@ -1436,24 +1625,59 @@ fn print_table(r: &Report) {
             .map(|b| format!("{:.1}", b as f64 / 1048576.0))
             .unwrap_or_else(|| "-".into()))
     );
+    println!(
+        "{:<40} {}",
+        "workers → NATS per signal (KB, msgs)",
+        col(&|x| x
+            .nats_traffic
+            .as_ref()
+            .map(|t| format!(
+                "{:.1} KB, {:.1} msgs",
+                t.out_bytes_per_signal / 1024.0,
+                t.out_messages_per_signal
+            ))
+            .unwrap_or_else(|| "-".into()))
+    );
     if let Some(ratio) = r.ratio {
         println!("{:<40} {ratio:.2}", "pipeline / pass-through");
     }
     for (name, ph) in [("pipeline", Some(p)), ("pass-through", t)] {
         if let Some(share) = ph.and_then(|x| others_share(&x.usage)) {
             if share > 0.1 {
+                let who = if r.mode == "external" && name == "pipeline" {
+                    "other processes (the external pools included)"
+                } else {
+                    "other processes"
+                };
                 println!(
-                    "note: other processes used {:.0}% of the host's CPU during the {name} phase; its figures are disturbed",
+                    "note: {who} used {:.0}% of the host's CPU during the {name} phase; figures may be disturbed",
                     share * 100.0
                 );
             }
         }
     }
+    println!("broker round trips alone, p50/p95/p99/max (ms):");
+    for (k, v) in &r.broker_round_trips {
+        println!("  {:<38} {}", k, ms4(Some(v)));
+    }
     println!("pipeline stages, store time to store time, p50/p95/p99/max (ms):");
     for (k, v) in &p.stages {
         println!("  {:<38} {}", k, ms4(Some(v)));
     }
-    for k in ["raw_to_order_entry", "raw_to_order_exit"] {
+    println!(
+        "throughput by action (signals/s): {}",
+        p.throughput_by_action
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for k in [
+        "raw_to_order_entry",
+        "raw_to_order_exit",
+        "raw_to_complete_entry",
+        "raw_to_complete_exit",
+    ] {
         if let Some(v) = p.latency.get(k) {
             println!("  {:<38} {}", k, ms4(Some(v)));
         }

@@ -2,6 +2,10 @@
 //! nats-server writes a report with every field, and every signal completes
 //! in the pipeline and in the pass-through chain. No wall-clock assertions:
 //! this is a benchmark, the figures belong to the machine.
+//!
+//! Takes from a few seconds to about a minute: an EXIT whose MARKET entry
+//! was filled without ever being seen working in an account state waits for
+//! Cerebro's `unbooked_grace` (30 s) and a state published after it.
 
 use mtx_harness::NatsServer;
 use serde_json::Value;
