@@ -1019,12 +1019,12 @@ async fn analyze_pipeline(
         ("fill".to_string(), mean_size(&exec_ours)),
         ("state".to_string(), mean_size(&state_ours)),
     ]);
-    // States are coalesced per batch: the bytes written per signal are the
-    // fair size of a one-message-per-signal chain's last hop.
+    // States are coalesced per batch: the state bytes written per signal
+    // published are the fair size of a one-message-per-signal chain's last hop.
     let state_bytes: usize = state_ours.iter().map(|m| m.size).sum();
     sizes.insert(
         "state_per_signal".to_string(),
-        state_bytes / completed.max(1),
+        state_bytes / expected.max(1),
     );
     Ok(PhaseReport {
         expected,
@@ -1639,7 +1639,7 @@ fn print_table(r: &Report) {
             .unwrap_or_else(|| "-".into()))
     );
     if let Some(ratio) = r.ratio {
-        println!("{:<40} {ratio:.2}", "pipeline / pass-through");
+        println!("{:<40} {ratio:.3}", "pipeline / pass-through");
     }
     for (name, ph) in [("pipeline", Some(p)), ("pass-through", t)] {
         if let Some(share) = ph.and_then(|x| others_share(&x.usage)) {
