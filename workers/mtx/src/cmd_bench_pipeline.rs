@@ -575,8 +575,11 @@ async fn drive(
     timeout: Duration,
     server_pid: Option<u32>,
     label: &str,
+    dlq: Option<(String, u64)>,
 ) -> Result<Driven> {
     let pb = bar(signals.len(), label);
+    let mut dead = 0u64;
+    let mut polls = 0u64;
     measure::reset_peak_rss();
     let u0 = Usage::now(server_pid);
     let started = Instant::now();
@@ -629,7 +632,29 @@ async fn drive(
             }
         }
         pb.set_position(acked.min(signals.len() as u64));
-        pb.set_message(format!("published {}", published.load(Ordering::Relaxed)));
+        polls += 1;
+        if let Some((stream, start)) = dlq.as_ref().filter(|_| polls.is_multiple_of(40)) {
+            if let Ok(mut st) = js.get_stream(stream).await {
+                if let Ok(i) = st.info().await {
+                    let now = (i.state.last_sequence + 1).saturating_sub(*start);
+                    if dead == 0 && now > 0 {
+                        pb.println(format!(
+                            "dead letters are appearing on {stream} (the report counts them by stage and reason)"
+                        ));
+                    }
+                    dead = now;
+                }
+            }
+        }
+        pb.set_message(format!(
+            "published {}{}",
+            published.load(Ordering::Relaxed),
+            if dead > 0 {
+                format!(", dead letters {dead}")
+            } else {
+                String::new()
+            }
+        ));
         let Some((_, _, done_at)) = publish_done else {
             continue;
         };
@@ -1295,6 +1320,11 @@ pub async fn run(args: PipelineArgs, base: &Config) -> Result<ExitCode> {
         Duration::from_secs(b.args.timeout_secs),
         b.server_pid,
         "pipeline",
+        {
+            let dlq = b.topo.stream_name(streams::DLQ);
+            let from = start.get(&dlq).copied().unwrap_or(1);
+            Some((dlq, from))
+        },
     )
     .await?;
     let metrics = process
@@ -1353,6 +1383,7 @@ pub async fn run(args: PipelineArgs, base: &Config) -> Result<ExitCode> {
             Duration::from_secs(b.args.timeout_secs),
             b.server_pid,
             "pass-through",
+            None,
         )
         .await?;
         let m = flatten_metrics(&p.registry);
