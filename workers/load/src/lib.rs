@@ -7,6 +7,7 @@
 //! | [`generate`] | the signals, as the gateway would publish them (pure, no I/O) |
 //! | [`LoadSignal`] | one raw signal: subject, `Nats-Msg-Id`, headers, body, what it should become |
 //! | [`publish`] | publish a slice at a fixed rate or flat out, retrying until JetStream acked each |
+//! | [`measure`] | latency summaries, CPU / peak RSS, reading streams back with store times |
 //!
 //! The generator is pure and seeded: the same spec gives byte-identical
 //! bodies (apart from the receive time stamped at publish), so a run can be
@@ -19,6 +20,8 @@
 //! with two legs) and, after each entry, with probability `exit_ratio`, an
 //! EXIT of that entry a few signals later. Every `bad_every`-th signal is a
 //! deliberately malformed body (no legs) the standardizer must dead-letter.
+
+pub mod measure;
 
 use std::time::{Duration, Instant};
 

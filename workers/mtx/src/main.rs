@@ -12,10 +12,12 @@
 //! - `mtx bench sink`: sink throughput against a plain `insert_many` loop.
 //! - `mtx backtest ingest`, `mtx strategies ...`, `mtx optimize`, `mtx allocations ...`:
 //!   backtests, the strategy registry, portfolio optimisation and allocation approval.
+//! - `mtx bench pipeline`: end-to-end throughput / latency against a pass-through chain.
 
 mod cmd_allocations;
 mod cmd_backtest;
 mod cmd_bench;
+mod cmd_bench_pipeline;
 mod cmd_db;
 mod cmd_dlq;
 mod cmd_market;
@@ -25,6 +27,7 @@ mod cmd_secrets;
 mod cmd_signal;
 mod cmd_signal_show;
 mod cmd_strategies;
+mod passthrough;
 mod workers;
 
 use anyhow::{Context, Result};
@@ -89,7 +92,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cmd_dlq::DlqCmd,
     },
-    /// Benchmarks: `mtx bench sink`.
+    /// Benchmarks: `mtx bench sink`, `mtx bench pipeline`.
     Bench {
         #[command(subcommand)]
         cmd: cmd_bench::BenchCmd,
@@ -137,13 +140,20 @@ enum ConfigCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg = match Config::load(cli.config.as_deref()) {
+    let mut cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
         }
     };
+    if let Cmd::Bench {
+        cmd: cmd_bench::BenchCmd::Pipeline(a),
+    } = &cli.cmd
+    {
+        // The workers of the bench log at their own level (default warn).
+        cfg.log.level = a.log_level.clone();
+    }
     mtx_runtime::telemetry::init(&cfg.log);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
