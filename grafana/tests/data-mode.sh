@@ -16,12 +16,12 @@
 #   mark; then grafana/tests/with-prometheus.sh scraping that process and
 #   grafana/tests/check_dashboards.py --mode data.
 # Needs the Debian `prometheus` binary (deploy/ops/install-tools.sh) and a
-# built `mtx` (MTX_BIN, default target/debug/mtx; built when missing).
+# built `mtx` (OPS_MTX_BIN, default target/debug/mtx; built when missing).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
 venv=${DEPLOY_LOCAL_DIR:-$repo/.local}/venv/bin
-mtx=${MTX_BIN:-$repo/target/debug/mtx}
+mtx=${OPS_MTX_BIN:-$repo/target/debug/mtx}
 py=${OPS_PYTHON:-python3}
 if [[ ! -x $mtx ]]; then cargo build -q -p mtx; fi
 
@@ -129,6 +129,22 @@ s.sendall(b'CONNECT {"verbose":false}\r\nPUB signals.raw.staging.mathematricks '
 assert b"PONG" in s.recv(4096)
 s.close()
 EOF
+
+# Keep signals flowing while Prometheus scrapes, so rates and latency
+# quantiles over the dashboards' windows have data (the fixtures above went
+# through before the first scrape).
+(
+  round=0
+  while :; do
+    round=$((round + 1))
+    for f in tests/fixtures/signals/*.json; do
+      m signal send "$f" --gateway "http://127.0.0.1:$gateway_port" --speed 1000 \
+        --id-prefix "live$round-$(basename "$f" .json)" >/dev/null 2>&1 || true
+    done
+    sleep 1
+  done
+) &
+pids+=($!)
 
 echo "== dashboards on real data"
 grafana/tests/with-prometheus.sh --scrape "127.0.0.1:$metrics_port" --wait-scrapes 8 -- \
