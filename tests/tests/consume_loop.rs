@@ -203,9 +203,28 @@ async fn outcomes_drive_ack_delayed_redelivery_and_dlq() {
         "mtx_dlq_messages_total{reason=\"max_deliveries\",stage=\"standardizer\"} 1",
         "mtx_redeliveries_total{stage=\"standardizer\"} 3",
         "mtx_messages_received_total{stage=\"standardizer\"} 7",
+        // Series that never moved exist at 0 from the start.
+        "mtx_messages_processed_total{outcome=\"duplicate\",stage=\"standardizer\"} 0",
     ] {
         assert!(text.contains(line), "missing `{line}` in\n{text}");
     }
+    // The consumer's configured limit, sampled from consumer info.
+    let max_ack = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "mtx_consumer_max_ack_pending{consumer=\"standardizer\",stage=\"standardizer\"} ",
+            )
+        })
+        .unwrap_or_else(|| panic!("no mtx_consumer_max_ack_pending in\n{text}"));
+    let st = js.get_stream(&raw_stream).await.unwrap();
+    let configured = st
+        .consumer_info("standardizer")
+        .await
+        .unwrap()
+        .config
+        .max_ack_pending;
+    assert_eq!(max_ack, configured.to_string());
     shutdown.cancel();
     waiter.await.unwrap();
 }

@@ -298,6 +298,19 @@ async fn run_inner<H: Handler>(
     beat: Beat,
 ) {
     let handler = handler.as_ref();
+    // Every per-stage series exists from the start at 0, so rates and
+    // alerts on them read 0 (not "no data") before the first message.
+    {
+        let m = &ctx.metrics;
+        let stage = b.stage.as_str();
+        m.received.with_label_values(&[stage]);
+        for outcome in ["ok", "duplicate", "retry", "dlq"] {
+            m.processed.with_label_values(&[stage, outcome]);
+        }
+        m.redeliveries.with_label_values(&[stage]);
+        m.in_flight.with_label_values(&[stage]);
+        m.handler_seconds.with_label_values(&[stage]);
+    }
     let linger = Duration::from_millis(ctx.worker.batch_linger_ms);
     let max_in_flight = handler
         .batches_in_flight()
@@ -395,6 +408,7 @@ async fn run_inner<H: Handler>(
                             let l = [b.stage.as_str(), b.durable.as_str()];
                             ctx.metrics.consumer_pending.with_label_values(&l).set(info.num_pending as i64);
                             ctx.metrics.consumer_ack_pending.with_label_values(&l).set(info.num_ack_pending as i64);
+                            ctx.metrics.consumer_max_ack_pending.with_label_values(&l).set(info.config.max_ack_pending);
                         }
                         continue;
                     }

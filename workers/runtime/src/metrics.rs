@@ -37,6 +37,9 @@ pub struct RuntimeMetrics {
     pub consumer_pending: IntGaugeVec,
     /// Unacknowledged messages of a stage's consumer (from consumer info).
     pub consumer_ack_pending: IntGaugeVec,
+    /// The consumer's configured `max_ack_pending` (from consumer info), so
+    /// alerts compare ack-pending with the real limit.
+    pub consumer_max_ack_pending: IntGaugeVec,
     /// 1 while the NATS connection is up.
     pub nats_connected: IntGauge,
     /// End-to-end latency from the raw signal's receive time to a stage's output.
@@ -111,6 +114,13 @@ impl RuntimeMetrics {
                 ),
                 &["stage", "consumer"],
             )?,
+            consumer_max_ack_pending: IntGaugeVec::new(
+                Opts::new(
+                    "mtx_consumer_max_ack_pending",
+                    "The consumer's configured max_ack_pending (shared by every replica)",
+                ),
+                &["stage", "consumer"],
+            )?,
             nats_connected: IntGauge::new("mtx_nats_connected", "1 while connected to NATS")?,
             e2e_seconds: HistogramVec::new(
                 HistogramOpts::new(
@@ -131,6 +141,7 @@ impl RuntimeMetrics {
         registry.register(Box::new(m.published.clone()))?;
         registry.register(Box::new(m.consumer_pending.clone()))?;
         registry.register(Box::new(m.consumer_ack_pending.clone()))?;
+        registry.register(Box::new(m.consumer_max_ack_pending.clone()))?;
         registry.register(Box::new(m.nats_connected.clone()))?;
         registry.register(Box::new(m.e2e_seconds.clone()))?;
         let build = IntGaugeVec::new(
