@@ -283,6 +283,85 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 }
 
 /// Reading back what landed on a stream, for assertions.
+/// The role users of `deploy/nats/auth.conf.tmpl` for tests.
+pub mod nats_auth {
+    use super::repo_root;
+
+    /// Every role the template defines.
+    pub const ROLES: &[&str] = &[
+        "provider",
+        "gateway",
+        "bridge",
+        "standardizer",
+        "cerebro",
+        "execution",
+        "accounts",
+        "sink",
+        "marketdata",
+        "ops",
+        "admin",
+    ];
+
+    /// `deploy/nats/auth.conf.tmpl` rendered for `prefix` (same rules as
+    /// `deploy/nats/render-auth.sh`: comment lines are left alone).
+    pub fn render_auth(prefix: &str) -> String {
+        let tmpl = std::fs::read_to_string(repo_root().join("deploy/nats/auth.conf.tmpl"))
+            .expect("deploy/nats/auth.conf.tmpl");
+        let (p, s, b) = if prefix.is_empty() {
+            (String::new(), String::new(), String::new())
+        } else {
+            (
+                format!("{prefix}."),
+                format!("{}_", prefix.to_ascii_uppercase()),
+                format!("{prefix}_"),
+            )
+        };
+        let mut out = String::new();
+        for line in tmpl.split_inclusive('\n') {
+            if line.trim_start().starts_with('#') {
+                out.push_str(line);
+            } else {
+                out.push_str(
+                    &line
+                        .replace("{{P}}", &p)
+                        .replace("{{S}}", &s)
+                        .replace("{{B}}", &b),
+                );
+            }
+        }
+        out
+    }
+
+    /// The test password of `role` (per test process).
+    pub fn password(role: &str) -> String {
+        format!("pw-{role}-{}", std::process::id())
+    }
+
+    /// A whole nats-server config block: the `$MTX_NATS_PW_<ROLE>` variables,
+    /// the rendered template, and optionally an unrestricted `observer` user
+    /// (user name = password) for a test's own setup and checks.
+    pub fn config(prefix: &str, observer: Option<&str>) -> String {
+        let mut conf = String::new();
+        for role in ROLES {
+            conf.push_str(&format!(
+                "MTX_NATS_PW_{} = \"{}\"\n",
+                role.to_ascii_uppercase(),
+                password(role)
+            ));
+        }
+        let mut rendered = render_auth(prefix);
+        if let Some(o) = observer {
+            rendered = rendered.replacen(
+                "users = [",
+                &format!("users = [\n    {{ user: {o}, password: \"{o}\" }}"),
+                1,
+            );
+        }
+        conf.push_str(&rendered);
+        conf
+    }
+}
+
 pub mod bus {
     use async_nats::jetstream::{self, consumer};
     use futures::StreamExt;

@@ -28,6 +28,7 @@ use async_nats::jetstream::{self, consumer::pull, stream::RawMessageErrorKind};
 use bytes::Bytes;
 use common::{count, eventually};
 use futures::StreamExt;
+use mtx_harness::nats_auth::{password, render_auth};
 use mtx_harness::{repo_root, unique, NatsServer};
 use mtx_schemas::{headers, Environment};
 use mtx_subjects::topology::{buckets, streams};
@@ -36,54 +37,6 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-const ROLES: &[&str] = &[
-    "provider",
-    "gateway",
-    "bridge",
-    "standardizer",
-    "cerebro",
-    "execution",
-    "accounts",
-    "sink",
-    "marketdata",
-    "ops",
-    "admin",
-];
-
-/// `deploy/nats/auth.conf.tmpl` rendered for `prefix` (same rules as
-/// `deploy/nats/render-auth.sh`: comment lines are left alone).
-fn render_auth(prefix: &str) -> String {
-    let tmpl = std::fs::read_to_string(repo_root().join("deploy/nats/auth.conf.tmpl"))
-        .expect("deploy/nats/auth.conf.tmpl");
-    let (p, s, b) = if prefix.is_empty() {
-        (String::new(), String::new(), String::new())
-    } else {
-        (
-            format!("{prefix}."),
-            format!("{}_", prefix.to_ascii_uppercase()),
-            format!("{prefix}_"),
-        )
-    };
-    let mut out = String::new();
-    for line in tmpl.split_inclusive('\n') {
-        if line.trim_start().starts_with('#') {
-            out.push_str(line);
-        } else {
-            out.push_str(
-                &line
-                    .replace("{{P}}", &p)
-                    .replace("{{S}}", &s)
-                    .replace("{{B}}", &b),
-            );
-        }
-    }
-    out
-}
-
-fn password(role: &str) -> String {
-    format!("pw-{role}-{}", std::process::id())
-}
 
 /// A nats-server (JetStream) with the role users for a fresh topology prefix.
 struct Secured {
@@ -96,16 +49,7 @@ struct Secured {
 impl Secured {
     fn start() -> Secured {
         let prefix = unique("p");
-        let mut conf = String::new();
-        for role in ROLES {
-            conf.push_str(&format!(
-                "MTX_NATS_PW_{} = \"{}\"\n",
-                role.to_ascii_uppercase(),
-                password(role)
-            ));
-        }
-        conf.push_str(&render_auth(&prefix));
-        let nats = NatsServer::start_with(&conf, "");
+        let nats = NatsServer::start_with(&mtx_harness::nats_auth::config(&prefix, None), "");
         let settings = TopologySettings {
             prefix: prefix.clone(),
             ..Default::default()
@@ -653,7 +597,10 @@ async fn pipeline_runs_end_to_end_with_role_credentials() {
     ] {
         assert!(metrics.contains(&line), "missing `{line}` in\n{metrics}");
     }
-    assert!(!metrics.contains("outcome=\"dlq\""), "{metrics}");
+    assert!(
+        metrics.contains("mtx_messages_processed_total{outcome=\"dlq\",stage=\"echo\"} 0"),
+        "{metrics}"
+    );
 
     drop(worker);
     // Not one permission violation on the whole run (the server logs them as

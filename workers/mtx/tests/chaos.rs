@@ -13,6 +13,10 @@
 //! - the DLQ holds exactly the deliberately bad inputs, one dead letter per
 //!   copy the raw stream stored (a re-publication after the dedupe window is
 //!   a new message, so it gets its own dead letter).
+//!
+//! The replicas test also runs every pool as its own NATS role
+//! (`deploy/nats/auth.conf.tmpl`: setup as `admin`, the load as `provider`)
+//! and fails on any permission violation the server logs.
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use mongodb::bson::{doc, Document};
@@ -59,7 +63,14 @@ struct Opts {
     duplicate_window_secs: Option<u64>,
     /// Replicas per pool (default 1).
     replicas: BTreeMap<&'static str, usize>,
+    /// nats-server with the role users of `deploy/nats/auth.conf.tmpl`:
+    /// every pool runs as its own role, setup as `admin`, the load as
+    /// `provider`; the test's own checks use an unrestricted observer.
+    role_credentials: bool,
 }
+
+/// The test's own unrestricted NATS user under `role_credentials`.
+const OBSERVER: &str = "observer";
 
 struct Cluster {
     nats: NatsServer,
@@ -71,11 +82,26 @@ struct Cluster {
     js: jetstream::Context,
     procs: BTreeMap<&'static str, Vec<Proc>>,
     trading: String,
+    /// Under `role_credentials`: the load's connection (`provider`).
+    provider: Option<jetstream::Context>,
+    role_credentials: bool,
+}
+
+/// `MTX_NATS__USER` / `MTX_NATS__PASSWORD` for `role` on `cmd`.
+fn as_role(cmd: &mut Command, role: &str) {
+    cmd.env("MTX_NATS__USER", role)
+        .env("MTX_NATS__PASSWORD", mtx_harness::nats_auth::password(role));
 }
 
 impl Cluster {
     async fn start(opts: Opts) -> Cluster {
-        let nats = NatsServer::start_with("", opts.js_fields);
+        let prefix = unique("x");
+        let auth = if opts.role_credentials {
+            mtx_harness::nats_auth::config(&prefix, Some(OBSERVER))
+        } else {
+            String::new()
+        };
+        let nats = NatsServer::start_with(&auth, opts.js_fields);
         let mongo = MongoServer::start();
         let dir = tempfile::tempdir().unwrap();
         let trading = unique("trading");
@@ -118,21 +144,43 @@ publish_interval_secs = 2
                 nats = nats.url(),
                 mongo = mongo.uri(),
                 core = unique("core"),
-                prefix = unique("x"),
             ),
         )
         .unwrap();
         let cfg = Config::load(Some(&config)).unwrap();
         let topo = Topology::build(&cfg.topology);
         for args in [&["db", "migrate"][..], &["topology", "apply"][..]] {
-            let out = mtx(&config).args(args).output().unwrap();
+            let mut cmd = mtx(&config);
+            if opts.role_credentials {
+                as_role(&mut cmd, "admin");
+            }
+            let out = cmd.args(args).output().unwrap();
             assert!(
                 out.status.success(),
                 "{args:?}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let client = async_nats::connect(nats.url()).await.unwrap();
+        let (client, provider) = if opts.role_credentials {
+            let observer = async_nats::ConnectOptions::with_user_and_password(
+                OBSERVER.into(),
+                OBSERVER.into(),
+            )
+            .connect(nats.url())
+            .await
+            .unwrap();
+            let provider = async_nats::ConnectOptions::with_user_and_password(
+                "provider".into(),
+                mtx_harness::nats_auth::password("provider"),
+            )
+            .custom_inbox_prefix("_INBOX_providers")
+            .connect(nats.url())
+            .await
+            .unwrap();
+            (observer, Some(jetstream::new(provider)))
+        } else {
+            (async_nats::connect(nats.url()).await.unwrap(), None)
+        };
         let js = jetstream::new(client);
         let strategies = js
             .get_key_value(topo.bucket(buckets::STRATEGIES).unwrap())
@@ -175,6 +223,8 @@ publish_interval_secs = 2
             js,
             procs: BTreeMap::new(),
             trading,
+            provider,
+            role_credentials: opts.role_credentials,
         };
         for pool in POOLS {
             for _ in 0..opts.replicas.get(pool).copied().unwrap_or(1) {
@@ -197,7 +247,11 @@ publish_interval_secs = 2
     }
 
     fn spawn(&mut self, pool: &'static str) {
-        let child = mtx(&self.config)
+        let mut cmd = mtx(&self.config);
+        if self.role_credentials {
+            as_role(&mut cmd, pool);
+        }
+        let child = cmd
             .args(["run", pool])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -232,7 +286,7 @@ publish_interval_secs = 2
 
     async fn publish(&self, signals: &[LoadSignal], rate: f64) {
         mtx_load::publish(
-            &self.js,
+            self.provider.as_ref().unwrap_or(&self.js),
             Environment::Staging,
             signals,
             Pace::Rate(rate),
@@ -470,6 +524,22 @@ publish_interval_secs = 2
             dead, raw_copies,
             "one dead letter per stored copy of a bad input"
         );
+        // Under role credentials, not one permission violation on the run
+        // (nats-server logs each as `Publish Violation` / `Subscription
+        // Violation`).
+        if self.role_credentials {
+            let log = self.nats.log();
+            let violations: Vec<&str> = log
+                .lines()
+                .filter(|l| l.to_lowercase().contains("violation"))
+                .collect();
+            assert!(
+                violations.is_empty(),
+                "permission violations:\n{}",
+                violations.join("\n")
+            );
+        }
+
         // Live account state equals a replay of the executions.
         let (book, refused) = mtx_accounts::worker::rebuild(
             &self.js,
@@ -649,6 +719,8 @@ async fn replicas_of_standardizer_cerebro_and_sink() {
         replicas: [("standardizer", 2), ("cerebro", 3), ("sink", 2)]
             .into_iter()
             .collect(),
+        // Every pool with its own role's NATS credentials, as deployed.
+        role_credentials: true,
         ..Opts::default()
     })
     .await;

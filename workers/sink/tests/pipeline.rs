@@ -588,7 +588,7 @@ async fn validator_rejection_goes_to_dlq_sink_not_into_retries() {
         "{text}"
     );
     assert!(
-        !text.contains("mtx_redeliveries_total{stage=\"sink\"}"),
+        text.contains("mtx_redeliveries_total{stage=\"sink\"} 0"),
         "{text}"
     );
     sink.stop().await;
