@@ -282,7 +282,6 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
-/// Reading back what landed on a stream, for assertions.
 /// The role users of `deploy/nats/auth.conf.tmpl` for tests.
 pub mod nats_auth {
     use super::repo_root;
@@ -362,6 +361,7 @@ pub mod nats_auth {
     }
 }
 
+/// Reading back what landed on a stream, for assertions.
 pub mod bus {
     use async_nats::jetstream::{self, consumer};
     use futures::StreamExt;

@@ -8,18 +8,14 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
 use mtx_harness::NatsServer;
 use mtx_runtime::config::Config;
-use mtx_runtime::process::Process;
 use mtx_runtime::{Delivery, Handler, Outcome};
-use mtx_schemas::{headers, Environment};
 use mtx_subjects::topology::streams;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 /// Records the batches it is given; holds the first one until released;
 /// NAKs first deliveries when asked to.
@@ -32,7 +28,11 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn new(hold_first: bool, retry_first_delivery: bool) -> (Arc<Recorder>, watch::Sender<bool>) {
+    fn new(
+        hold_first: bool,
+        retry_first_delivery: bool,
+        in_flight: usize,
+    ) -> (Arc<Recorder>, watch::Sender<bool>) {
         let (tx, rx) = watch::channel(false);
         (
             Arc::new(Recorder {
@@ -40,10 +40,26 @@ impl Recorder {
                 hold_first,
                 release: rx,
                 retry_first_delivery,
-                in_flight: 1,
+                in_flight,
             }),
             tx,
         )
+    }
+
+    /// Settles every message of every batch at once.
+    fn acking() -> Arc<Recorder> {
+        Self::new(false, false, 1).0
+    }
+
+    /// Holds the first batch until `true` is sent (or forever, while the
+    /// sender lives); asks for `in_flight` batches at a time.
+    fn holding_first(in_flight: usize) -> (Arc<Recorder>, watch::Sender<bool>) {
+        Self::new(true, false, in_flight)
+    }
+
+    /// NAKs (100 ms) every first delivery, settles the redelivery.
+    fn retrying_first_deliveries() -> Arc<Recorder> {
+        Self::new(false, true, 1).0
     }
 
     fn sizes(&self) -> Vec<usize> {
@@ -52,6 +68,11 @@ impl Recorder {
 
     fn handled(&self) -> usize {
         self.sizes().iter().sum()
+    }
+
+    /// Whether `n` messages in all are handled within 20 s.
+    async fn eventually_handled(&self, n: usize) -> bool {
+        eventually(Duration::from_secs(20), || async { self.handled() == n }).await
     }
 }
 
@@ -86,48 +107,19 @@ impl Handler for Recorder {
     }
 }
 
-async fn publish_n(js: &async_nats::jetstream::Context, cfg: &Config, n: usize) {
-    let raw = mtx_subjects::Subjects::new(&cfg.topology.prefix)
-        .signals_raw(Environment::Staging, "t")
-        .unwrap();
-    let mut acks = Vec::new();
-    for i in 0..n {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(headers::MSG_ID, format!("in-{i}").as_str());
-        acks.push(
-            js.publish_with_headers(raw.clone(), h, Bytes::from(format!("m{i}")))
-                .await
-                .unwrap(),
-        );
-    }
-    for a in acks {
-        a.await.unwrap();
-    }
+async fn publish(js: &async_nats::jetstream::Context, cfg: &Config, n: usize) {
+    publish_n(js, &raw_subject(cfg), n).await;
 }
 
+/// (pending, ack pending) of the standardizer's consumer.
 async fn consumer_state(js: &async_nats::jetstream::Context, cfg: &Config) -> (u64, usize) {
-    let topo = mtx_subjects::Topology::build(&cfg.topology);
-    let i = js
-        .get_stream(topo.stream_name(streams::SIGNALS_RAW))
-        .await
-        .unwrap()
-        .consumer_info("standardizer")
-        .await
-        .unwrap();
-    (i.num_pending, i.num_ack_pending)
+    let stream = mtx_subjects::Topology::build(&cfg.topology).stream_name(streams::SIGNALS_RAW);
+    backlog(js, &stream, "standardizer").await
 }
 
-fn start(cfg: &Config, handler: Arc<Recorder>) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let cfg = cfg.clone();
-    let shutdown = CancellationToken::new();
-    let s = shutdown.clone();
-    let waiter = tokio::spawn(async move {
-        let mut p = Process::start(cfg, s).await.unwrap();
-        p.spawn_consumer("standardizer", "standardizer", handler)
-            .unwrap();
-        p.wait().await;
-    });
-    (shutdown, waiter)
+/// `handler` on the standardizer's consumer, in a process of its own.
+async fn start(cfg: &Config, handler: Arc<Recorder>) -> Running {
+    consume(cfg, "standardizer", "standardizer", handler).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,25 +134,16 @@ async fn a_backlog_is_handed_over_in_full_batches() {
     cfg.worker.batch_linger_ms = 400;
     let js = js(&nats).await;
     apply(&js, &cfg).await;
-    publish_n(&js, &cfg, 100).await;
-    let (h, _release) = Recorder::new(false, false);
-    let (shutdown, waiter) = start(&cfg, h.clone());
-    assert!(
-        eventually(Duration::from_secs(20), || async { h.handled() == 100 }).await,
-        "{:?}",
-        h.sizes()
-    );
+    publish(&js, &cfg, 100).await;
+    let h = Recorder::acking();
+    let run = start(&cfg, h.clone()).await;
+    assert!(h.eventually_handled(100).await, "{:?}", h.sizes());
     assert_eq!(h.sizes(), vec![20; 5], "every batch full");
     // A message arriving on its own is handed over on its own.
-    publish_n(&js, &cfg, 101).await; // 100 duplicates (same ids) + 1 new
-    assert!(
-        eventually(Duration::from_secs(20), || async { h.handled() == 101 }).await,
-        "{:?}",
-        h.sizes()
-    );
+    publish(&js, &cfg, 101).await; // 100 duplicates (same ids) + 1 new
+    assert!(h.eventually_handled(101).await, "{:?}", h.sizes());
     assert_eq!(h.sizes().last(), Some(&1));
-    shutdown.cancel();
-    waiter.await.unwrap();
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,9 +154,9 @@ async fn the_next_pull_request_fills_while_a_batch_is_handled_and_shutdown_finis
     cfg.worker.batch_linger_ms = 400; // the first batch is a whole request
     let js = js(&nats).await;
     apply(&js, &cfg).await;
-    publish_n(&js, &cfg, 50).await;
-    let (h, release) = Recorder::new(true, false);
-    let (shutdown, waiter) = start(&cfg, h.clone());
+    publish(&js, &cfg, 50).await;
+    let (h, release) = Recorder::holding_first(1);
+    let run = start(&cfg, h.clone()).await;
     // While the first batch is held, the prefetched request is delivered too.
     assert!(
         eventually(Duration::from_secs(20), || async {
@@ -186,9 +169,9 @@ async fn the_next_pull_request_fills_while_a_batch_is_handled_and_shutdown_finis
     assert_eq!(h.sizes(), vec![10]);
     // Stop while holding it: both requests in hand are finished and acked,
     // nothing more is pulled.
-    shutdown.cancel();
+    run.shutdown.cancel();
     release.send(true).unwrap();
-    waiter.await.unwrap();
+    run.stop().await;
     assert_eq!(h.handled(), 20, "{:?}", h.sizes());
     assert_eq!(consumer_state(&js, &cfg).await, (30, 0));
 }
@@ -202,19 +185,18 @@ async fn without_prefetch_one_request_at_a_time() {
     cfg.worker.prefetch = false;
     let js = js(&nats).await;
     apply(&js, &cfg).await;
-    publish_n(&js, &cfg, 50).await;
-    let (h, release) = Recorder::new(true, false);
-    let (shutdown, waiter) = start(&cfg, h.clone());
-    assert!(eventually(Duration::from_secs(20), || async { h.handled() == 10 }).await);
+    publish(&js, &cfg, 50).await;
+    let (h, release) = Recorder::holding_first(1);
+    let run = start(&cfg, h.clone()).await;
+    assert!(h.eventually_handled(10).await, "{:?}", h.sizes());
     // Sampled while the batch is held: never more than one request's worth.
     for _ in 0..10 {
         assert_eq!(consumer_state(&js, &cfg).await, (40, 10));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     release.send(true).unwrap();
-    assert!(eventually(Duration::from_secs(20), || async { h.handled() == 50 }).await);
-    shutdown.cancel();
-    waiter.await.unwrap();
+    assert!(h.eventually_handled(50).await, "{:?}", h.sizes());
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,18 +213,13 @@ async fn messages_near_max_deliver_are_isolated_unless_this_process_naked_them()
     apply(&js, &cfg).await;
 
     // NAKed by this loop: the redelivery is expected and handled as a batch.
-    publish_n(&js, &cfg, 10).await;
-    let (h, _release) = Recorder::new(false, true);
-    let (shutdown, waiter) = start(&cfg, h.clone());
-    assert!(
-        eventually(Duration::from_secs(20), || async { h.handled() == 20 }).await,
-        "{:?}",
-        h.sizes()
-    );
+    publish(&js, &cfg, 10).await;
+    let h = Recorder::retrying_first_deliveries();
+    let run = start(&cfg, h.clone()).await;
+    assert!(h.eventually_handled(20).await, "{:?}", h.sizes());
     assert_eq!(h.sizes(), vec![10, 10]);
     assert_eq!(consumer_state(&js, &cfg).await, (0, 0));
-    shutdown.cancel();
-    waiter.await.unwrap();
+    run.stop().await;
 
     // Left unsettled by a process that died: on their next delivery each is
     // handled alone. (A fresh topology, so nothing of the first part is
@@ -255,21 +232,16 @@ async fn messages_near_max_deliver_are_isolated_unless_this_process_naked_them()
     cfg2.worker = cfg.worker.clone();
     let cfg = cfg2;
     apply(&js, &cfg).await;
-    publish_n(&js, &cfg, 5).await;
-    let (stuck, _never) = Recorder::new(true, false);
-    let (shutdown, waiter) = start(&cfg, stuck.clone());
-    let got_all = eventually(Duration::from_secs(20), || async { stuck.handled() == 5 }).await;
+    publish(&js, &cfg, 5).await;
+    let (stuck, _never) = Recorder::holding_first(1);
+    let run = start(&cfg, stuck.clone()).await;
+    let got_all = stuck.eventually_handled(5).await;
     let state = consumer_state(&js, &cfg).await;
     assert!(got_all, "{:?} {state:?}", stuck.sizes());
-    shutdown.cancel(); // the grace period runs out: the batch is abandoned
-    waiter.await.unwrap();
-    let (h, _release) = Recorder::new(false, false);
-    let (shutdown, waiter) = start(&cfg, h.clone());
-    assert!(
-        eventually(Duration::from_secs(20), || async { h.handled() == 5 }).await,
-        "{:?}",
-        h.sizes()
-    );
+    run.stop().await; // the grace period runs out: the batch is abandoned
+    let h = Recorder::acking();
+    let run = start(&cfg, h.clone()).await;
+    assert!(h.eventually_handled(5).await, "{:?}", h.sizes());
     assert_eq!(h.sizes(), vec![1; 5], "one at a time");
     let order: Vec<(u64, u64)> = h.batches.lock().unwrap().iter().map(|b| b[0]).collect();
     assert!(
@@ -278,8 +250,7 @@ async fn messages_near_max_deliver_are_isolated_unless_this_process_naked_them()
     );
     assert!(order.iter().all(|(_, d)| *d == 2), "{order:?}");
     assert_eq!(consumer_state(&js, &cfg).await, (0, 0));
-    shutdown.cancel();
-    waiter.await.unwrap();
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,16 +261,9 @@ async fn a_handler_that_allows_it_gets_the_next_batch_while_one_is_in_flight() {
     cfg.worker.batch_linger_ms = 400;
     let js = js(&nats).await;
     apply(&js, &cfg).await;
-    publish_n(&js, &cfg, 50).await;
-    let (tx, rx) = watch::channel(false);
-    let h = Arc::new(Recorder {
-        batches: Mutex::new(Vec::new()),
-        hold_first: true,
-        release: rx,
-        retry_first_delivery: false,
-        in_flight: 2,
-    });
-    let (shutdown, waiter) = start(&cfg, h.clone());
+    publish(&js, &cfg, 50).await;
+    let (h, release) = Recorder::holding_first(2);
+    let run = start(&cfg, h.clone()).await;
     // The first batch is held; the others are handed over meanwhile, one
     // at a time next to it, and settled.
     assert!(
@@ -313,32 +277,24 @@ async fn a_handler_that_allows_it_gets_the_next_batch_while_one_is_in_flight() {
     );
     assert_eq!(h.sizes(), vec![10; 5]);
     // Stop while the first is still held: it is finished and acked.
-    shutdown.cancel();
-    tx.send(true).unwrap();
-    waiter.await.unwrap();
+    run.shutdown.cancel();
+    release.send(true).unwrap();
+    run.stop().await;
     assert_eq!(consumer_state(&js, &cfg).await, (0, 0));
-    publish_n(&js, &cfg, 70).await; // 50 duplicates + 20 new
+    publish(&js, &cfg, 70).await; // 50 duplicates + 20 new
 
     // Capped by worker.max_batches_in_flight.
     let mut cfg1 = cfg.clone();
     cfg1.worker.max_batches_in_flight = 1;
-    let (tx, rx) = watch::channel(false);
-    let h = Arc::new(Recorder {
-        batches: Mutex::new(Vec::new()),
-        hold_first: true,
-        release: rx,
-        retry_first_delivery: false,
-        in_flight: 2,
-    });
-    let (shutdown, waiter) = start(&cfg1, h.clone());
-    assert!(eventually(Duration::from_secs(20), || async { h.handled() == 10 }).await);
+    let (h, release) = Recorder::holding_first(2);
+    let run = start(&cfg1, h.clone()).await;
+    assert!(h.eventually_handled(10).await, "{:?}", h.sizes());
     for _ in 0..10 {
         assert_eq!(h.sizes(), vec![10], "no second batch while one is held");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(consumer_state(&js, &cfg1).await.1, 20, "held + prefetched");
-    tx.send(true).unwrap();
-    assert!(eventually(Duration::from_secs(20), || async { h.handled() == 20 }).await);
-    shutdown.cancel();
-    waiter.await.unwrap();
+    release.send(true).unwrap();
+    assert!(h.eventually_handled(20).await, "{:?}", h.sizes());
+    run.stop().await;
 }

@@ -3,17 +3,15 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
 use mtx_harness::NatsServer;
-use mtx_runtime::process::Process;
+use mtx_runtime::config::Config;
 use mtx_runtime::{Delivery, Handler, Outcome, Outgoing};
-use mtx_schemas::{headers, Environment};
+use mtx_schemas::headers;
 use mtx_subjects::topology::streams;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Default)]
 struct Script {
@@ -52,21 +50,31 @@ impl Handler for Script {
     }
 }
 
-async fn publish_raw(js: &async_nats::jetstream::Context, subject: &str, bodies: &[String]) {
-    let mut acks = Vec::new();
-    for b in bodies {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(headers::MSG_ID, format!("in-{b}").as_str());
-        h.insert(headers::RECEIVED_AT, "1");
-        acks.push(
-            js.publish_with_headers(subject.to_string(), h, Bytes::from(b.clone()))
-                .await
+impl Script {
+    /// Outputs on `audit.out` under `cfg`'s prefix.
+    fn new(cfg: &Config) -> Script {
+        Script {
+            out_subject: mtx_subjects::Subjects::new(&cfg.topology.prefix)
+                .audit("out")
                 .unwrap(),
-        );
+            ..Default::default()
+        }
     }
-    for a in acks {
-        a.await.unwrap();
-    }
+}
+
+/// Each body with Nats-Msg-Id `in-<body>` and a Received-At header.
+async fn publish_raw(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    bodies: &[impl AsRef<str>],
+) {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::RECEIVED_AT, "1");
+    let msgs = bodies.iter().map(|b| {
+        let b = b.as_ref();
+        (format!("in-{b}"), b.to_string())
+    });
+    publish_all(js, subject, &h, msgs).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,26 +85,12 @@ async fn outcomes_drive_ack_delayed_redelivery_and_dlq() {
     cfg.topology.ack_wait_secs = 5;
     let js = js(&nats).await;
     let topo = apply(&js, &cfg).await;
-    let shutdown = CancellationToken::new();
-    let mut p = Process::start(cfg.clone(), shutdown.clone()).await.unwrap();
-    let out_subject = p.subjects.audit("out").unwrap();
-    let handler = Arc::new(Script {
-        out_subject: out_subject.clone(),
-        ..Default::default()
-    });
-    p.spawn_consumer("standardizer", "standardizer", handler.clone())
-        .unwrap();
-    let registry = p.registry.clone();
-    let waiter = tokio::spawn(p.wait());
+    let handler = Arc::new(Script::new(&cfg));
+    let out_subject = handler.out_subject.clone();
+    let run = consume(&cfg, "standardizer", "standardizer", handler.clone()).await;
 
-    let raw = mtx_subjects::Subjects::new(&cfg.topology.prefix)
-        .signals_raw(Environment::Staging, "test")
-        .unwrap();
-    let bodies: Vec<String> = ["ok:1", "retry-once:2", "reject:3", "fail:4"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    publish_raw(&js, &raw, &bodies).await;
+    let raw = raw_subject(&cfg);
+    publish_raw(&js, &raw, &["ok:1", "retry-once:2", "reject:3", "fail:4"]).await;
 
     let audit = topo.stream_name(streams::AUDIT);
     let dlq = topo.stream_name(streams::DLQ);
@@ -152,49 +146,38 @@ async fn outcomes_drive_ack_delayed_redelivery_and_dlq() {
         .iter()
         .map(|m| (String::from_utf8_lossy(&m.payload).to_string(), m))
         .collect();
-    let h = |m: &async_nats::jetstream::Message, k: &str| {
-        m.headers
-            .as_ref()
-            .unwrap()
-            .get(k)
-            .unwrap()
-            .as_str()
-            .to_string()
-    };
     let rej = by_body["reject:3"];
     assert_eq!(
         rej.subject.as_str(),
         format!("{}.dlq.standardizer", cfg.topology.prefix)
     );
-    assert_eq!(h(rej, headers::DLQ_REASON), "bad_input");
+    assert_eq!(header(rej, headers::DLQ_REASON), "bad_input");
     assert_eq!(
-        h(rej, headers::DLQ_DETAIL),
+        header(rej, headers::DLQ_DETAIL),
         "cannot use reject:3 second line"
     );
-    assert_eq!(h(rej, headers::DLQ_STAGE), "standardizer");
-    assert_eq!(h(rej, headers::ORIGINAL_SUBJECT), raw);
+    assert_eq!(header(rej, headers::DLQ_STAGE), "standardizer");
+    assert_eq!(header(rej, headers::ORIGINAL_SUBJECT), raw);
     assert_eq!(
-        h(rej, headers::RECEIVED_AT),
+        header(rej, headers::RECEIVED_AT),
         "1",
         "original headers are kept"
     );
     let fail = by_body["fail:4"];
-    assert_eq!(h(fail, headers::DLQ_REASON), "max_deliveries");
-    assert_eq!(h(fail, headers::DLQ_DETAIL), "still failing");
-    assert_eq!(h(fail, headers::DELIVERIES), "3");
+    assert_eq!(header(fail, headers::DLQ_REASON), "max_deliveries");
+    assert_eq!(header(fail, headers::DLQ_DETAIL), "still failing");
+    assert_eq!(header(fail, headers::DELIVERIES), "3");
 
     // Nothing left pending on the consumer.
     let raw_stream = topo.stream_name(streams::SIGNALS_RAW);
     assert!(
         eventually(Duration::from_secs(5), || async {
-            let st = js.get_stream(&raw_stream).await.unwrap();
-            let i = st.consumer_info("standardizer").await.unwrap();
-            i.num_ack_pending == 0 && i.num_pending == 0
+            backlog(&js, &raw_stream, "standardizer").await == (0, 0)
         })
         .await
     );
 
-    let text = mtx_runtime::metrics::render(&registry);
+    let text = mtx_runtime::metrics::render(&run.registry);
     for line in [
         "mtx_messages_processed_total{outcome=\"ok\",stage=\"standardizer\"} 2",
         "mtx_messages_processed_total{outcome=\"dlq\",stage=\"standardizer\"} 2",
@@ -225,8 +208,7 @@ async fn outcomes_drive_ack_delayed_redelivery_and_dlq() {
         .config
         .max_ack_pending;
     assert_eq!(max_ack, configured.to_string());
-    shutdown.cancel();
-    waiter.await.unwrap();
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,27 +219,17 @@ async fn stop_mid_batch_and_restart_loses_nothing_and_repeats_nothing() {
     cfg.worker.concurrency = 4;
     let js = js(&nats).await;
     let topo = apply(&js, &cfg).await;
-    let raw = mtx_subjects::Subjects::new(&cfg.topology.prefix)
-        .signals_raw(Environment::Staging, "test")
-        .unwrap();
     let n = 400;
     let bodies: Vec<String> = (0..n).map(|i| format!("ok:{i}")).collect();
-    publish_raw(&js, &raw, &bodies).await;
+    publish_raw(&js, &raw_subject(&cfg), &bodies).await;
     let audit = topo.stream_name(streams::AUDIT);
 
     let handler = Arc::new(Script {
-        out_subject: mtx_subjects::Subjects::new(&cfg.topology.prefix)
-            .audit("out")
-            .unwrap(),
         delay: Duration::from_millis(5),
-        ..Default::default()
+        ..Script::new(&cfg)
     });
     for round in 0..2 {
-        let shutdown = CancellationToken::new();
-        let mut p = Process::start(cfg.clone(), shutdown.clone()).await.unwrap();
-        p.spawn_consumer("standardizer", "standardizer", handler.clone())
-            .unwrap();
-        let waiter = tokio::spawn(p.wait());
+        let run = consume(&cfg, "standardizer", "standardizer", handler.clone()).await;
         if round == 0 {
             // Stop while batches are in flight.
             assert!(
@@ -266,8 +238,7 @@ async fn stop_mid_batch_and_restart_loses_nothing_and_repeats_nothing() {
                 })
                 .await
             );
-            shutdown.cancel();
-            waiter.await.unwrap();
+            run.stop().await;
             let handled = handler.seen.lock().unwrap().len();
             assert!(handled < n, "stopped too late to test anything ({handled})");
         } else {
@@ -278,8 +249,7 @@ async fn stop_mid_batch_and_restart_loses_nothing_and_repeats_nothing() {
                 .await,
                 "all {n} outputs after restart"
             );
-            shutdown.cancel();
-            waiter.await.unwrap();
+            run.stop().await;
         }
     }
     // Every input handled exactly once: nothing acked was redelivered, nothing lost.
@@ -299,24 +269,17 @@ async fn two_stages_dead_lettering_the_same_message_keep_one_entry_each() {
     let cfg = config(&nats);
     let js = js(&nats).await;
     let topo = apply(&js, &cfg).await;
-    let shutdown = CancellationToken::new();
-    let mut p = Process::start(cfg.clone(), shutdown.clone()).await.unwrap();
-    let handler = Arc::new(Script {
-        out_subject: p.subjects.audit("out").unwrap(),
-        ..Default::default()
-    });
+    let mut p = process(&cfg).await;
+    let handler = Arc::new(Script::new(&cfg));
     // Two stages reading SIGNALS_RAW (as the standardizer and the sink do).
     p.spawn_consumer("standardizer", "standardizer", handler.clone())
         .unwrap();
     p.spawn_consumer("sink", "sink_signals_raw", handler.clone())
         .unwrap();
-    let waiter = tokio::spawn(p.wait());
+    let run = Running::new(p);
 
-    let raw = mtx_subjects::Subjects::new(&cfg.topology.prefix)
-        .signals_raw(Environment::Staging, "test")
-        .unwrap();
     let before = chrono::Utc::now();
-    publish_raw(&js, &raw, &["reject:1".to_string()]).await;
+    publish_raw(&js, &raw_subject(&cfg), &["reject:1"]).await;
     let dlq = topo.stream_name(streams::DLQ);
     assert!(
         eventually(Duration::from_secs(20), || async {
@@ -330,8 +293,7 @@ async fn two_stages_dead_lettering_the_same_message_keep_one_entry_each() {
     let raw_stream = topo.stream_name(streams::SIGNALS_RAW);
     let mut seen = Vec::new();
     for m in read_all(&js, &dlq, ">").await {
-        let h = m.headers.as_ref().unwrap();
-        let get = |k: &str| h.get(k).unwrap().as_str().to_string();
+        let get = |k: &str| header(&m, k);
         let consumer = get(mtx_runtime::dlq::DLQ_CONSUMER);
         assert_eq!(
             get(headers::MSG_ID),
@@ -364,8 +326,7 @@ async fn two_stages_dead_lettering_the_same_message_keep_one_entry_each() {
             ),
         ]
     );
-    shutdown.cancel();
-    waiter.await.unwrap();
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,35 +335,13 @@ async fn a_stage_never_dead_letters_its_own_dead_letters_again() {
     let cfg = config(&nats);
     let js = js(&nats).await;
     let topo = apply(&js, &cfg).await;
-    let shutdown = CancellationToken::new();
-    let mut p = Process::start(cfg.clone(), shutdown.clone()).await.unwrap();
-    let handler = Arc::new(Script {
-        out_subject: p.subjects.audit("out").unwrap(),
-        ..Default::default()
-    });
     // The sink reads the DLQ; here it refuses everything it reads.
-    p.spawn_consumer("sink", "sink_dlq", handler.clone())
-        .unwrap();
-    let waiter = tokio::spawn(p.wait());
+    let run = consume(&cfg, "sink", "sink_dlq", Arc::new(Script::new(&cfg))).await;
     let subjects = mtx_subjects::Subjects::new(&cfg.topology.prefix);
     // Another stage's dead letter may take one hop into dlq.sink ...
-    publish_raw(
-        &js,
-        &subjects.dlq("standardizer").unwrap(),
-        &["reject:std".to_string()],
-    )
-    .await;
+    publish_raw(&js, &subjects.dlq("standardizer").unwrap(), &["reject:std"]).await;
     let dlq = topo.stream_name(streams::DLQ);
-    let drained = || async {
-        let i = js
-            .get_stream(&dlq)
-            .await
-            .unwrap()
-            .consumer_info("sink_dlq")
-            .await
-            .unwrap();
-        i.num_pending == 0 && i.num_ack_pending == 0
-    };
+    let drained = || async { backlog(&js, &dlq, "sink_dlq").await == (0, 0) };
     assert!(
         eventually(Duration::from_secs(20), || async {
             count(&js, &dlq, ">").await == 2 && drained().await
@@ -412,12 +351,7 @@ async fn a_stage_never_dead_letters_its_own_dead_letters_again() {
         count(&js, &dlq, ">").await
     );
     // ... but the sink's own dead letters are only terminated: no loop.
-    publish_raw(
-        &js,
-        &subjects.dlq("sink").unwrap(),
-        &["reject:own".to_string()],
-    )
-    .await;
+    publish_raw(&js, &subjects.dlq("sink").unwrap(), &["reject:own"]).await;
     assert!(
         eventually(Duration::from_secs(20), || async {
             count(&js, &dlq, ">").await == 3 && drained().await
@@ -428,6 +362,5 @@ async fn a_stage_never_dead_letters_its_own_dead_letters_again() {
     let std = subjects.dlq("standardizer").unwrap();
     assert_eq!(count(&js, &dlq, &own).await, 2, "the hop and the own one");
     assert_eq!(count(&js, &dlq, &std).await, 1);
-    shutdown.cancel();
-    waiter.await.unwrap();
+    run.stop().await;
 }

@@ -8,39 +8,28 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
 use mtx_harness::NatsServer;
 use mtx_runtime::config::Config;
-use mtx_schemas::{headers, Environment};
+use mtx_schemas::headers;
 use mtx_subjects::topology::streams;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 const MAX_DELIVER: i64 = 4;
 
 fn spawn_worker(cfg: &Config, poison: &str, log: &Path) -> Child {
-    let out = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_echo_worker"))
-        .env("MTX_NATS__URL", &cfg.nats.url)
-        .env("MTX_TOPOLOGY__PREFIX", &cfg.topology.prefix)
-        .env("MTX_METRICS__ADDR", "127.0.0.1:0")
-        .env("MTX_WORKER__BATCH_SIZE", "16")
-        .env("MTX_WORKER__CONCURRENCY", "8")
-        .env("MTX_WORKER__HEARTBEAT_MS", "500")
-        .env("MTX_WORKER__PULL_EXPIRES_MS", "2000")
-        .env("ECHO_ID_MODE", "seq")
-        .env("ECHO_POISON", poison)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(out))
-        .spawn()
-        .expect("spawn echo_worker")
+    echo_worker(
+        cfg,
+        log,
+        &[
+            ("MTX_WORKER__BATCH_SIZE", "16"),
+            ("ECHO_ID_MODE", "seq"),
+            ("ECHO_POISON", poison),
+        ],
+    )
 }
 
 /// The replicas; killed when the test ends, also on a failed assertion.
@@ -79,14 +68,6 @@ impl Drop for Pool {
     }
 }
 
-fn header(m: &async_nats::jetstream::Message, k: &str) -> String {
-    m.headers
-        .as_ref()
-        .and_then(|h| h.get(k))
-        .map(|v| v.as_str().to_string())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_crashes_the_process_is_dead_lettered_once_and_spares_its_batch() {
     let nats = NatsServer::start();
@@ -95,27 +76,12 @@ async fn a_message_that_crashes_the_process_is_dead_lettered_once_and_spares_its
     cfg.topology.max_deliver = MAX_DELIVER;
     let js = js(&nats).await;
     let topo = apply(&js, &cfg).await;
-    let raw = mtx_subjects::Subjects::new(&cfg.topology.prefix)
-        .signals_raw(Environment::Staging, "t")
-        .unwrap();
+    let raw = raw_subject(&cfg);
 
     // 40 messages; the poison sits in the middle of the first batch.
     let n = 40;
     let poison = "m7";
-    let mut poison_seq = 0;
-    for i in 0..n {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(headers::MSG_ID, format!("in-{i}").as_str());
-        let ack = js
-            .publish_with_headers(raw.clone(), h, Bytes::from(format!("m{i}")))
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        if format!("m{i}") == poison {
-            poison_seq = ack.sequence;
-        }
-    }
+    let poison_seq = publish_n(&js, &raw, n).await[7]; // m7's sequence
 
     let dir = tempfile::tempdir().unwrap();
     let mut pool = Pool {
@@ -149,14 +115,10 @@ async fn a_message_that_crashes_the_process_is_dead_lettered_once_and_spares_its
         pool.logs()
     );
     // The replicas keep running: nothing delivers the poison any more.
+    let raw_stream = topo.stream_name(streams::SIGNALS_RAW);
     assert!(
         eventually(Duration::from_secs(10), || async {
-            let st = js
-                .get_stream(topo.stream_name(streams::SIGNALS_RAW))
-                .await
-                .unwrap();
-            let i = st.consumer_info("standardizer").await.unwrap();
-            i.num_pending == 0 && i.num_ack_pending == 0
+            backlog(&js, &raw_stream, "standardizer").await == (0, 0)
         })
         .await,
         "consumer not drained"
@@ -183,11 +145,7 @@ async fn a_message_that_crashes_the_process_is_dead_lettered_once_and_spares_its
     assert_eq!(header(d, headers::DELIVERIES), MAX_DELIVER.to_string());
     assert_eq!(
         header(d, headers::MSG_ID),
-        mtx_runtime::dlq::msg_id(
-            &topo.stream_name(streams::SIGNALS_RAW),
-            "standardizer",
-            poison_seq
-        )
+        mtx_runtime::dlq::msg_id(&raw_stream, "standardizer", poison_seq)
     );
     assert!(
         chrono::DateTime::parse_from_rfc3339(&header(d, mtx_runtime::dlq::DLQ_TIME)).is_ok(),

@@ -4,52 +4,35 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
 use mtx_harness::NatsServer;
 use mtx_runtime::config::Config;
-use mtx_schemas::{headers, Environment};
 use mtx_subjects::topology::streams;
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ExitStatus};
 use std::time::Duration;
 
 fn spawn_worker(cfg: &Config, delay_ms: u64, id_mode: &str, log: &std::path::Path) -> Child {
-    let out = std::fs::File::create(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_echo_worker"))
-        .env("MTX_NATS__URL", &cfg.nats.url)
-        .env("MTX_TOPOLOGY__PREFIX", &cfg.topology.prefix)
-        .env(
-            "MTX_TOPOLOGY__ACK_WAIT_SECS",
-            cfg.topology.ack_wait_secs.to_string(),
-        )
-        .env("MTX_METRICS__ADDR", "127.0.0.1:0")
-        .env("MTX_WORKER__BATCH_SIZE", "50")
-        .env("MTX_WORKER__CONCURRENCY", "8")
-        .env("MTX_WORKER__HEARTBEAT_MS", "500")
-        .env("MTX_WORKER__PULL_EXPIRES_MS", "2000")
-        .env("ECHO_DELAY_MS", delay_ms.to_string())
-        .env("ECHO_ID_MODE", id_mode)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(out))
-        .spawn()
-        .expect("spawn echo_worker")
+    let ack_wait = cfg.topology.ack_wait_secs.to_string();
+    let delay = delay_ms.to_string();
+    echo_worker(
+        cfg,
+        log,
+        &[
+            ("MTX_TOPOLOGY__ACK_WAIT_SECS", &ack_wait),
+            ("MTX_WORKER__BATCH_SIZE", "50"),
+            ("ECHO_DELAY_MS", &delay),
+            ("ECHO_ID_MODE", id_mode),
+        ],
+    )
 }
 
-async fn publish_n(js: &async_nats::jetstream::Context, subject: &str, n: usize) {
-    let mut acks = Vec::new();
-    for i in 0..n {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(headers::MSG_ID, format!("in-{i}").as_str());
-        acks.push(
-            js.publish_with_headers(subject.to_string(), h, Bytes::from(format!("m{i}")))
-                .await
-                .unwrap(),
-        );
-    }
-    for a in acks {
-        a.await.unwrap();
-    }
+/// SIGTERM the worker and wait for it to exit.
+async fn sigterm(mut w: Child) -> ExitStatus {
+    unsafe { libc::kill(w.id() as i32, libc::SIGTERM) };
+    tokio::task::spawn_blocking(move || w.wait().unwrap())
+        .await
+        .unwrap()
 }
 
 /// (input seq → number of echoes, deliveries seen)
@@ -57,9 +40,8 @@ async fn echoes(js: &async_nats::jetstream::Context, cfg: &Config) -> HashMap<u6
     let topo = mtx_subjects::Topology::build(&cfg.topology);
     let mut out: HashMap<u64, Vec<u64>> = HashMap::new();
     for m in read_all(js, &topo.stream_name(streams::AUDIT), ">").await {
-        let h = m.headers.as_ref().unwrap();
-        let seq: u64 = h.get("Echo-Seq").unwrap().as_str().parse().unwrap();
-        let d: u64 = h.get("Echo-Deliveries").unwrap().as_str().parse().unwrap();
+        let seq: u64 = header(&m, "Echo-Seq").parse().unwrap();
+        let d: u64 = header(&m, "Echo-Deliveries").parse().unwrap();
         out.entry(seq).or_default().push(d);
     }
     out
@@ -71,27 +53,21 @@ async fn sigterm_finishes_in_flight_and_redelivers_nothing_acked() {
     let cfg = config(&nats);
     let js = js(&nats).await;
     let topo = apply(&js, &cfg).await;
-    let raw = mtx_subjects::Subjects::new(&cfg.topology.prefix)
-        .signals_raw(Environment::Staging, "t")
-        .unwrap();
     let n = 600;
-    publish_n(&js, &raw, n).await;
+    publish_n(&js, &raw_subject(&cfg), n).await;
     let dir = tempfile::tempdir().unwrap();
     let audit = topo.stream_name(streams::AUDIT);
 
     // Ids include the delivery count: an acked message delivered again would
     // produce a second echo instead of being deduplicated.
-    let mut w = spawn_worker(&cfg, 10, "seq_delivery", &dir.path().join("w1.log"));
+    let w = spawn_worker(&cfg, 10, "seq_delivery", &dir.path().join("w1.log"));
     assert!(
         eventually(Duration::from_secs(20), || async {
             count(&js, &audit, ">").await >= 100
         })
         .await
     );
-    unsafe { libc::kill(w.id() as i32, libc::SIGTERM) };
-    let status = tokio::task::spawn_blocking(move || w.wait().unwrap())
-        .await
-        .unwrap();
+    let status = sigterm(w).await;
     assert!(
         status.success(),
         "worker exit {status:?}: {}",
@@ -106,19 +82,14 @@ async fn sigterm_finishes_in_flight_and_redelivers_nothing_acked() {
     );
 
     // Nothing left unacknowledged by the stopped worker.
-    let ci = js
-        .get_stream(topo.stream_name(streams::SIGNALS_RAW))
-        .await
-        .unwrap()
-        .consumer_info("standardizer")
-        .await
-        .unwrap();
+    let (_, ack_pending) =
+        backlog(&js, &topo.stream_name(streams::SIGNALS_RAW), "standardizer").await;
     assert_eq!(
-        ci.num_ack_pending, 0,
+        ack_pending, 0,
         "in-flight messages left unacked after SIGTERM: {log}"
     );
 
-    let mut w2 = spawn_worker(&cfg, 0, "seq_delivery", &dir.path().join("w2.log"));
+    let w2 = spawn_worker(&cfg, 0, "seq_delivery", &dir.path().join("w2.log"));
     assert!(
         eventually(Duration::from_secs(30), || async {
             count(&js, &audit, ">").await >= n
@@ -126,10 +97,7 @@ async fn sigterm_finishes_in_flight_and_redelivers_nothing_acked() {
         .await,
         "restart did not finish the backlog"
     );
-    unsafe { libc::kill(w2.id() as i32, libc::SIGTERM) };
-    tokio::task::spawn_blocking(move || w2.wait().unwrap())
-        .await
-        .unwrap();
+    sigterm(w2).await;
 
     let e = echoes(&js, &cfg).await;
     assert_eq!(e.len(), n, "every input echoed");
@@ -147,11 +115,8 @@ async fn kill_9_mid_batch_then_restart_loses_nothing() {
     cfg.topology.ack_wait_secs = 2;
     let js = js(&nats).await;
     let topo = apply(&js, &cfg).await;
-    let raw = mtx_subjects::Subjects::new(&cfg.topology.prefix)
-        .signals_raw(Environment::Staging, "t")
-        .unwrap();
     let n = 600;
-    publish_n(&js, &raw, n).await;
+    publish_n(&js, &raw_subject(&cfg), n).await;
     let dir = tempfile::tempdir().unwrap();
     let audit = topo.stream_name(streams::AUDIT);
 

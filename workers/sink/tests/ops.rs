@@ -4,110 +4,39 @@ mod common;
 
 use common::*;
 use mongodb::bson::doc;
-use mtx_harness::{MongoServer, NatsServer};
-use mtx_schemas::{headers, Environment};
+use mtx_schemas::headers;
 use mtx_sink::ops::{self, DeadLetterFilter};
 use mtx_sink::Store;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_and_dead_letter_redrive() {
-    let nats = NatsServer::start();
-    let mongo_server = MongoServer::start();
-    let cfg = config(&nats, &mongo_server);
-    let js = js(&nats).await;
-    let _topo = apply(&js, &cfg).await;
-    migrate(&cfg).await;
-    let sink = start_sink(&cfg).await;
-    let m = mongo(&cfg).await;
-    let tdb = cfg.mongo.trading_db.clone();
-    let sub = subjects(&cfg);
-    let env = Environment::Staging;
+    let t = Setup::migrated().await;
+    let sink = start_sink(&t.cfg).await;
 
+    // The whole life of signal 5.
+    publish_lives(&t.js, &t.cfg, 5..6).await;
     let sid = signal_id(5);
-    publish(
-        &js,
-        &sub.signals_raw(env, "mathematricks").unwrap(),
-        "raw-5",
-        Some(&sid),
-        &raw_signal(5),
-    )
-    .await;
-    publish(
-        &js,
-        &sub.signals_standardized(env, "SPX_1-D_Opt").unwrap(),
-        "std-5",
-        Some(&sid),
-        &standardized(5),
-    )
-    .await;
-    publish(
-        &js,
-        &sub.cerebro_decisions(env, "SPX_1-D_Opt").unwrap(),
-        "dec-5",
-        Some(&sid),
-        &decision(5),
-    )
-    .await;
-    publish(
-        &js,
-        &sub.orders_new("IBKR_Main").unwrap(),
-        "ord-5",
-        Some(&sid),
-        &order(5),
-    )
-    .await;
-    let ev = sub.orders_events("IBKR_Main").unwrap();
-    publish(
-        &js,
-        &ev,
-        "ev-5-1",
-        None,
-        &order_event(5, 1, "SUBMITTED", "0"),
-    )
-    .await;
-    publish(&js, &ev, "ev-5-2", None, &order_event(5, 2, "FILLED", "12")).await;
-    publish(
-        &js,
-        &sub.executions("IBKR_Main").unwrap(),
-        "exe-5",
-        None,
-        &execution(5),
-    )
-    .await;
-    publish(
-        &js,
-        &sub.account_state("IBKR_Main").unwrap(),
-        "acct-5",
-        None,
-        &account_state(5),
-    )
-    .await;
 
     // An execution the validator refuses (unknown status) → dlq.sink → dead_letters.
     let mut bad = execution(6);
     bad["status"] = serde_json::json!("MAYBE");
-    let exe_sub = sub.executions("IBKR_Main").unwrap();
-    publish(&js, &exe_sub, "exe-6-bad", None, &bad).await;
+    let exe_sub = t.sub.executions("IBKR_Main").unwrap();
+    publish(&t.js, &exe_sub, "exe-6-bad", None, &bad).await;
 
     assert!(
         eventually(Duration::from_secs(30), || async {
-            count(&m, &tdb, "account_state", doc! {}).await == 1
-                && count(&m, &tdb, "trading_orders", doc! {"status": "FILLED"}).await == 1
-                && count(&m, &tdb, "execution_confirmations", doc! {}).await == 1
-                && count(&m, &tdb, "dead_letters", doc! {}).await == 1
-                && count(
-                    &m,
-                    &tdb,
-                    "standardized_signals",
-                    doc! {"processed_by_cerebro": true},
-                )
-                .await
+            t.count("account_state", doc! {}).await == 1
+                && t.count("trading_orders", doc! {"status": "FILLED"}).await == 1
+                && t.count("execution_confirmations", doc! {}).await == 1
+                && t.count("dead_letters", doc! {}).await == 1
+                && t.count("standardized_signals", doc! {"processed_by_cerebro": true})
+                    .await
                     == 1
         })
         .await
     );
-    let store = Store::connect(&cfg.mongo, Duration::from_secs(10))
+    let store = Store::connect(&t.cfg.mongo, Duration::from_secs(10))
         .await
         .unwrap();
 
@@ -161,7 +90,7 @@ async fn lifecycle_and_dead_letter_redrive() {
     fixed["status"] = serde_json::json!("FILLED");
     let r = ops::redrive(
         &store,
-        &js,
+        &t.js,
         &shown,
         Some(serde_json::to_vec(&fixed).unwrap()),
     )
@@ -171,7 +100,7 @@ async fn lifecycle_and_dead_letter_redrive() {
     assert!(!r.duplicate && r.payload_changed && r.seq > 0);
     assert!(
         eventually(Duration::from_secs(20), || async {
-            count(&m, &tdb, "execution_confirmations", doc! {}).await == 2
+            t.count("execution_confirmations", doc! {}).await == 2
         })
         .await,
         "the redriven execution was not stored"
@@ -189,10 +118,10 @@ async fn lifecycle_and_dead_letter_redrive() {
     .await
     .unwrap();
     assert!(pending.is_empty());
-    let st = js
-        .get_stream(&_topo.stream_name("EXECUTIONS"))
-        .await
-        .unwrap();
+    let st =
+        t.js.get_stream(&t.topo.stream_name("EXECUTIONS"))
+            .await
+            .unwrap();
     let msg = st.get_last_raw_message_by_subject(&exe_sub).await.unwrap();
     assert_eq!(
         msg.headers.get("Mtx-Redrive-Of").map(|v| v.as_str()),

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use mongodb::bson::{doc, Bson, Document};
-use mtx_harness::{MongoServer, NatsServer};
+use mtx_harness::MongoServer;
 use mtx_schemas::{headers, Environment};
 use mtx_subjects::topology::streams;
 use serde_json::json;
@@ -77,25 +77,35 @@ fn only(mut v: Vec<Document>, what: &str) -> Document {
     v.remove(0)
 }
 
+/// The headers a stage's runtime puts on a message it dead-letters (but
+/// the time).
+fn dead_letter_headers(
+    msg_id: &str,
+    stage: &str,
+    reason: &str,
+    original_subject: &str,
+    original_seq: u64,
+) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, msg_id);
+    h.insert(headers::DLQ_STAGE, stage);
+    h.insert(headers::DLQ_REASON, reason);
+    h.insert(headers::ORIGINAL_SUBJECT, original_subject);
+    h.insert(headers::ORIGINAL_SEQ, original_seq.to_string().as_str());
+    h
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_stage_lands_with_seed_fields_and_types() {
-    let nats = NatsServer::start();
-    let mongo_server = MongoServer::start();
-    let cfg = config(&nats, &mongo_server);
-    let js = js(&nats).await;
-    let topo = apply(&js, &cfg).await;
-    migrate(&cfg).await;
-    let sink = start_sink(&cfg).await;
-    let m = mongo(&cfg).await;
-    let tdb = cfg.mongo.trading_db.clone();
-    let sub = subjects(&cfg);
+    let t = Setup::migrated().await;
+    let sink = start_sink(&t.cfg).await;
     let env = Environment::Staging;
 
     // Out of order on purpose: events before their order, the decision
     // before its signal, the signal before its raw message.
-    let ev_sub = sub.orders_events("IBKR_Main").unwrap();
+    let ev_sub = t.sub.orders_events("IBKR_Main").unwrap();
     publish(
-        &js,
+        &t.js,
         &ev_sub,
         "ev-2",
         None,
@@ -103,7 +113,7 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     )
     .await;
     publish(
-        &js,
+        &t.js,
         &ev_sub,
         "ev-3",
         None,
@@ -111,7 +121,7 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     )
     .await;
     publish(
-        &js,
+        &t.js,
         &ev_sub,
         "ev-1",
         None,
@@ -119,58 +129,65 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     )
     .await;
     publish(
-        &js,
-        &sub.orders_new("IBKR_Main").unwrap(),
+        &t.js,
+        &t.sub.orders_new("IBKR_Main").unwrap(),
         "ord-1",
         None,
         &order(1),
     )
     .await;
     publish(
-        &js,
-        &sub.orders_cancel("IBKR_Main").unwrap(),
+        &t.js,
+        &t.sub.orders_cancel("IBKR_Main").unwrap(),
         "cxl-1",
         None,
         &json!({"order_id": order_id(1), "account": "IBKR_Main", "reason": "operator", "timestamp": "2025-11-20T10:00:05Z"}),
     )
     .await;
     publish(
-        &js,
-        &sub.cerebro_decisions(env, "SPX_1-D_Opt").unwrap(),
+        &t.js,
+        &t.sub.cerebro_decisions(env, "SPX_1-D_Opt").unwrap(),
         "dec-1",
         None,
         &decision(1),
     )
     .await;
     publish(
-        &js,
-        &sub.signals_standardized(env, "SPX_1-D_Opt").unwrap(),
+        &t.js,
+        &t.sub.signals_standardized(env, "SPX_1-D_Opt").unwrap(),
         "std-1",
         Some(&signal_id(1)),
         &standardized(1),
     )
     .await;
-    let raw_sub = sub.signals_raw(env, "mathematricks").unwrap();
-    publish(&js, &raw_sub, "raw-1", Some(&signal_id(1)), &raw_signal(1)).await;
+    let raw_sub = t.sub.signals_raw(env, "mathematricks").unwrap();
     publish(
-        &js,
-        &sub.executions("IBKR_Main").unwrap(),
+        &t.js,
+        &raw_sub,
+        "raw-1",
+        Some(&signal_id(1)),
+        &raw_signal(1),
+    )
+    .await;
+    publish(
+        &t.js,
+        &t.sub.executions("IBKR_Main").unwrap(),
         "exe-1",
         None,
         &execution(1),
     )
     .await;
     publish(
-        &js,
-        &sub.account_state("IBKR_Main").unwrap(),
+        &t.js,
+        &t.sub.account_state("IBKR_Main").unwrap(),
         "acct-1",
         None,
         &account_state(1),
     )
     .await;
     publish(
-        &js,
-        &sub.audit("cerebro").unwrap(),
+        &t.js,
+        &t.sub.audit("cerebro").unwrap(),
         "aud-1",
         Some(&signal_id(1)),
         &json!({"action": "KILL_SWITCH_ON", "signal_id": signal_id(1), "timestamp": "2025-11-20T10:00:06Z"}),
@@ -179,30 +196,22 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     // Raw signal 2 is dead-lettered by the standardizer: its raw document
     // gets the error recorded (whichever of the two the sink stores first).
     let raw2 = serde_json::to_vec(&raw_signal(2)).unwrap();
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(headers::MSG_ID, "dlq:RAW:2");
-    h.insert(headers::DLQ_STAGE, "standardizer");
-    h.insert(headers::DLQ_REASON, "unknown_strategy");
+    let mut h = dead_letter_headers("dlq:RAW:2", "standardizer", "unknown_strategy", &raw_sub, 2);
     h.insert(
         headers::DLQ_DETAIL,
         "strategy SPX_1-D_Opt is not configured",
     );
-    h.insert(headers::ORIGINAL_SUBJECT, raw_sub.as_str());
-    h.insert(headers::ORIGINAL_SEQ, "2");
     h.insert(headers::DELIVERIES, "1");
     h.insert(headers::SIGNAL_ID, signal_id(2).as_str());
     // When the standardizer's runtime dead-lettered it (not when the sink
     // got to store it).
     h.insert(mtx_runtime::dlq::DLQ_TIME, "2025-11-20T10:00:07.250Z");
-    js.publish_with_headers(sub.dlq("standardizer").unwrap(), h, raw2.into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    publish(&js, &raw_sub, "raw-2", Some(&signal_id(2)), &raw_signal(2)).await;
+    publish_with(&t.js, t.sub.dlq("standardizer").unwrap(), h, raw2).await;
+    let sid2 = signal_id(2);
+    publish(&t.js, &raw_sub, "raw-2", Some(&sid2), &raw_signal(2)).await;
     // A late redelivered event (seq 1) after FILLED changes nothing.
     publish(
-        &js,
+        &t.js,
         &ev_sub,
         "ev-1-again",
         None,
@@ -223,40 +232,31 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     ];
     let ok = eventually(Duration::from_secs(30), || async {
         for (c, n) in want {
-            if count(&m, &tdb, c, doc! {}).await != n {
+            if t.count(c, doc! {}).await != n {
                 return false;
             }
         }
-        count(&m, &tdb, "raw_signals", doc! {"processed": true}).await == 1
-            && count(
-                &m,
-                &tdb,
-                "standardized_signals",
-                doc! {"processed_by_cerebro": true},
-            )
-            .await
+        t.count("raw_signals", doc! {"processed": true}).await == 1
+            && t.count("standardized_signals", doc! {"processed_by_cerebro": true})
+                .await
                 == 1
-            && count(&m, &tdb, "trading_orders", doc! {"status": "FILLED"}).await == 1
-            && count(
-                &m,
-                &tdb,
-                "raw_signals",
-                doc! {"error.reason": "unknown_strategy"},
-            )
-            .await
+            && t.count("trading_orders", doc! {"status": "FILLED"}).await == 1
+            && t.count("raw_signals", doc! {"error.reason": "unknown_strategy"})
+                .await
                 == 1
-            && count(&m, &cfg.mongo.bot_core_db, "audit_logs", doc! {}).await == 1
+            && count(&t.m, &t.cfg.mongo.bot_core_db, "audit_logs", doc! {}).await == 1
     })
     .await;
     let mut seen = Vec::new();
     for (c, _) in want {
-        seen.push((c, count(&m, &tdb, c, doc! {}).await));
+        seen.push((c, t.count(c, doc! {}).await));
     }
     assert!(ok, "counts: {seen:?}");
 
     // raw_signals
     let raw = only(
-        find(&m, &tdb, "raw_signals", doc! {"signal_id": signal_id(1)}).await,
+        t.find("raw_signals", doc! {"signal_id": signal_id(1)})
+            .await,
         "raw",
     );
     let keys: Vec<&str> = raw.keys().map(String::as_str).collect();
@@ -281,7 +281,8 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     s(&raw, "environment", "staging");
     s(&raw, "format", "MATHEMATRICKS");
     let raw2 = only(
-        find(&m, &tdb, "raw_signals", doc! {"signal_id": signal_id(2)}).await,
+        t.find("raw_signals", doc! {"signal_id": signal_id(2)})
+            .await,
         "raw2",
     );
     assert!(!raw2.get_bool("processed").unwrap());
@@ -294,7 +295,7 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     date(&raw2, "error.at", "2025-11-20T10:00:07.250Z");
 
     // standardized_signals
-    let st = only(find(&m, &tdb, "standardized_signals", doc! {}).await, "std");
+    let st = only(t.find("standardized_signals", doc! {}).await, "std");
     s(&st, "signal_id", &signal_id(1));
     s(&st, "strategy_id", "SPX_1-D_Opt");
     date(&st, "timestamp", "2025-11-20T10:00:00Z");
@@ -316,10 +317,7 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     date(&st, "received_at", "2025-11-20T10:00:00.250Z");
 
     // cerebro_decisions
-    let d = only(
-        find(&m, &tdb, "cerebro_decisions", doc! {}).await,
-        "decision",
-    );
+    let d = only(t.find("cerebro_decisions", doc! {}).await, "decision");
     s(&d, "signal_id", &signal_id(1));
     s(&d, "decision", "MODIFIED");
     date(&d, "timestamp", "2025-11-20T10:00:01Z");
@@ -338,7 +336,7 @@ async fn every_stage_lands_with_seed_fields_and_types() {
 
     // trading_orders: FILLED from the events although the order (PENDING)
     // and a stale SUBMITTED arrived after it.
-    let o = only(find(&m, &tdb, "trading_orders", doc! {}).await, "order");
+    let o = only(t.find("trading_orders", doc! {}).await, "order");
     for k in [
         "order_id",
         "signal_id",
@@ -375,7 +373,7 @@ async fn every_stage_lands_with_seed_fields_and_types() {
 
     // execution_confirmations
     let e = only(
-        find(&m, &tdb, "execution_confirmations", doc! {}).await,
+        t.find("execution_confirmations", doc! {}).await,
         "execution",
     );
     s(
@@ -393,7 +391,7 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     is_date(&e, "created_at");
 
     // account_state
-    let a = only(find(&m, &tdb, "account_state", doc! {}).await, "account");
+    let a = only(t.find("account_state", doc! {}).await, "account");
     for (k, v) in [
         ("equity", "1000000.60"),
         ("cash_balance", "999999.00"),
@@ -412,14 +410,14 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     date(&a, "timestamp", "2025-11-20T10:00:01Z");
 
     // order_events, order_cancels, dead_letters, audit_logs
-    let evs = find(&m, &tdb, "order_events", doc! {"seq": 3_i64}).await;
+    let evs = t.find("order_events", doc! {"seq": 3_i64}).await;
     let ev = only(evs, "event 3");
     dec(&ev, "filled_quantity", "12");
     s(&ev, "status", "FILLED");
-    let cx = only(find(&m, &tdb, "order_cancels", doc! {}).await, "cancel");
+    let cx = only(t.find("order_cancels", doc! {}).await, "cancel");
     s(&cx, "reason", "operator");
     date(&cx, "timestamp", "2025-11-20T10:00:05Z");
-    let dl = only(find(&m, &tdb, "dead_letters", doc! {}).await, "dead letter");
+    let dl = only(t.find("dead_letters", doc! {}).await, "dead letter");
     s(&dl, "stage", "standardizer");
     s(&dl, "reason", "unknown_strategy");
     s(&dl, "original_subject", &raw_sub);
@@ -432,7 +430,7 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     );
     date(&dl, "time", "2025-11-20T10:00:07.250Z");
     let au = only(
-        find(&m, &cfg.mongo.bot_core_db, "audit_logs", doc! {}).await,
+        find(&t.m, &t.cfg.mongo.bot_core_db, "audit_logs", doc! {}).await,
         "audit",
     );
     s(&au, "action", "KILL_SWITCH_ON");
@@ -442,8 +440,8 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     date(&au, "timestamp", "2025-11-20T10:00:06Z");
 
     // Everything acked: nothing pending on any sink consumer.
-    for c in topo.pool_consumers("sink") {
-        let st = js.get_stream(&c.stream).await.unwrap();
+    for c in t.topo.pool_consumers("sink") {
+        let st = t.js.get_stream(&c.stream).await.unwrap();
         let ok = eventually(Duration::from_secs(10), || {
             let st = st.clone();
             let d = c.durable().to_string();
@@ -457,9 +455,9 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     }
     assert_eq!(
         stream_count(
-            &js,
-            &topo.stream_name(streams::DLQ),
-            &sub.dlq("sink").unwrap()
+            &t.js,
+            &t.topo.stream_name(streams::DLQ),
+            &t.sub.dlq("sink").unwrap()
         )
         .await,
         0
@@ -475,55 +473,39 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     ] {
         assert!(text.contains(want), "{want} missing:\n{text}");
     }
-    assert!(
-        sink.health.readiness().is_ok(),
-        "{:?}",
-        sink.health.readiness()
-    );
+    sink.assert_ready();
     sink.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validator_rejection_goes_to_dlq_sink_not_into_retries() {
-    let nats = NatsServer::start();
-    let mongo_server = MongoServer::start();
-    let cfg = config(&nats, &mongo_server);
-    let js = js(&nats).await;
-    let topo = apply(&js, &cfg).await;
-    migrate(&cfg).await;
-    let sink = start_sink(&cfg).await;
-    let m = mongo(&cfg).await;
-    let tdb = cfg.mongo.trading_db.clone();
-    let sub = subjects(&cfg);
+    let t = Setup::migrated().await;
+    let sink = start_sink(&t.cfg).await;
 
     let mut bad = execution(7);
     bad["status"] = json!("MAYBE");
-    let exe = sub.executions("IBKR_Main").unwrap();
-    publish(&js, &exe, "bad-exe", None, &bad).await;
-    publish(&js, &exe, "good-exe", None, &execution(8)).await;
+    let exe = t.sub.executions("IBKR_Main").unwrap();
+    publish(&t.js, &exe, "bad-exe", None, &bad).await;
+    publish(&t.js, &exe, "good-exe", None, &execution(8)).await;
     let mut not_json = async_nats::HeaderMap::new();
     not_json.insert(headers::MSG_ID, "not-json");
-    js.publish_with_headers(exe.clone(), not_json, "{oops".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish_with(&t.js, exe.clone(), not_json, "{oops").await;
 
-    let dlq_stream = topo.stream_name(streams::DLQ);
-    let dlq_sink = sub.dlq("sink").unwrap();
+    let dlq_stream = t.topo.stream_name(streams::DLQ);
+    let dlq_sink = t.sub.dlq("sink").unwrap();
     assert!(
         eventually(Duration::from_secs(30), || async {
-            stream_count(&js, &dlq_stream, &dlq_sink).await == 2
-                && count(&m, &tdb, "dead_letters", doc! {"stage": "sink"}).await == 2
-                && count(&m, &tdb, "execution_confirmations", doc! {}).await == 1
+            stream_count(&t.js, &dlq_stream, &dlq_sink).await == 2
+                && t.count("dead_letters", doc! {"stage": "sink"}).await == 2
+                && t.count("execution_confirmations", doc! {}).await == 1
         })
         .await,
         "dlq {} dead_letters {} executions {}",
-        stream_count(&js, &dlq_stream, &dlq_sink).await,
-        count(&m, &tdb, "dead_letters", doc! {}).await,
-        count(&m, &tdb, "execution_confirmations", doc! {}).await,
+        stream_count(&t.js, &dlq_stream, &dlq_sink).await,
+        t.count("dead_letters", doc! {}).await,
+        t.count("execution_confirmations", doc! {}).await,
     );
-    let msgs = read_all(&js, &dlq_stream, &dlq_sink).await;
+    let msgs = read_all(&t.js, &dlq_stream, &dlq_sink).await;
     let by_reason = |r: &str| {
         msgs.iter()
             .find(|x| {
@@ -556,13 +538,8 @@ async fn validator_rejection_goes_to_dlq_sink_not_into_retries() {
     );
     by_reason("invalid_payload");
     let stored = only(
-        find(
-            &m,
-            &tdb,
-            "dead_letters",
-            doc! {"reason": "validation_failed"},
-        )
-        .await,
+        t.find("dead_letters", doc! {"reason": "validation_failed"})
+            .await,
         "validation dead letter",
     );
     s(&stored, "stage", "sink");
@@ -596,17 +573,11 @@ async fn validator_rejection_goes_to_dlq_sink_not_into_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unmigrated_database_is_never_written() {
-    let nats = NatsServer::start();
-    let mongo_server = MongoServer::start();
-    let cfg = config(&nats, &mongo_server);
-    let js = js(&nats).await;
-    apply(&js, &cfg).await;
-    let sink = start_sink(&cfg).await;
-    let m = mongo(&cfg).await;
-    let tdb = cfg.mongo.trading_db.clone();
+    let t = Setup::on(MongoServer::start(), |_| {}).await;
+    let sink = start_sink(&t.cfg).await;
     publish(
-        &js,
-        &subjects(&cfg).executions("IBKR_Main").unwrap(),
+        &t.js,
+        &t.sub.executions("IBKR_Main").unwrap(),
         "exe-1",
         None,
         &execution(1),
@@ -615,71 +586,46 @@ async fn an_unmigrated_database_is_never_written() {
     // Without its unique indexes a redelivery could store a second copy:
     // the sink waits, not ready, and writes nothing.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(count(&m, &tdb, "execution_confirmations", doc! {}).await, 0);
+    assert_eq!(t.count("execution_confirmations", doc! {}).await, 0);
     let not = sink.health.readiness().unwrap_err();
     assert!(not.iter().any(|f| f.contains("schema")), "{not:?}");
-    migrate(&cfg).await;
+    migrate(&t.cfg).await;
     // The message comes back on its next delivery. (With the topology's
     // consumer backoff, nats-server adds backoff[n-1] - ack_wait to the NAK
     // delay of the n-th delivery: ~34 s here, not the 4 s asked for.)
     assert!(
         eventually(Duration::from_secs(50), || async {
-            count(&m, &tdb, "execution_confirmations", doc! {}).await == 1
+            t.count("execution_confirmations", doc! {}).await == 1
         })
         .await
     );
-    assert!(
-        sink.health.readiness().is_ok(),
-        "{:?}",
-        sink.health.readiness()
-    );
+    sink.assert_ready();
     sink.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_time_without_the_runtime_header_is_the_stream_timestamp() {
-    let nats = NatsServer::start();
-    let mongo_server = MongoServer::start();
-    let cfg = config(&nats, &mongo_server);
-    let js = js(&nats).await;
-    let topo = apply(&js, &cfg).await;
-    migrate(&cfg).await;
-    let m = mongo(&cfg).await;
-    let tdb = cfg.mongo.trading_db.clone();
-    let sub = subjects(&cfg);
+    let t = Setup::migrated().await;
     // A dead letter from a producer that sets no Mtx-Dlq-Time (an older
     // runtime, a tool).
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(headers::MSG_ID, "old-dlq-1");
-    h.insert(headers::DLQ_STAGE, "standardizer");
-    h.insert(headers::DLQ_REASON, "unknown_strategy");
-    h.insert(
-        headers::ORIGINAL_SUBJECT,
-        sub.signals_raw(Environment::Staging, "mathematricks")
-            .unwrap()
-            .as_str(),
-    );
-    h.insert(headers::ORIGINAL_SEQ, "9");
-    js.publish_with_headers(
-        sub.dlq("standardizer").unwrap(),
-        h,
-        serde_json::to_vec(&raw_signal(9)).unwrap().into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    let stored = read_all(&js, &topo.stream_name(streams::DLQ), ">").await;
+    let raw_sub = t
+        .sub
+        .signals_raw(Environment::Staging, "mathematricks")
+        .unwrap();
+    let h = dead_letter_headers("old-dlq-1", "standardizer", "unknown_strategy", &raw_sub, 9);
+    let body = serde_json::to_vec(&raw_signal(9)).unwrap();
+    publish_with(&t.js, t.sub.dlq("standardizer").unwrap(), h, body).await;
+    let stored = read_all(&t.js, &t.topo.stream_name(streams::DLQ), ">").await;
     let stored_at =
         mtx_runtime::consume::published_at(stored[0].reply.as_deref().unwrap()).unwrap();
-    let sink = start_sink(&cfg).await;
+    let sink = start_sink(&t.cfg).await;
     assert!(
         eventually(Duration::from_secs(30), || async {
-            count(&m, &tdb, "dead_letters", doc! {}).await == 1
+            t.count("dead_letters", doc! {}).await == 1
         })
         .await
     );
-    let dl = only(find(&m, &tdb, "dead_letters", doc! {}).await, "dead letter");
+    let dl = only(t.find("dead_letters", doc! {}).await, "dead letter");
     assert_eq!(
         dl.get_datetime("time").unwrap().timestamp_millis(),
         stored_at.timestamp_millis(),

@@ -9,7 +9,7 @@ use mongodb::Client;
 use mtx_harness::{unique, MongoServer, NatsServer};
 use mtx_runtime::config::Config;
 use mtx_runtime::process::Process;
-use mtx_schemas::headers;
+use mtx_schemas::{headers, Environment};
 use mtx_subjects::{Subjects, Topology};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -61,6 +61,64 @@ pub async fn migrate(cfg: &Config) -> mtx_sink::MigrateReport {
         .expect("migrate")
 }
 
+/// One test's world: a nats-server and a Mongo stand-in of its own, `cfg`
+/// pointing at them, the topology applied.
+pub struct Setup {
+    pub nats: NatsServer,
+    pub mongo_server: MongoServer,
+    pub cfg: Config,
+    pub js: jetstream::Context,
+    pub topo: Topology,
+    /// A client of the Mongo stand-in.
+    pub m: Client,
+    /// `cfg.mongo.trading_db`.
+    pub tdb: String,
+    pub sub: Subjects,
+}
+
+impl Setup {
+    /// Fresh servers, the topology applied, the databases migrated.
+    pub async fn migrated() -> Setup {
+        Self::on(MongoServer::start(), |_| {}).await.migrate().await
+    }
+
+    /// On `mongo_server` and a fresh nats-server, with `cfg` changed by
+    /// `tune` before the topology is applied; the databases not migrated.
+    pub async fn on(mongo_server: MongoServer, tune: impl FnOnce(&mut Config)) -> Setup {
+        let nats = NatsServer::start();
+        let mut cfg = config(&nats, &mongo_server);
+        tune(&mut cfg);
+        let js = js(&nats).await;
+        let topo = apply(&js, &cfg).await;
+        Setup {
+            m: mongo(&cfg).await,
+            tdb: cfg.mongo.trading_db.clone(),
+            sub: subjects(&cfg),
+            nats,
+            mongo_server,
+            cfg,
+            js,
+            topo,
+        }
+    }
+
+    /// Run the schema migrations.
+    pub async fn migrate(self) -> Setup {
+        migrate(&self.cfg).await;
+        self
+    }
+
+    /// Documents of the trading database's `coll` matching `filter`.
+    pub async fn count(&self, coll: &str, filter: Document) -> u64 {
+        count(&self.m, &self.tdb, coll, filter).await
+    }
+
+    /// The trading database's `coll` documents matching `filter`.
+    pub async fn find(&self, coll: &str, filter: Document) -> Vec<Document> {
+        find(&self.m, &self.tdb, coll, filter).await
+    }
+}
+
 /// A running sink process.
 pub struct Sink {
     pub shutdown: CancellationToken,
@@ -91,6 +149,14 @@ impl Sink {
         self.shutdown.cancel();
         let _ = self.waiter.await;
     }
+
+    pub fn assert_ready(&self) {
+        assert!(
+            self.health.readiness().is_ok(),
+            "{:?}",
+            self.health.readiness()
+        );
+    }
 }
 
 /// Publish `body` on `subject` with a msg id and optional signal id header.
@@ -116,6 +182,50 @@ pub async fn publish(
     .expect("publish")
     .await
     .expect("publish ack");
+}
+
+/// Publish `body` on `subject` with exactly the headers `h`.
+pub async fn publish_with(
+    js: &jetstream::Context,
+    subject: String,
+    h: async_nats::HeaderMap,
+    body: impl Into<Bytes>,
+) {
+    js.publish_with_headers(subject, h, body.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("publish ack");
+}
+
+/// Publish the whole life of signals `range` (raw, standardized, decision,
+/// order, two events, execution, account snapshot).
+pub async fn publish_lives(js: &jetstream::Context, cfg: &Config, range: std::ops::Range<usize>) {
+    let sub = subjects(cfg);
+    let env = Environment::Staging;
+    let raw_sub = sub.signals_raw(env, "mathematricks").unwrap();
+    let std_sub = sub.signals_standardized(env, "SPX_1-D_Opt").unwrap();
+    let dec_sub = sub.cerebro_decisions(env, "SPX_1-D_Opt").unwrap();
+    let ord_sub = sub.orders_new("IBKR_Main").unwrap();
+    let ev_sub = sub.orders_events("IBKR_Main").unwrap();
+    let exe_sub = sub.executions("IBKR_Main").unwrap();
+    let acct_sub = sub.account_state("IBKR_Main").unwrap();
+    for i in range {
+        let sid = signal_id(i);
+        let sid = Some(sid.as_str());
+        for (subject, id, signal, body) in [
+            (&raw_sub, "raw", sid, raw_signal(i)),
+            (&std_sub, "std", sid, standardized(i)),
+            (&dec_sub, "dec", sid, decision(i)),
+            (&ord_sub, "ord", sid, order(i)),
+            (&ev_sub, "ev1", None, order_event(i, 1, "SUBMITTED", "0")),
+            (&ev_sub, "ev2", None, order_event(i, 2, "FILLED", "12")),
+            (&exe_sub, "exe", None, execution(i)),
+            (&acct_sub, "acct", None, account_state(i)),
+        ] {
+            publish(js, subject, &format!("{id}-{i}"), signal, &body).await;
+        }
+    }
 }
 
 pub async fn count(client: &Client, db: &str, coll: &str, filter: Document) -> u64 {
