@@ -8,7 +8,10 @@
 #   3. Kubernetes: `kubectl kustomize` of each overlay, `kubernetes-validate
 #      --strict`, the KEDA schema and the consistency checks (validate-k8s.sh);
 #   4. NATS: auth config rendered and accepted by nats-server, Helm values;
-#   5. Grafana: every panel's PromQL parses on a real (empty) Prometheus;
+#   5. Grafana: every panel's PromQL parses on a real (empty) Prometheus, and
+#      returns data when Prometheus scrapes a live pipeline that processed the
+#      fixture signals (grafana/tests/data-mode.sh; needs target/debug/mtx,
+#      which `make test` builds first);
 #   6. shell scripts parse, the Dockerfile is multi-stage and non-root.
 #
 # It installs its tools first (deploy/ops/install-tools.sh, idempotent).
@@ -85,6 +88,8 @@ step "kubernetes manifests" deploy/tests/validate-k8s.sh
 step "nats config" deploy/tests/check-nats-config.sh
 step "grafana dashboards (PromQL syntax on a real Prometheus)" \
   grafana/tests/with-prometheus.sh -- "$PY" grafana/tests/check_dashboards.py --mode syntax --quiet
+step "grafana dashboards (every panel returns data from a live pipeline)" \
+  env OPS_PYTHON="$PY" grafana/tests/data-mode.sh
 step "scripts" scripts_parse
 step "Dockerfile" dockerfile
 

@@ -114,7 +114,12 @@ impl Book {
     /// Record a market price (`market`) or a fill; true if the mark in force
     /// changed.
     fn observe(&mut self, instrument: &str, m: Mark, market: bool) -> bool {
-        let entry = self.marks.entry(instrument.to_string()).or_default();
+        if !self.marks.contains_key(instrument) {
+            self.marks.insert(instrument.to_string(), Marks::default());
+        }
+        let Some(entry) = self.marks.get_mut(instrument) else {
+            return false;
+        };
         let before = entry.effective();
         let slot = if market {
             &mut entry.market
@@ -153,7 +158,9 @@ impl Book {
                         },
                         false,
                     );
-                    self.accounts.insert(x.account.clone());
+                    if !self.accounts.contains(&x.account) {
+                        self.accounts.insert(x.account.clone());
+                    }
                     effect.changed.insert(x.account.clone());
                 }
                 Applied::Rejected => self.know(&x.account, &mut effect),
@@ -170,23 +177,24 @@ impl Book {
                         true,
                     )
                 {
-                    for a in &self.accounts {
-                        if self
-                            .ledger
-                            .positions(a)
-                            .any(|pos| pos.key.instrument == p.symbol)
-                        {
-                            effect.changed.insert(a.clone());
-                        }
-                    }
+                    // Holders are known accounts (they booked a fill).
+                    effect
+                        .changed
+                        .extend(self.ledger.holders(&p.symbol).map(str::to_string));
                 } else {
                     effect.duplicate = true;
                 }
             }
             Input::Order(o) => {
-                self.ledger.track_order(o);
-                self.accounts.insert(o.account.clone());
-                effect.changed.insert(o.account.clone());
+                if self.ledger.track_order(o) {
+                    self.accounts.insert(o.account.clone());
+                    effect.changed.insert(o.account.clone());
+                } else {
+                    // A copy, or an order already finished: only its account
+                    // may be news.
+                    self.know(&o.account, &mut effect);
+                    effect.duplicate = effect.changed.is_empty();
+                }
             }
             Input::OrderEvent(e) => {
                 if self.ledger.apply_order_event(e) {

@@ -71,7 +71,7 @@
 //! Mongo has millisecond timestamps. REJECTED confirmations book nothing.
 //! Every error leaves the ledger unchanged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use mtx_schemas::order::{
@@ -80,7 +80,7 @@ use mtx_schemas::order::{
 use mtx_schemas::{Direction, ExecutionStatus, InstrumentType, Side, SignalAction};
 use rust_decimal::Decimal;
 
-use crate::orders::OpenOrders;
+use crate::orders::{OpenOrders, OrderRetention};
 use crate::spec::InstrumentSpec;
 
 /// Decimal places of the cost removed by a partial exit. The rounding
@@ -152,6 +152,8 @@ pub struct LedgerConfig {
     pub initial_balances: BTreeMap<String, Decimal>,
     /// Configured instruments; others use [`InstrumentSpec::default_for`].
     pub instruments: BTreeMap<String, InstrumentSpec>,
+    /// How long finished orders are remembered ([`crate::orders`]).
+    pub order_retention: OrderRetention,
 }
 
 impl LedgerConfig {
@@ -251,6 +253,21 @@ struct Fingerprint {
 }
 
 impl Fingerprint {
+    /// Whether `x` has these economics (no allocation).
+    fn matches(&self, x: &ExecutionConfirmation) -> bool {
+        self.order_id == x.order_id
+            && self.account == x.account
+            && self.strategy_id == x.strategy_id
+            && self.instrument == x.instrument
+            && self.action == x.action
+            && self.side == x.side
+            && self.quantity == x.quantity
+            && self.price == x.price
+            && self.commission == x.commission
+            && self.multiplier == x.multiplier
+            && self.status == x.status
+    }
+
     fn of(x: &ExecutionConfirmation) -> Self {
         Fingerprint {
             order_id: x.order_id.clone(),
@@ -285,8 +302,10 @@ pub struct Ledger {
     /// Realized P&L net of commissions per (account, strategy) and UTC day
     /// of the execution timestamp.
     daily: BTreeMap<(String, String), BTreeMap<NaiveDate, Decimal>>,
-    applied: BTreeMap<String, Fingerprint>,
+    applied: HashMap<String, Fingerprint>,
     marks: BTreeMap<String, Decimal>,
+    /// Accounts with an open position, per instrument (with how many).
+    holders: BTreeMap<String, BTreeMap<String, usize>>,
     open_orders: OpenOrders,
 }
 
@@ -294,6 +313,7 @@ impl Ledger {
     /// An empty ledger.
     pub fn new(config: LedgerConfig) -> Self {
         Ledger {
+            open_orders: OpenOrders::new(config.order_retention),
             config,
             ..Ledger::default()
         }
@@ -329,8 +349,14 @@ impl Ledger {
 
     /// Record a market price; non-positive prices are ignored.
     pub fn mark(&mut self, instrument: &str, price: Decimal) {
-        if price > Decimal::ZERO {
-            self.marks.insert(instrument.to_string(), price);
+        if price <= Decimal::ZERO {
+            return;
+        }
+        match self.marks.get_mut(instrument) {
+            Some(m) => *m = price,
+            None => {
+                self.marks.insert(instrument.to_string(), price);
+            }
         }
     }
 
@@ -341,9 +367,29 @@ impl Ledger {
 
     /// Open positions of `account`, ordered by (strategy, instrument, direction).
     pub fn positions<'a>(&'a self, account: &'a str) -> impl Iterator<Item = &'a Position> + 'a {
+        // Keys sort by account first: start at the smallest key of `account`.
+        let first = PositionKey {
+            account: account.to_string(),
+            strategy_id: String::new(),
+            instrument: String::new(),
+            direction: Direction::ALL
+                .iter()
+                .min()
+                .copied()
+                .unwrap_or(Direction::Long),
+        };
         self.positions
-            .values()
-            .filter(move |p| p.key.account == account)
+            .range(first..)
+            .map(|(_, p)| p)
+            .take_while(move |p| p.key.account == account)
+    }
+
+    /// Accounts with an open position in `instrument`, sorted.
+    pub fn holders<'a>(&'a self, instrument: &str) -> impl Iterator<Item = &'a str> + 'a {
+        self.holders
+            .get(instrument)
+            .into_iter()
+            .flat_map(|m| m.keys().map(String::as_str))
     }
 
     /// Accounts that have seen at least one execution.
@@ -351,9 +397,15 @@ impl Ledger {
         self.books.keys().map(String::as_str)
     }
 
-    /// Start tracking a working order for the snapshot's `open_orders`.
-    pub fn track_order(&mut self, order: &Order) {
-        self.open_orders.track(order);
+    /// Start tracking a working order for the snapshot's `open_orders`;
+    /// returns whether anything changed.
+    pub fn track_order(&mut self, order: &Order) -> bool {
+        self.open_orders.track(order)
+    }
+
+    /// The working orders (and the bounded memory of finished ones).
+    pub fn open_orders(&self) -> &OpenOrders {
+        &self.open_orders
     }
 
     /// Apply an order status event to the tracked working orders; returns
@@ -382,9 +434,8 @@ impl Ledger {
     /// Book one execution. Idempotent on `execution_id`; on error nothing
     /// changes.
     pub fn apply(&mut self, x: &ExecutionConfirmation) -> Result<Applied, LedgerError> {
-        let fingerprint = Fingerprint::of(x);
         if let Some(seen) = self.applied.get(&x.execution_id) {
-            return if *seen == fingerprint {
+            return if seen.matches(x) {
                 Ok(Applied::Duplicate)
             } else {
                 Err(LedgerError::ConflictingDuplicate {
@@ -393,7 +444,8 @@ impl Ledger {
             };
         }
         if x.status == ExecutionStatus::Rejected {
-            self.applied.insert(x.execution_id.clone(), fingerprint);
+            self.applied
+                .insert(x.execution_id.clone(), Fingerprint::of(x));
             return Ok(Applied::Rejected);
         }
         let invalid = |reason: String| LedgerError::InvalidExecution {
@@ -476,25 +528,50 @@ impl Ledger {
             }
         };
 
+        let opened = existing.is_none();
         match next {
             Some(p) => {
                 self.positions.insert(key, p);
+                if opened {
+                    *self
+                        .holders
+                        .entry(x.instrument.clone())
+                        .or_default()
+                        .entry(x.account.clone())
+                        .or_default() += 1;
+                }
             }
             None => {
                 self.positions.remove(&key);
+                if let Some(accounts) = self.holders.get_mut(&x.instrument) {
+                    if let Some(n) = accounts.get_mut(&x.account) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            accounts.remove(&x.account);
+                        }
+                    }
+                    if accounts.is_empty() {
+                        self.holders.remove(&x.instrument);
+                    }
+                }
             }
         }
-        let book = self.books.entry(x.account.clone()).or_default();
-        book.realized_pnl += realized;
-        book.commissions += x.commission;
+        if !self.books.contains_key(&x.account) {
+            self.books.insert(x.account.clone(), Book::default());
+        }
+        if let Some(book) = self.books.get_mut(&x.account) {
+            book.realized_pnl += realized;
+            book.commissions += x.commission;
+        }
         *self
             .daily
             .entry((x.account.clone(), x.strategy_id.clone()))
             .or_default()
             .entry(x.timestamp.date_naive())
             .or_default() += realized - x.commission;
-        self.marks.insert(x.instrument.clone(), x.price);
-        self.applied.insert(x.execution_id.clone(), fingerprint);
+        self.mark(&x.instrument, x.price);
+        self.applied
+            .insert(x.execution_id.clone(), Fingerprint::of(x));
         Ok(Applied::Booked {
             realized_pnl: realized,
         })

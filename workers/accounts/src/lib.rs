@@ -12,7 +12,8 @@
 //!   `execution_id`; produces
 //!   [`mtx_schemas::order::AccountState`] snapshots.
 //! - [`orders`]: [`OpenOrders`] — the working orders shown in a snapshot, kept
-//!   from orders and their status events.
+//!   from orders and their status events; finished orders are dropped (a
+//!   bounded set of tombstones keeps late copies from reopening them).
 //! - [`book`]: [`Book`] — the stage's whole state (ledger, order-independent
 //!   marks, known accounts) behind one `apply`, shared by live processing and
 //!   replay.
@@ -28,5 +29,5 @@ pub mod worker;
 
 pub use book::{Book, Effect, Input, Mark};
 pub use ledger::{Applied, Ledger, LedgerConfig, LedgerError, Position, PositionKey};
-pub use orders::OpenOrders;
+pub use orders::{OpenOrders, OrderRetention};
 pub use spec::{InstrumentSpec, MarginModel};

@@ -8,14 +8,40 @@
 //! | `orders.<account>.new` | `accounts_orders` on `ORDERS` | `open_orders` |
 //! | `orders.<account>.events` | `accounts_order_events` on `ORDER_EVENTS` | `open_orders` (status, remaining quantity) |
 //!
-//! Every input goes through [`Book::apply`]. After each batch the accounts it
-//! changed get one new [`AccountState`] each (coalesced per batch): put in the
-//! `account_state` KV bucket (JSON, key [`account_state_key`], what Cerebro
-//! reads) and published on `accounts.<account>.state`. Every account is also
-//! re-published every `accounts.publish_interval_secs`, and once right after
-//! start (configured accounts included, so Cerebro sees their initial balance
-//! before the first fill). A state that could not be stored or published stays
-//! pending and goes out with the next batch or period.
+//! Every input goes through [`Book::apply`], which marks the accounts it
+//! changed *dirty*; the batch's outcomes go back to the consume loop right
+//! away (see *Acks* below). A single publisher task turns dirty accounts into
+//! new [`AccountState`]s: put in the `account_state` KV bucket (JSON, key
+//! [`account_state_key`], what Cerebro reads) and published on
+//! `accounts.<account>.state`.
+//!
+//! Coalescing: an account's state goes out at most once per
+//! `accounts.publish_coalesce_ms` (default 25 ms). The first change after a
+//! quiet spell goes out at once; changes inside the window are folded into
+//! one state taken when the window ends, so the latest state always goes out
+//! (a burst of any length ends with a state equal to the book) and a busy
+//! account costs at most one snapshot + JSON encoding + KV put + publish per
+//! window instead of one per batch. States of one account go out one at a
+//! time, in order, so KV never goes back to an older one. Every account is
+//! also re-published every `accounts.publish_interval_secs`, and once right
+//! after start (configured accounts included, so Cerebro sees their initial
+//! balance before the first fill). A state that could not be stored or
+//! published stays dirty and is retried after `worker.publish_retry_delay_ms`
+//! (with the latest figures). On shutdown the publisher sends every pending
+//! state, and batches finished after the shutdown signal publish their own
+//! before they are acked.
+//!
+//! # Acks
+//!
+//! An input is acked once it is applied to the in-memory book — not once a
+//! state containing it is stored. Nothing else has to be durable first: the
+//! inputs themselves are already in their streams (`EXECUTIONS` is kept
+//! forever), the stage persists no state of its own, and KV / `ACCOUNTS`
+//! only carry derived snapshots. If the process dies between the ack and
+//! the publish, the restart rebuilds the book from the streams (below) and
+//! publishes every account right after, so the state that was not published
+//! goes out then. A batch whose book update fails or panics is not acked at all
+//! (retry; the book is rebuilt).
 //!
 //! | problem | outcome |
 //! |---|---|
@@ -34,7 +60,8 @@
 //! order and order event still in `ORDERS` / `ORDER_EVENTS`, each through
 //! the same [`Book::apply`] (messages the live loop dead-letters are skipped
 //! the same way). Then the durable consumers resume; anything they redeliver
-//! was already replayed and is a duplicate.
+//! was already replayed and is a duplicate (a late copy of an order that has
+//! finished since is ignored, see [`crate::orders`]).
 //!
 //! Exactness: executions are applied in stream order both live and in replay
 //! (first deliveries come in stream order, and no execution outcome is ever
@@ -43,16 +70,30 @@
 //! per-order event sequence. So the rebuilt state equals the live one field
 //! for field — except where a stream's age limit has dropped the input: a
 //! mark older than `MARKET`'s age limit (the latest fill price is used
-//! instead) and an order still working after `ORDERS`' age limit. Replay time
-//! grows with the number of executions (no checkpoint yet).
+//! instead) and an order still working after `ORDERS`' age limit; and
+//! except an order first seen live more than the finished-order retention
+//! after newer orders finished (`accounts.finished_order_retention_secs` /
+//! `accounts.finished_orders_max`, [`crate::orders`]), which the live book
+//! does not list. Replay time grows with the number of executions (no
+//! checkpoint yet).
+//!
+//! # Cost per message
+//!
+//! Decoding a message is one JSON parse; applying it touches only the
+//! position, order and instrument it names (positions are found by a range
+//! of the account's keys, a price finds its holders in an index, a snapshot
+//! walks only the account's positions and working orders; finished orders
+//! are dropped). Snapshots, encodings and KV/stream round trips are per
+//! coalescing window and account, never per message.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, kv};
 use chrono::Utc;
+use futures::future::join_all;
 use futures::{FutureExt, StreamExt};
 use mtx_runtime::config::AccountsConfig;
 use mtx_runtime::process::{Process, ProcessError};
@@ -61,9 +102,10 @@ use mtx_runtime::{Delivery, Handler, Outcome, Outgoing};
 use mtx_schemas::order::{account_state_key, AccountState};
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::{Subjects, Topology};
-use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use rust_decimal::prelude::ToPrimitive;
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::{Mutex, Notify, OnceCell};
+use tokio_util::sync::CancellationToken;
 
 use crate::book::{Book, Input};
 use crate::ledger::{LedgerConfig, LedgerError};
@@ -97,6 +139,12 @@ pub enum WorkerError {
 /// The ledger configuration from `[accounts]`.
 pub fn ledger_config(cfg: &AccountsConfig) -> LedgerConfig {
     LedgerConfig {
+        order_retention: crate::orders::OrderRetention {
+            retention: chrono::Duration::seconds(
+                i64::try_from(cfg.finished_order_retention_secs).unwrap_or(i64::MAX / 1_000),
+            ),
+            max_finished: cfg.finished_orders_max,
+        },
         default_initial_balance: cfg.default_initial_balance,
         initial_balances: cfg.initial_balances.clone(),
         instruments: cfg
@@ -154,17 +202,29 @@ pub fn decode(
     subject: &str,
     payload: &[u8],
 ) -> Result<Input, Refusal> {
-    let token = |i: usize| subjects.token(subject, i).and_then(Result::ok);
-    let parts: Vec<&str> = subjects.strip(subject).split('.').collect();
-    let shape_ok = match source {
-        Source::Executions => matches!(parts.as_slice(), ["executions", _]),
-        Source::Market => matches!(parts.as_slice(), ["market", "prices", _]),
-        Source::Orders => matches!(parts.as_slice(), ["orders", _, "new"]),
-        Source::OrderEvents => matches!(parts.as_slice(), ["orders", _, "events"]),
+    let mut parts = subjects.strip(subject).split('.');
+    let parts = [parts.next(), parts.next(), parts.next(), parts.next()];
+    // The id token of the subject (account or symbol), still encoded.
+    let id_token = match (source, parts) {
+        (Source::Executions, [Some("executions"), Some(t), None, None]) => t,
+        (Source::Market, [Some("market"), Some("prices"), Some(t), None]) => t,
+        (Source::Orders, [Some("orders"), Some(t), Some("new"), None]) => t,
+        (Source::OrderEvents, [Some("orders"), Some(t), Some("events"), None]) => t,
+        _ => return Err(("bad_subject", format!("unexpected subject `{subject}`"))),
     };
-    if !shape_ok {
-        return Err(("bad_subject", format!("unexpected subject `{subject}`")));
-    }
+    // Whether the token names `id`; no decoding when `id` needs no escaping
+    // (the usual case: then its token is itself).
+    let names = |id: &str| {
+        let plain = !id.is_empty()
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if plain {
+            id == id_token
+        } else {
+            mtx_subjects::token::decode(id_token).is_ok_and(|d| d == id)
+        }
+    };
     let mismatch = |what: &str, on: &str| {
         (
             "account_mismatch",
@@ -175,7 +235,7 @@ pub fn decode(
         Source::Executions => {
             let x: mtx_schemas::order::ExecutionConfirmation = serde_json::from_slice(payload)
                 .map_err(|e| ("invalid_execution", e.to_string()))?;
-            if token(1).as_deref() != Some(x.account.as_str()) {
+            if !names(&x.account) {
                 return Err(mismatch("execution", &x.account));
             }
             Ok(Input::Execution(x))
@@ -183,7 +243,7 @@ pub fn decode(
         Source::Market => {
             let p: mtx_schemas::market::MarketPrice =
                 serde_json::from_slice(payload).map_err(|e| ("invalid_price", e.to_string()))?;
-            if token(2).as_deref() != Some(p.symbol.as_str()) {
+            if !names(&p.symbol) {
                 return Err((
                     "symbol_mismatch",
                     format!("price of {} on `{subject}`", p.symbol),
@@ -200,7 +260,7 @@ pub fn decode(
         Source::Orders => {
             let o: mtx_schemas::order::Order =
                 serde_json::from_slice(payload).map_err(|e| ("invalid_order", e.to_string()))?;
-            if token(1).as_deref() != Some(o.account.as_str()) {
+            if !names(&o.account) {
                 return Err(mismatch("order", &o.account));
             }
             Ok(Input::Order(o))
@@ -208,7 +268,7 @@ pub fn decode(
         Source::OrderEvents => {
             let e: mtx_schemas::order::OrderEvent = serde_json::from_slice(payload)
                 .map_err(|e| ("invalid_order_event", e.to_string()))?;
-            if token(1).as_deref() != Some(e.account.as_str()) {
+            if !names(&e.account) {
                 return Err(mismatch("order event", &e.account));
             }
             Ok(Input::OrderEvent(e))
@@ -357,8 +417,15 @@ pub struct AccountsMetrics {
     pub inputs: IntCounterVec,
     /// Account states stored + published, by result (`ok`, `error`).
     pub states: IntCounterVec,
+    /// Bytes of JSON of the account states published
+    /// (`mtx_accounts_state_bytes_total`).
+    pub state_bytes: IntCounter,
     /// Messages read by start-up replays, by source.
     pub replayed: IntCounterVec,
+    /// Orders held by the open-order tracker, by state (`working`, or
+    /// `finished`: the bounded memory of finished ones)
+    /// (`mtx_accounts_tracked_orders`).
+    pub tracked_orders: IntGaugeVec,
     /// Equity per configured account (`mtx_account_equity`; accounts not in
     /// `accounts.initial_balances` are left out so the label stays bounded).
     pub equity: GaugeVec,
@@ -382,9 +449,20 @@ impl AccountsMetrics {
                 ),
                 &["result"],
             )?,
+            state_bytes: IntCounter::new(
+                "mtx_accounts_state_bytes_total",
+                "Bytes of JSON of the account states stored and published",
+            )?,
             replayed: IntCounterVec::new(
                 Opts::new("mtx_accounts_replays_total", "Start-up replays of the book"),
                 &["result"],
+            )?,
+            tracked_orders: IntGaugeVec::new(
+                Opts::new(
+                    "mtx_accounts_tracked_orders",
+                    "Orders held by the open-order tracker (working, finished)",
+                ),
+                &["state"],
             )?,
             equity: GaugeVec::new(
                 Opts::new("mtx_account_equity", "Account equity, account currency"),
@@ -400,7 +478,9 @@ impl AccountsMetrics {
         };
         registry.register(Box::new(m.inputs.clone()))?;
         registry.register(Box::new(m.states.clone()))?;
+        registry.register(Box::new(m.state_bytes.clone()))?;
         registry.register(Box::new(m.replayed.clone()))?;
+        registry.register(Box::new(m.tracked_orders.clone()))?;
         registry.register(Box::new(m.equity.clone()))?;
         registry.register(Box::new(m.margin_utilization.clone()))?;
         Ok(m)
@@ -411,9 +491,23 @@ struct Live {
     book: Book,
     /// Accounts whose latest state is not stored + published yet.
     dirty: BTreeSet<String>,
+    /// When each account's state was last taken for publishing (its
+    /// coalescing window runs from there).
+    sent: HashMap<String, Instant>,
 }
 
-/// The accounts engine shared by the stage's loops and timer.
+/// What one round of the publisher did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flushed {
+    /// Every state due went out; the next one falls due at this instant
+    /// (`None`: nothing is pending).
+    Done(Option<Instant>),
+    /// Something could not be stored or published (or the book is not
+    /// available); it stays pending.
+    Failed,
+}
+
+/// The accounts engine shared by the stage's loops and publisher.
 pub struct Accounts {
     js: jetstream::Context,
     subjects: Subjects,
@@ -422,10 +516,17 @@ pub struct Accounts {
     kv: OnceCell<kv::Store>,
     config: LedgerConfig,
     live: Mutex<Option<Live>>,
+    /// Held for a whole publishing round (snapshot to publish ack), so the
+    /// states of one account go out one at a time and in order.
+    flushing: Mutex<()>,
+    /// Wakes the publisher when accounts become dirty.
+    wake: Notify,
     publisher: Publisher,
     metrics: AccountsMetrics,
     interval: Duration,
+    window: Duration,
     retry_after: Duration,
+    shutdown: CancellationToken,
 }
 
 impl Accounts {
@@ -446,18 +547,23 @@ impl Accounts {
                 return Err(WorkerError::Topology(format!("consumer {d}")));
             }
         }
+        let cfg = &process.config.accounts;
         Ok(Accounts {
             js: process.js.clone(),
             subjects: process.subjects.clone(),
             topology: topo.clone(),
             bucket,
             kv: OnceCell::new(),
-            config: ledger_config(&process.config.accounts),
+            config: ledger_config(cfg),
             live: Mutex::new(None),
+            flushing: Mutex::new(()),
+            wake: Notify::new(),
             publisher: Publisher::new(process.js.clone(), Some(process.metrics.clone()), STAGE),
             metrics: AccountsMetrics::new(&process.registry)?,
-            interval: Duration::from_secs(process.config.accounts.publish_interval_secs.max(1)),
+            interval: Duration::from_secs(cfg.publish_interval_secs.max(1)),
+            window: Duration::from_millis(cfg.publish_coalesce_ms),
             retry_after: Duration::from_millis(process.config.worker.publish_retry_delay_ms),
+            shutdown: process.shutdown.clone(),
         })
     }
 
@@ -478,6 +584,18 @@ impl Accounts {
         let mut guard = self.live.lock().await;
         let live = self.ensure(&mut guard).await.ok()?;
         live.book.mark_of(instrument)
+    }
+
+    /// (working orders, remembered finished orders) in the live book.
+    pub async fn tracked_orders(&self) -> Option<(usize, usize)> {
+        let guard = self.live.lock().await;
+        let orders = guard.as_ref()?.book.ledger().open_orders();
+        Some((orders.working_len(), orders.finished_len()))
+    }
+
+    /// Accounts whose latest state is not published yet.
+    pub async fn pending(&self) -> usize {
+        self.live.lock().await.as_ref().map_or(0, |l| l.dirty.len())
     }
 
     async fn kv(&self) -> Result<&kv::Store, String> {
@@ -508,46 +626,114 @@ impl Accounts {
                 "account book rebuilt from the streams"
             );
             let dirty = book.accounts().map(str::to_string).collect();
-            *guard = Some(Live { book, dirty });
+            *guard = Some(Live {
+                book,
+                dirty,
+                sent: HashMap::new(),
+            });
+            self.wake.notify_one();
         }
         guard.as_mut().ok_or_else(|| "book not built".to_string())
     }
 
-    /// Store and publish the state of every dirty account; failures stay dirty.
-    async fn flush(&self, live: &mut Live) {
-        if live.dirty.is_empty() {
-            return;
+    /// One publishing round: store and publish the state of every dirty
+    /// account whose coalescing window is over (every dirty account if
+    /// `force`). The book is locked only to take the snapshots; encoding and
+    /// the round trips run without it. Failures stay dirty.
+    async fn flush(&self, force: bool) -> Flushed {
+        let _turn = self.flushing.lock().await;
+        let (states, next, stamp) = {
+            let mut guard = self.live.lock().await;
+            let live = match self.ensure(&mut guard).await {
+                Ok(live) => live,
+                Err(e) => {
+                    tracing::warn!(error = %e, "account book not available yet");
+                    return Flushed::Failed;
+                }
+            };
+            let started = Instant::now();
+            let stamp = Utc::now();
+            let window = self.window;
+            let mut next: Option<Instant> = None;
+            let mut due = Vec::new();
+            let sent = &live.sent;
+            live.dirty.retain(|account| {
+                let opens = sent.get(account).map(|t| *t + window);
+                match opens {
+                    Some(at) if !force && at > started => {
+                        next = Some(next.map_or(at, |n| n.min(at)));
+                        true
+                    }
+                    _ => {
+                        due.push(account.clone());
+                        false
+                    }
+                }
+            });
+            let states: Vec<AccountState> = due
+                .iter()
+                .map(|account| live.book.snapshot(account, stamp))
+                .collect();
+            for account in due {
+                live.sent.insert(account, started);
+            }
+            (states, next, stamp)
+        };
+        if states.is_empty() {
+            return Flushed::Done(next);
         }
-        let now = Utc::now();
+        let failed = self.send(states, stamp).await;
+        if failed.is_empty() {
+            return Flushed::Done(next);
+        }
+        if let Some(live) = self.live.lock().await.as_mut() {
+            live.dirty.extend(failed);
+        }
+        Flushed::Failed
+    }
+
+    /// Store (KV) and publish `states`; returns the accounts that failed.
+    async fn send(&self, states: Vec<AccountState>, stamp: chrono::DateTime<Utc>) -> Vec<String> {
         let kv = match self.kv().await {
             Ok(kv) => kv,
             Err(e) => {
                 tracing::warn!(error = %e, "account states not stored; will retry");
-                return;
+                return states.into_iter().map(|s| s.account).collect();
             }
         };
+        let mut encoded = Vec::with_capacity(states.len());
+        for state in states {
+            self.observe(&state);
+            match (
+                serde_json::to_vec(&state),
+                self.subjects.account_state(&state.account),
+            ) {
+                (Ok(body), Ok(subject)) => {
+                    encoded.push((state.account, subject, bytes::Bytes::from(body)))
+                }
+                _ => {
+                    tracing::error!(account = %state.account, "account state cannot be encoded; dropped")
+                }
+            }
+        }
+        // Every KV put in flight at once, then every publish at once.
+        let puts = join_all(
+            encoded
+                .iter()
+                .map(|(account, _, body)| kv.put(account_state_key(account), body.clone())),
+        )
+        .await;
+        let mut failed = Vec::new();
         let mut outs = Vec::new();
         let mut owners = Vec::new();
-        for account in live.dirty.clone() {
-            let state = live.book.snapshot(&account, now);
-            self.observe(&state);
-            let (Ok(body), Ok(subject)) = (
-                serde_json::to_vec(&state),
-                self.subjects.account_state(&account),
-            ) else {
-                tracing::error!(%account, "account state cannot be encoded; dropped");
-                live.dirty.remove(&account);
-                continue;
-            };
-            if let Err(e) = kv
-                .put(account_state_key(&account), body.clone().into())
-                .await
-            {
+        let nanos = stamp.timestamp_nanos_opt().unwrap_or_default();
+        for ((account, subject, body), put) in encoded.into_iter().zip(puts) {
+            if let Err(e) = put {
                 self.metrics.states.with_label_values(&["error"]).inc();
                 tracing::warn!(%account, error = %e, "account state not stored in KV; will retry");
+                failed.push(account);
                 continue;
             }
-            let nanos = now.timestamp_nanos_opt().unwrap_or_default();
             outs.push(Outgoing::new(
                 subject,
                 format!("{}.{nanos}", account_state_key(&account)),
@@ -555,19 +741,22 @@ impl Accounts {
             ));
             owners.push(account);
         }
+        let sizes: Vec<u64> = outs.iter().map(|o| o.payload.len() as u64).collect();
         let results = self.publisher.publish_all(outs).await;
-        for (account, r) in owners.into_iter().zip(results) {
+        for ((account, r), size) in owners.into_iter().zip(results).zip(sizes) {
             match r {
                 Ok(_) => {
                     self.metrics.states.with_label_values(&["ok"]).inc();
-                    live.dirty.remove(&account);
+                    self.metrics.state_bytes.inc_by(size);
                 }
                 Err(e) => {
                     self.metrics.states.with_label_values(&["error"]).inc();
                     tracing::warn!(%account, error = %e, "account state not published; will retry");
+                    failed.push(account);
                 }
             }
         }
+        failed
     }
 
     /// Gauges of a configured account's latest state (f64 is fine for a
@@ -600,7 +789,17 @@ impl Accounts {
             .catch_unwind()
             .await;
         let reason = match r {
-            Ok(Ok(outcomes)) => return outcomes,
+            Ok(Ok((outcomes, changed))) => {
+                if changed {
+                    if self.shutdown.is_cancelled() {
+                        // The publisher may be gone: publish before the acks.
+                        self.flush(true).await;
+                    } else {
+                        self.wake.notify_one();
+                    }
+                }
+                return outcomes;
+            }
             Ok(Err(e)) => e,
             Err(_) => {
                 // The book may be half-updated: rebuild it next time.
@@ -614,36 +813,34 @@ impl Accounts {
             .collect()
     }
 
+    /// Apply a batch; returns its outcomes and whether an account changed.
     async fn run_batch_inner(
         &self,
         source: Source,
         msgs: &[Delivery],
-    ) -> Result<Vec<Outcome>, String> {
+    ) -> Result<(Vec<Outcome>, bool), String> {
         let mut guard = self.live.lock().await;
         let live = self.ensure(&mut guard).await?;
         tracing::debug!(source = source.label(), messages = msgs.len(), "batch");
         let mut outcomes = Vec::with_capacity(msgs.len());
+        let (mut applied, mut duplicate, mut refused) = (0u64, 0u64, 0u64);
+        let mut changed = false;
         for d in msgs {
-            let label = |r: &str| {
-                self.metrics
-                    .inputs
-                    .with_label_values(&[source.label(), r])
-                    .inc()
-            };
-            let applied = decode(&self.subjects, source, &d.subject, &d.payload)
+            let result = decode(&self.subjects, source, &d.subject, &d.payload)
                 .and_then(|input| live.book.apply(&input).map_err(|e| refusal(&e)));
-            match applied {
+            match result {
                 Ok(effect) if effect.duplicate => {
-                    label("duplicate");
+                    duplicate += 1;
                     outcomes.push(Outcome::Duplicate);
                 }
                 Ok(effect) => {
-                    label("applied");
+                    applied += 1;
+                    changed |= !effect.changed.is_empty();
                     live.dirty.extend(effect.changed);
                     outcomes.push(Outcome::Ok(Vec::new()));
                 }
                 Err((reason, detail)) => {
-                    label("refused");
+                    refused += 1;
                     if source == Source::Executions {
                         tracing::error!(reason, %detail, seq = d.stream_seq, "execution refused by the ledger");
                     }
@@ -651,22 +848,86 @@ impl Accounts {
                 }
             }
         }
-        self.flush(live).await;
-        Ok(outcomes)
+        if matches!(source, Source::Orders | Source::OrderEvents) {
+            let orders = live.book.ledger().open_orders();
+            for (state, n) in [
+                ("working", orders.working_len()),
+                ("finished", orders.finished_len()),
+            ] {
+                self.metrics
+                    .tracked_orders
+                    .with_label_values(&[state])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        for (result, n) in [
+            ("applied", applied),
+            ("duplicate", duplicate),
+            ("refused", refused),
+        ] {
+            if n > 0 {
+                self.metrics
+                    .inputs
+                    .with_label_values(&[source.label(), result])
+                    .inc_by(n);
+            }
+        }
+        Ok((outcomes, changed))
     }
 
-    /// Re-publish every account (the periodic publish; also the first
-    /// rebuild after start).
-    pub async fn publish_all(&self) {
+    /// Mark every account dirty (rebuilding the book first if needed).
+    async fn mark_all(&self) {
         let mut guard = self.live.lock().await;
         match self.ensure(&mut guard).await {
             Ok(live) => {
                 let all: Vec<String> = live.book.accounts().map(str::to_string).collect();
                 live.dirty.extend(all);
-                self.flush(live).await;
             }
             Err(e) => tracing::warn!(error = %e, "account book not available yet"),
         }
+    }
+
+    /// Re-publish every account now, whatever the coalescing window (the
+    /// periodic publish; also the first rebuild after start).
+    pub async fn publish_all(&self) {
+        self.mark_all().await;
+        self.flush(true).await;
+    }
+
+    /// The publisher task: one round whenever accounts become dirty or a
+    /// coalescing window ends, every account each `publish_interval_secs`
+    /// (the first time right away, which also rebuilds the book), a retry
+    /// `worker.publish_retry_delay_ms` after a failed round, and a last
+    /// round of everything pending on shutdown.
+    async fn publish_loop(self: Arc<Self>, shutdown: CancellationToken, beat: impl Fn()) {
+        let mut heartbeat = tokio::time::interval(self.interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next: Option<Instant> = None;
+        loop {
+            let until = next.map(tokio::time::Instant::from_std);
+            let force = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = heartbeat.tick() => {
+                    beat();
+                    self.mark_all().await;
+                    true
+                }
+                // While a window is running its end brings the next round.
+                _ = self.wake.notified(), if next.is_none() => false,
+                _ = async {
+                    match until {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => false,
+            };
+            next = match self.flush(force).await {
+                Flushed::Done(next) => next,
+                Flushed::Failed => Some(Instant::now() + self.retry_after.max(self.window)),
+            };
+        }
+        // Batches handled from now on publish their own states.
+        self.flush(true).await;
     }
 }
 
@@ -690,9 +951,8 @@ impl Handler for AccountsHandler {
     }
 }
 
-/// Start the stage in `process`: four loops and the periodic publisher
-/// (whose first turn, right away, rebuilds the book and publishes every
-/// account).
+/// Start the stage in `process`: four loops and the publisher task (whose
+/// first turn, right away, rebuilds the book and publishes every account).
 pub fn spawn(process: &mut Process) -> Result<Arc<Accounts>, WorkerError> {
     let engine = Arc::new(Accounts::new(process)?);
     for (stage, durable, source) in [
@@ -714,22 +974,11 @@ pub fn spawn(process: &mut Process) -> Result<Arc<Accounts>, WorkerError> {
             }),
         )?;
     }
-    let timer = engine.clone();
-    let shutdown = process.shutdown.clone();
     let beat = process.health.beat("accounts publisher");
-    let period = engine.interval;
-    process.spawn(async move {
-        let mut iv = tokio::time::interval(period);
-        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = iv.tick() => {
-                    beat.beat();
-                    timer.publish_all().await;
-                }
-            }
-        }
-    });
+    process.spawn(
+        engine
+            .clone()
+            .publish_loop(process.shutdown.clone(), move || beat.beat()),
+    );
     Ok(engine)
 }

@@ -41,6 +41,7 @@ pub(crate) fn published(m: &jetstream::Message) -> DateTime<Utc> {
 async fn open(
     js: &jetstream::Context,
     feed: &Feed,
+    deliver: consumer::DeliverPolicy,
 ) -> Result<(consumer::pull::Ordered, u64), String> {
     let stream = js
         .get_stream(&feed.stream)
@@ -49,7 +50,7 @@ async fn open(
     let c = stream
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subject: feed.filter.clone(),
-            deliver_policy: feed.deliver,
+            deliver_policy: deliver,
             description: Some(format!("cerebro {}", feed.what)),
             ..Default::default()
         })
@@ -64,8 +65,10 @@ async fn open(
 }
 
 /// Read `feed` until `shutdown`, handing every message to `on`; re-open it
-/// (from `feed.deliver` again) whenever it fails. `ready` turns true once
-/// the backlog present when the consumer was created has been handed over.
+/// whenever it fails, from the stream sequence after the last message
+/// handed over (from `feed.deliver` if none was), so a failure never skips
+/// a message. `ready` turns true once the backlog present when the consumer
+/// was first created has been handed over.
 pub(crate) async fn run_feed(
     js: jetstream::Context,
     feed: Feed,
@@ -74,11 +77,18 @@ pub(crate) async fn run_feed(
     mut on: impl FnMut(&jetstream::Message) + Send,
 ) {
     let mut backoff = Duration::from_millis(250);
+    let mut last: Option<u64> = None;
     loop {
         if shutdown.is_cancelled() {
             return;
         }
-        match open(&js, &feed).await {
+        let deliver = match last {
+            Some(seq) => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: seq + 1,
+            },
+            None => feed.deliver,
+        };
+        match open(&js, &feed, deliver).await {
             Ok((mut messages, pending)) => {
                 backoff = Duration::from_millis(250);
                 if pending == 0 {
@@ -94,8 +104,11 @@ pub(crate) async fn run_feed(
                         Some(Ok(m)) => {
                             errors = 0;
                             on(&m);
-                            if m.info().map(|i| i.pending == 0).unwrap_or(false) {
-                                ready.send_if_modified(|r| !std::mem::replace(r, true));
+                            if let Ok(i) = m.info() {
+                                last = Some(i.stream_sequence);
+                                if i.pending == 0 {
+                                    ready.send_if_modified(|r| !std::mem::replace(r, true));
+                                }
                             }
                         }
                         Some(Err(e)) => {

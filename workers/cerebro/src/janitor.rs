@@ -129,6 +129,7 @@ mod tests {
                     status: OrderStatus::Pending,
                 }]
             },
+            book_revision: None,
         }
     }
 

@@ -9,21 +9,41 @@
 //! | system config | KV `system`: key `config` = [`SystemConfig`] JSON; key `TRADING_ENABLED` (`true`/`false`) and key `kill_switch` (`true` = halted) override the kill switch (watched) |
 //! | account state | KV `account_state`, key `account_state_key(account)` (watched: single-token keys only); `strategy_pnl_today` feeds `max_daily_loss` when the state is of the decision's UTC day |
 //! | marks | `market.prices.<symbol>` on `MARKET`: an ordered consumer per replica starting with the last price per subject (so the latest marks are known at start; `start` waits up to `marks_initial_wait` for them), then every new price; the greatest `(timestamp, price)` per symbol is kept (order-independent, like the accounts stage). They price MARKET legs and measure the slippage rule's drift (fresh: not older than `mark_max_age_secs`) |
-//! | order events | `orders.<account>.events` on `ORDER_EVENTS`: an ordered consumer per replica from the time it starts; terminal events release reservations (below) |
+//! | order events | `orders.<account>.events` on `ORDER_EVENTS`: an ordered consumer per replica from the time it starts (re-opened after a failure from the next stream sequence, so no event is skipped); terminal events release reservations and tell exits what their entry filled (below) |
 //! | backtest returns | MongoDB `<mongo.trading_db>.strategy_backtest_data` ([`crate::backtests`]), loaded in the background at start and every `backtest_refresh`; unavailable = CVaR recorded as [`crate::CvarSkip::Unavailable`], never a blocked decision |
 //! | instrument specs | built-in table ([`InstrumentSpecs::with_defaults`]) overridden by `[accounts.instruments]`, so Cerebro and the ledger margin alike |
 //!
 //! Every watched input is applied as it arrives (by revision, stale updates
 //! ignored), so a change takes effect for the next signal without a restart.
-//! Settings: [`Settings`], from [`crate::CerebroConfig`] (`[cerebro]`).
+//! Applying one never waits for a decision in progress. Settings:
+//! [`Settings`], from the process config's `[cerebro]` section
+//! ([`crate::CerebroConfig`]).
 //!
 //! | decision | outcome |
 //! |---|---|
 //! | decided | `Outcome::Ok`: the [`DecisionRecord`] on `cerebro.decisions.<env>.<strategy>` (msg id `dec_…` from the signal id), each order on `orders.<account>.new` (msg id = `order_id`), each cancel on `orders.<account>.cancel` (msg id `cxl_…` from signal and order); the loop publishes, waits for the acks, then acks the signal |
-//! | deferred (EXIT / CANCEL before its ENTRY filled) | `Outcome::Retry` with a growing delay (`defer_base` doubling up to `defer_max`): the message is NAKed with a delay, the worker goes on with other signals |
+//! | deferred (EXIT / CANCEL before its ENTRY filled or was booked) | `Outcome::Retry`: the message is NAKed with a delay and the worker goes on with other signals. The first `defer_fast_retries` (4) deferrals wait `defer_retry` (250 ms), the next ones `defer_backoff` (4 s) doubling per delivery up to `defer_max` (30 s) |
 //! | deferred for too long | once the signal is older than `entry_wait` or on the delivery before `max_deliver`, it is decided with `entry_wait_expired` (close against the position / cancel the working orders) |
 //! | undecodable signal | DLQ `invalid_signal` |
 //! | KV unavailable, CAS contention | `Outcome::Retry` |
+//!
+//! Metrics (process registry): `mtx_decisions_total{outcome, reason}`
+//! (`outcome` = `approved` / `resized` / `rejected`, `reason` = the typed
+//! reason's code, `none` without one) per decision made (a redelivered
+//! signal decided again counts again), and `mtx_trading_enabled` (1 / 0)
+//! following the kill switch.
+//!
+//! # Batches
+//!
+//! The loop hands the worker whole batches (up to two at once). A batch is
+//! decided in two rounds. First every signal without an entry link
+//! (entries, unlinked exits) is grouped by account, and each account's group
+//! is one **group commit** (below), the accounts side by side. Then the
+//! linked exits and cancels read their entry and exit-progress records (so
+//! an entry of the same batch is found) and are decided per account under
+//! the account's lock, in arrival order, against one reconciliation of the
+//! book; their exit-progress compare-and-sets go out together (one per
+//! entry at a time). Each signal still gets its own outcome.
 //!
 //! # Margin reservations across replicas
 //!
@@ -35,40 +55,48 @@
 //! two never collide; the accounts stage `put`s only its own keys). The book
 //! maps signal id → the held legs (order id, quantity, margin, notional).
 //!
-//! An entry is decided *inside* a compare-and-set transaction on that key:
+//! Each replica keeps its copy of every book it uses in memory, with the KV
+//! revision the copy was read at or last written as. A group commit:
 //!
-//! 1. read the book and its revision (`kv.entry`);
-//! 2. reconcile it with the latest account state (below) and give
-//!    [`decide_with`] the book's totals as [`AccountInputs::reserved`] (this
-//!    signal's own entry excluded);
-//! 3. if the decision reserves margin, write the book with this signal's
-//!    entry via `kv.update(key, book, revision)` (`kv.create` for a new
-//!    book); a `WrongLastRevision` / `AlreadyExists` means another replica
-//!    reserved in between: go back to 1 and decide again on the new book.
+//! 1. takes the account's async mutex (one transaction per account at a
+//!    time within a replica); reads and parses the book from KV only if the
+//!    copy is missing or was invalidated;
+//! 2. reconciles the copy with the latest account state and order ends
+//!    (below) and sums what it holds per strategy once;
+//! 3. decides the signals in arrival order with [`decide_with`], each
+//!    against those totals ([`AccountInputs::reserved`], its own earlier
+//!    entry excluded) plus the reservations of the signals before it;
+//! 4. if any signal reserves margin, writes the book with
+//!    `kv.update(key, book, revision)` (`kv.create` for a new book). A
+//!    `WrongLastRevision` / `AlreadyExists` means another replica wrote the
+//!    book since this copy was read: the copy is dropped, the book re-read
+//!    and the whole group decided again on it. Any other write error drops
+//!    the copy too (the write may or may not have happened);
+//! 5. releases the mutex, stores the entry records (below, all at once) and
+//!    only then hands each signal's outputs back; if a record cannot be
+//!    stored the whole group is retried (its reservations stay: a
+//!    redelivery finds them and does not add them again).
 //!
 //! So every approval was checked against a book holding every earlier
-//! approval: the sum of approved margin never exceeds what the account has.
-//! Within one replica a per-account async mutex serializes the transactions
-//! (no self-conflicts); CAS handles the others.
-//!
-//! **Group commit.** Signals without an entry link (entries, unlinked exits)
-//! that reach one replica for the same account while a transaction runs
-//! queue up, and the next transaction takes them all: one read of the book,
-//! each signal decided in arrival order against the book holding the
-//! reservations of those before it, one compare-and-set (on a conflict the
-//! whole batch is decided again), then their entry records, then each
-//! signal's outputs go back to its own handler. The guarantees are those of
-//! one transaction per signal; the book is read, parsed and written once per
-//! batch instead of once per signal. Linked exits and cancels (which also
-//! compare-and-set their entry's `exits.*` record) keep one transaction each.
+//! approval, of every replica: the sum of approved margin never exceeds what
+//! the account has. A group that reserves nothing (rejections, unlinked
+//! exits) writes nothing: it was decided against the copy, whose
+//! reservations can only be missing other replicas' *later* approvals (which
+//! could only have made a rejection more certain) or include ones another
+//! replica already released on evidence this replica gets moments later.
+//! Reconciliation results (releases, legs seen working) ride along with the
+//! next write; an account with no writes for `SYNC_QUIET` (500 ms) whose
+//! copy has unwritten releases gets them written by a background sync that
+//! every account state update schedules (coalesced, never holding up the
+//! watcher), so idle books drain in KV too.
 //!
 //! Idempotent per signal id: the book is keyed by signal id, a redelivered
 //! signal decides against the book *without* its own entry and then replaces
 //! it — never adding twice. A redelivery never shrinks or drops an existing
 //! entry (its orders may already be out); a larger new size replaces it.
 //!
-//! Release / reconciliation against the accounts stage's state (done on
-//! every account state update and in every transaction):
+//! Release / reconciliation against the accounts stage's state (done in
+//! every transaction and in the background sync):
 //!
 //! - a held leg whose order is in `open_orders` holds
 //!   `margin × remaining / quantity` (the filled part is in `margin_used`)
@@ -95,35 +123,44 @@
 //! accounts stage is not confirming fills, so margin cannot be checked.
 //! Each single-leg entry is about 210 bytes of JSON. Known limits: the
 //! accounts stage consumes order events and executions on separate
-//! consumers, so for the instant between a FILLED event and its execution
-//! being booked a seen order can be neither reserved nor in `margin_used`
-//! (`booking_grace` covers the same gap for unseen orders); and the book is
-//! rewritten whole on every approval, so its cost grows with the orders in
-//! flight (rate × time to booking).
+//! consumers, and its state says nothing about which executions it has
+//! booked, so a filled order is released on time evidence (`booking_grace`
+//! after its fill, or seen working and then gone) rather than on proof of
+//! booking; and the book is written whole on every approval, so its cost
+//! grows with the orders in flight (rate × time to release, about
+//! `booking_grace` plus one state).
 //!
 //! # Entries and exits across replicas
 //!
 //! An exit may reach a different replica than its entry, so entry records are
-//! in KV too: `entries.<signal_id>` (the approved legs, written before the
-//! decision is published) and `exits.<entry_signal_id>` (quantities closed by
-//! each exit signal, compare-and-set, keyed by exit signal id so a
-//! redelivered exit is not counted twice). An entry leg's fill progress is
-//! read from the account state: in `open_orders` → working with
-//! `quantity − remaining` filled; settled (see above) → filled; otherwise
-//! still pending (the exit is deferred).
+//! in KV too: `entries.<signal_id>` (the approved legs and the book revision
+//! that holds their reservation, written before the decision is published)
+//! and `exits.<entry_signal_id>` (quantities closed by each exit signal,
+//! compare-and-set, keyed by exit signal id so a redelivered exit is not
+//! counted twice). A linked exit re-reads the book when its copy is older
+//! than the entry's reservation, so an entry missing from the copy has been
+//! released. An entry leg's fill progress: its terminal order event (the
+//! quantity the venue filled, as soon as the event arrives); else in
+//! `open_orders` → working with `quantity − remaining` filled; else settled
+//! (see above) → filled; else still pending (the exit is deferred). A fill
+//! the account state does not show as a position yet defers the exit too
+//! ([`crate::DeferReason::PositionNotBooked`]): exits never close more than
+//! the account holds.
 //!
 //! These keys do not live forever: every `janitor_interval` each replica
 //! deletes those of finished entries after `entry_done_retention` and all
 //! of them after `entry_max_age` ([`crate::janitor`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use mtx_accounts::book::Input as AccountsInput;
 use mtx_accounts::worker::{decode as decode_accounts_input, Source as AccountsSource};
 use mtx_runtime::process::{Process, ProcessError};
@@ -134,6 +171,7 @@ use mtx_schemas::signal::StandardizedSignal;
 use mtx_schemas::{Decision, Direction, OrderStatus, SignalAction};
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::{Subjects, Topology};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -188,6 +226,11 @@ pub fn cancel_msg_id(signal_id: &str, order_id: &str) -> String {
 /// [`crate::Reason::ReservationBacklog`].
 pub const MAX_BOOK_BYTES: usize = 900 * 1024;
 
+/// A book whose copy has unwritten reconciliation results is written by the
+/// background sync once it has not been written for this long (busy books
+/// get them written with their next approval).
+pub const SYNC_QUIET: Duration = Duration::from_millis(500);
+
 /// Worker knobs (defaults in the crate; instrument specs from config).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -210,14 +253,19 @@ pub struct Settings {
     pub entry_retention: Retention,
     /// Janitor period.
     pub janitor_interval: Duration,
-    /// First redelivery delay of a deferred signal (doubles per delivery).
-    pub defer_base: Duration,
-    /// Largest redelivery delay.
+    /// Redelivery delay of the first `defer_fast_retries` deferrals.
+    pub defer_retry: Duration,
+    /// Deferrals redelivered after `defer_retry`.
+    pub defer_fast_retries: u32,
+    /// Delay of the first deferral after the fast ones (doubles per delivery).
+    pub defer_backoff: Duration,
+    /// Largest redelivery delay of a deferred signal.
     pub defer_max: Duration,
     /// The consumer's `max_deliver` (a deferred signal is decided with
     /// `entry_wait_expired` on the delivery before the last).
     pub max_deliver: i64,
-    /// Compare-and-set attempts per signal before it is retried later.
+    /// Compare-and-set attempts per transaction before its signals are
+    /// retried later.
     pub cas_attempts: u32,
     /// Backtest returns for CVaR (`None`: CVaR is recorded as unavailable).
     pub backtests: Option<BacktestSource>,
@@ -230,7 +278,7 @@ pub struct Settings {
     /// Start-up wait for the latest marks.
     pub marks_initial_wait: Duration,
     /// Read order events from `orders.*.events` (fills and ends release
-    /// reservations sooner).
+    /// reservations sooner and resolve exits).
     pub order_events: bool,
 }
 
@@ -248,8 +296,10 @@ impl Default for Settings {
                 max_age: chrono::Duration::zero(),
             },
             janitor_interval: Duration::ZERO,
-            defer_base: Duration::from_millis(500),
-            defer_max: Duration::from_secs(30),
+            defer_retry: Duration::ZERO,
+            defer_fast_retries: 0,
+            defer_backoff: Duration::ZERO,
+            defer_max: Duration::ZERO,
             max_deliver: 10,
             cas_attempts: 200,
             backtests: None,
@@ -287,21 +337,24 @@ impl Settings {
         self.backtest_refresh = Duration::from_secs(c.backtest_refresh_secs.max(1));
         self.backtest_retry = Duration::from_secs(c.backtest_retry_secs.max(1));
         self.marks_initial_wait = Duration::from_millis(c.marks_initial_wait_ms);
+        self.defer_retry = Duration::from_millis(c.defer_retry_ms.max(1));
+        self.defer_fast_retries = c.defer_fast_retries;
+        self.defer_backoff = Duration::from_millis(c.defer_backoff_ms.max(1));
+        self.defer_max = Duration::from_millis(c.defer_max_ms.max(1));
         if let Some(b) = &mut self.backtests {
             b.timeout = Duration::from_millis(c.mongo_timeout_ms.max(1));
         }
     }
 
-    /// [`Settings::from_configs`] with the default `[cerebro]` section (the
-    /// process config has none yet).
+    /// Defaults plus the process config: `[cerebro]`, `[accounts.instruments]`
+    /// (override the built-in symbol table's multiplier and margin),
+    /// `max_deliver` from the topology, backtests from `mongo.uri` /
+    /// `mongo.trading_db`.
     pub fn from_config(config: &mtx_runtime::Config) -> Settings {
-        Self::from_configs(config, &CerebroConfig::default())
+        Self::from_configs(config, &config.cerebro)
     }
 
-    /// Defaults plus the process config: `[accounts.instruments]` override
-    /// the built-in symbol table's multiplier and margin; `max_deliver` from
-    /// the topology; backtests from `mongo.uri` / `mongo.trading_db`; the
-    /// rest from `cerebro`.
+    /// [`Settings::from_config`] with another `[cerebro]` section.
     pub fn from_configs(config: &mtx_runtime::Config, cerebro: &CerebroConfig) -> Settings {
         let mut s = Settings {
             backtests: Some(BacktestSource {
@@ -336,6 +389,70 @@ impl Settings {
         }
         s.max_deliver = config.topology.max_deliver;
         s
+    }
+
+    /// Redelivery delay of a signal deferred on its `delivery`-th delivery
+    /// (1-based): `defer_retry` for the first `defer_fast_retries`, then
+    /// `defer_backoff` doubling per delivery, never above `defer_max`.
+    pub fn defer_delay(&self, delivery: u64) -> Duration {
+        let n = delivery.max(1);
+        let fast = u64::from(self.defer_fast_retries);
+        if n <= fast {
+            return self.defer_retry.min(self.defer_max);
+        }
+        let doublings = u32::try_from(n - fast - 1).unwrap_or(u32::MAX).min(20);
+        self.defer_backoff
+            .saturating_mul(1u32 << doublings)
+            .min(self.defer_max)
+    }
+}
+
+// ----- metrics ------------------------------------------------------------------
+
+/// Metrics of the stage (on the process registry; names fixed by the ops
+/// contract in deploy/prometheus/METRICS.md).
+#[derive(Clone)]
+pub struct CerebroMetrics {
+    /// Decisions made, by `outcome` (`approved`, `resized`, `rejected`)
+    /// and `reason` (the typed reason's code; `none` without one).
+    pub decisions: IntCounterVec,
+    /// 1 while the kill switch allows trading, 0 when halted.
+    pub trading_enabled: IntGauge,
+}
+
+impl CerebroMetrics {
+    /// Create and register. `mtx_trading_enabled` may already be registered
+    /// by another stage of the same process; that one is then exported.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let m = CerebroMetrics {
+            decisions: IntCounterVec::new(
+                Opts::new(
+                    "mtx_decisions_total",
+                    "Cerebro decisions, by outcome and reason",
+                ),
+                &["outcome", "reason"],
+            )?,
+            trading_enabled: IntGauge::new(
+                "mtx_trading_enabled",
+                "1 when the kill switch allows trading, 0 when halted",
+            )?,
+        };
+        registry.register(Box::new(m.decisions.clone()))?;
+        match registry.register(Box::new(m.trading_enabled.clone())) {
+            Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(m)
+    }
+
+    fn decided(&self, d: &Decided) {
+        let outcome = match d.record.decision {
+            Decision::Approved => "approved",
+            Decision::Modified => "resized",
+            Decision::Rejected => "rejected",
+        };
+        let reason = d.record.reason_detail.as_ref().map_or("none", |r| r.code());
+        self.decisions.with_label_values(&[outcome, reason]).inc();
     }
 }
 
@@ -376,6 +493,70 @@ impl Held {
     fn margin(&self) -> Decimal {
         self.legs.iter().map(|l| l.margin).sum()
     }
+
+    /// Margin and notional this entry still holds.
+    fn reservation(&self, ev: &Evidence<'_>, rules: &SettleRules) -> Reservation {
+        let mut r = Reservation::default();
+        for l in &self.legs {
+            let frac = match progress(l, self.created_at, ev, rules) {
+                LegProgress::Working(rem) if l.quantity > Decimal::ZERO => {
+                    rem.checked_div(l.quantity).unwrap_or(Decimal::ONE)
+                }
+                LegProgress::Working(_) | LegProgress::Unbooked => Decimal::ONE,
+                LegProgress::Settled => Decimal::ZERO,
+            };
+            // Overflow (implausible figures) reserves everything: the
+            // limits then reject rather than over-approve.
+            r.margin = l
+                .margin
+                .checked_mul(frac)
+                .and_then(|m| r.margin.checked_add(m))
+                .unwrap_or(Decimal::MAX);
+            r.notional = l
+                .notional
+                .checked_mul(frac)
+                .and_then(|n| r.notional.checked_add(n))
+                .unwrap_or(Decimal::MAX);
+        }
+        r
+    }
+
+    /// Everything it holds while none of its orders is known (a new entry).
+    fn full_reservation(&self) -> Reservation {
+        let mut r = Reservation::default();
+        for l in &self.legs {
+            add_to(
+                &mut r,
+                &Reservation {
+                    margin: l.margin,
+                    notional: l.notional,
+                },
+            );
+        }
+        r
+    }
+}
+
+/// `total += x`; an overflow saturates (the limits then reject).
+fn add_to(total: &mut Reservation, x: &Reservation) {
+    total.margin = total.margin.checked_add(x.margin).unwrap_or(Decimal::MAX);
+    total.notional = total
+        .notional
+        .checked_add(x.notional)
+        .unwrap_or(Decimal::MAX);
+}
+
+/// `total -= x`, never below zero; a saturated total stays saturated.
+fn sub_from(total: &mut Reservation, x: &Reservation) {
+    let sub = |t: Decimal, v: Decimal| {
+        if t == Decimal::MAX {
+            t
+        } else {
+            t.checked_sub(v).unwrap_or(Decimal::ZERO).max(Decimal::ZERO)
+        }
+    };
+    total.margin = sub(total.margin, x.margin);
+    total.notional = sub(total.notional, x.notional);
 }
 
 /// One account's reservation book.
@@ -392,6 +573,8 @@ pub struct EndedOrder {
     pub filled: Decimal,
     /// When it ended (the event's timestamp).
     pub at: DateTime<Utc>,
+    /// The terminal status.
+    pub status: OrderStatus,
 }
 
 /// When held legs count as settled (see the module docs).
@@ -417,7 +600,7 @@ impl SettleRules {
 }
 
 /// What the worker knows when it reconciles a book.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Evidence<'a> {
     /// The account's latest state.
     pub state: Option<&'a AccountState>,
@@ -425,6 +608,33 @@ pub struct Evidence<'a> {
     pub ended: &'a HashMap<String, EndedOrder>,
     /// Now.
     pub now: DateTime<Utc>,
+    /// The state's working orders: order id → remaining quantity.
+    working: HashMap<&'a str, Decimal>,
+}
+
+impl<'a> Evidence<'a> {
+    /// Evidence from `state` (its working orders indexed once) and `ended`.
+    pub fn new(
+        state: Option<&'a AccountState>,
+        ended: &'a HashMap<String, EndedOrder>,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let mut working = HashMap::new();
+        for o in state.map(|s| s.open_orders.as_slice()).unwrap_or_default() {
+            working.entry(o.order_id.as_str()).or_insert(o.quantity);
+        }
+        Evidence {
+            state,
+            ended,
+            now,
+            working,
+        }
+    }
+
+    /// Remaining quantity of `order_id` if the state lists it working.
+    pub fn working(&self, order_id: &str) -> Option<Decimal> {
+        self.working.get(order_id).copied()
+    }
 }
 
 /// How a held order stands against an account state.
@@ -462,12 +672,8 @@ fn progress(
     let Some(state) = ev.state else {
         return LegProgress::Unbooked;
     };
-    if let Some(o) = state
-        .open_orders
-        .iter()
-        .find(|o| o.order_id == leg.order_id)
-    {
-        return LegProgress::Working(o.quantity.max(Decimal::ZERO).min(leg.quantity));
+    if let Some(remaining) = ev.working(&leg.order_id) {
+        return LegProgress::Working(remaining.max(Decimal::ZERO).min(leg.quantity));
     }
     let booked = leg.seen
         || ended.is_some_and(|e| at_least(state.timestamp, e.at, rules.booking_grace))
@@ -524,27 +730,12 @@ impl ReservationBook {
             if Some(sid.as_str()) == except {
                 continue;
             }
-            let r = out.entry(h.strategy_id.clone()).or_default();
-            for l in &h.legs {
-                let frac = match progress(l, h.created_at, ev, rules) {
-                    LegProgress::Working(rem) if l.quantity > Decimal::ZERO => {
-                        rem.checked_div(l.quantity).unwrap_or(Decimal::ONE)
-                    }
-                    LegProgress::Working(_) | LegProgress::Unbooked => Decimal::ONE,
-                    LegProgress::Settled => Decimal::ZERO,
-                };
-                // Overflow (implausible figures) reserves everything: the
-                // limits then reject rather than over-approve.
-                r.margin = l
-                    .margin
-                    .checked_mul(frac)
-                    .and_then(|m| r.margin.checked_add(m))
-                    .unwrap_or(Decimal::MAX);
-                r.notional = l
-                    .notional
-                    .checked_mul(frac)
-                    .and_then(|n| r.notional.checked_add(n))
-                    .unwrap_or(Decimal::MAX);
+            let r = h.reservation(ev, rules);
+            match out.get_mut(&h.strategy_id) {
+                Some(t) => add_to(t, &r),
+                None => {
+                    out.insert(h.strategy_id.clone(), r);
+                }
             }
         }
         out
@@ -569,6 +760,10 @@ pub struct StoredEntry {
     pub decision: Decision,
     /// Legs as ordered (fill progress zero).
     pub legs: Vec<EntryLeg>,
+    /// Revision of the account's reservation book that holds this entry's
+    /// reservation (absent: nothing reserved, or written by an older build).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub book_revision: Option<u64>,
 }
 
 /// What one exit closed.
@@ -614,7 +809,7 @@ struct Live {
     system: Option<(u64, SystemConfig)>,
     trading_enabled: Option<(u64, bool)>,
     kill_switch: Option<(u64, bool)>,
-    accounts: BTreeMap<String, (u64, AccountState)>,
+    accounts: BTreeMap<String, (u64, Arc<AccountState>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -694,7 +889,7 @@ impl Live {
                 }
                 match value.map(serde_json::from_slice::<AccountState>) {
                     Some(Ok(s)) => {
-                        self.accounts.insert(key.to_string(), (rev, s));
+                        self.accounts.insert(key.to_string(), (rev, Arc::new(s)));
                     }
                     Some(Err(e)) => tracing::warn!(key, error = %e, "account state unreadable"),
                     None => {
@@ -720,10 +915,24 @@ impl Live {
         s
     }
 
-    fn account(&self, account: &str) -> Option<AccountState> {
+    fn account(&self, account: &str) -> Option<Arc<AccountState>> {
         self.accounts
             .get(&account_state_key(account))
-            .map(|(_, s)| s.clone())
+            .map(|(_, s)| Arc::clone(s))
+    }
+
+    fn routed_account(&self, strategy_id: &str) -> Option<String> {
+        let by_key = self
+            .strategies
+            .get(&StrategyConfig::kv_key(strategy_id))
+            .filter(|(_, c)| c.strategy_id == strategy_id);
+        by_key
+            .or_else(|| {
+                self.strategies
+                    .values()
+                    .find(|(_, c)| c.strategy_id == strategy_id)
+            })
+            .and_then(|(_, c)| c.account.clone())
     }
 }
 
@@ -751,25 +960,47 @@ pub struct JanitorReport {
     pub ended_forgotten: usize,
 }
 
+/// This replica's copy of one account's reservation book (see the module
+/// docs), behind the account's async mutex.
+#[derive(Debug, Default)]
+struct BookCopy {
+    /// The cache epoch it was loaded in (`None`: not loaded / invalidated).
+    epoch: Option<u64>,
+    /// KV revision of the book it was read at or last written as (`None`:
+    /// no such key yet).
+    rev: Option<u64>,
+    /// The book (reconciled in memory; see `dirty`).
+    book: ReservationBook,
+    /// Size of the book's JSON as last read or written.
+    bytes: usize,
+    /// Reconciliation changed it since it was last read or written.
+    dirty: bool,
+    /// When this replica last wrote it.
+    written_at: Option<Instant>,
+}
+
 /// The Cerebro handler (one per replica).
 pub struct Cerebro {
     js: jetstream::Context,
     subjects: Subjects,
     stores: Stores,
-    live: Arc<RwLock<Live>>,
+    live: RwLock<Live>,
     marks: RwLock<BTreeMap<String, Mark>>,
     ended: RwLock<HashMap<String, EndedOrder>>,
     /// Size of `ended` at which old ends are forgotten next.
-    ended_prune_at: std::sync::atomic::AtomicUsize,
+    ended_prune_at: AtomicUsize,
     backtests: RwLock<BacktestState>,
     settings: Settings,
     /// TTL of purge markers when the bucket allows per-message TTLs.
     marker_ttl: Option<Duration>,
-    locks: std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Per account: unlinked signals waiting for a group commit.
-    queues: std::sync::Mutex<HashMap<String, Queue>>,
-    /// Itself, for the group-commit leader tasks.
-    me: std::sync::OnceLock<std::sync::Weak<Cerebro>>,
+    /// Per account: the book copy behind the account's transaction mutex.
+    books: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<BookCopy>>>>,
+    /// Bumped to invalidate every book copy (after a panic mid-transaction).
+    epoch: AtomicU64,
+    /// Accounts with a background book sync scheduled.
+    syncing: std::sync::Mutex<HashSet<String>>,
+    metrics: CerebroMetrics,
+    shutdown: CancellationToken,
 }
 
 #[derive(Debug, Clone)]
@@ -778,50 +1009,53 @@ enum Fail {
     Reject(&'static str, String),
 }
 
-/// One signal waiting for its account's next group commit.
-struct Job {
-    signal: StandardizedSignal,
-    opts: DecideOptions,
-    deliveries: u64,
-    done: tokio::sync::oneshot::Sender<Result<Outcome, Fail>>,
+fn retry(e: impl std::fmt::Display) -> Fail {
+    Fail::Retry(e.to_string())
 }
 
-/// The signals waiting for one account, and whether a leader runs them.
-#[derive(Default)]
-struct Queue {
-    jobs: Vec<Job>,
-    leading: bool,
-}
-
-/// Clears an account's `leading` flag however the leader task ends, and
-/// fails (retry later) whatever it left queued, so a crashed leader never
-/// strands signals.
-struct LeaderGuard<'a> {
-    queues: &'a std::sync::Mutex<HashMap<String, Queue>>,
-    account: String,
-    /// Cleared when the leader stepped down normally.
-    armed: bool,
-}
-
-impl Drop for LeaderGuard<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = q.get_mut(&self.account) {
-            e.leading = false;
-            for j in e.jobs.drain(..) {
-                let _ = j
-                    .done
-                    .send(Err(Fail::Retry("decision batch abandoned".into())));
-            }
-        }
+fn outcome_of(r: Result<Outcome, Fail>) -> Outcome {
+    match r {
+        Ok(o) => o,
+        Err(Fail::Retry(r)) => Outcome::retry(Duration::from_millis(500), r),
+        Err(Fail::Reject(code, detail)) => Outcome::reject(code, detail),
     }
 }
 
-fn retry(e: impl std::fmt::Display) -> Fail {
-    Fail::Retry(e.to_string())
+/// One decodable signal of a batch.
+struct Job {
+    /// Position in the batch.
+    at: usize,
+    signal: StandardizedSignal,
+    opts: DecideOptions,
+    deliveries: u64,
+}
+
+/// A linked exit / cancel with what was read for it before its transaction.
+struct Linked<'a> {
+    job: &'a Job,
+    entry: Option<StoredEntry>,
+    exits: Option<(u64, ExitProgress)>,
+}
+
+/// What reserving entries of a decision adds to a book.
+fn reserves(d: &Decided) -> bool {
+    !d.orders.is_empty()
+        && d.record.action == Some(SignalAction::Entry)
+        && (d.reservation.margin > Decimal::ZERO || d.reservation.notional > Decimal::ZERO)
+}
+
+/// `totals` without `own` (a redelivered signal's earlier entry).
+fn without(
+    totals: &BTreeMap<String, Reservation>,
+    own: Option<&(String, Reservation)>,
+) -> BTreeMap<String, Reservation> {
+    let mut out = totals.clone();
+    if let Some((strategy, r)) = own {
+        if let Some(t) = out.get_mut(strategy) {
+            sub_from(t, r);
+        }
+    }
+    out
 }
 
 /// Only account state keys (single token) are watched in `account_state`;
@@ -831,14 +1065,16 @@ const ACCOUNT_KEYS: &str = "*";
 impl Cerebro {
     /// Open the buckets, load the current inputs and start the watchers,
     /// the mark and order-event feeds, the backtest loader and the janitor
-    /// (all stopped by `shutdown`).
+    /// (all stopped by `shutdown`); metrics go to `registry`.
     pub async fn start(
         js: &jetstream::Context,
         subjects: Subjects,
         topology: &Topology,
         settings: Settings,
+        registry: &Registry,
         shutdown: CancellationToken,
     ) -> Result<Arc<Cerebro>, String> {
+        let metrics = CerebroMetrics::new(registry).map_err(|e| format!("metrics: {e}"))?;
         let open = |base: &'static str| {
             let name = topology.bucket(base).map(str::to_string);
             let js = js.clone();
@@ -866,18 +1102,20 @@ impl Cerebro {
             js: js.clone(),
             subjects,
             stores: stores.clone(),
-            live: Arc::new(RwLock::new(Live::default())),
+            live: RwLock::new(Live::default()),
             marks: RwLock::new(BTreeMap::new()),
             ended: RwLock::new(HashMap::new()),
-            ended_prune_at: std::sync::atomic::AtomicUsize::new(ENDED_PRUNE_MIN),
+            ended_prune_at: AtomicUsize::new(ENDED_PRUNE_MIN),
             backtests: RwLock::new(BacktestState::default()),
             settings,
             marker_ttl,
-            locks: std::sync::Mutex::new(BTreeMap::new()),
-            queues: std::sync::Mutex::new(HashMap::new()),
-            me: std::sync::OnceLock::new(),
+            books: std::sync::Mutex::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
+            syncing: std::sync::Mutex::new(HashSet::new()),
+            metrics,
+            shutdown: shutdown.clone(),
         });
-        let _ = me.me.set(Arc::downgrade(&me));
+        me.apply(Source::System, "", 0, None);
         for (src, store) in [
             (Source::Strategies, stores.strategies),
             (Source::Allocations, stores.allocations),
@@ -973,9 +1211,21 @@ impl Cerebro {
         Ok(())
     }
 
-    fn apply(&self, src: Source, key: &str, rev: u64, value: Option<&[u8]>) {
-        if let Ok(mut live) = self.live.write() {
-            live.apply(src, key, rev, value);
+    /// Apply a watched input; returns the account of an applied account
+    /// state.
+    fn apply(&self, src: Source, key: &str, rev: u64, value: Option<&[u8]>) -> Option<String> {
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        live.apply(src, key, rev, value);
+        match src {
+            Source::System => {
+                let on = live.system().trading_enabled;
+                self.metrics.trading_enabled.set(i64::from(on));
+                None
+            }
+            Source::AccountState if value.is_some() => {
+                live.accounts.get(key).map(|(_, s)| s.account.clone())
+            }
+            _ => None,
         }
     }
 
@@ -994,17 +1244,10 @@ impl Cerebro {
             match next {
                 Some(Ok(e)) => {
                     let value = (e.operation == kv::Operation::Put).then_some(&e.value[..]);
-                    self.apply(src, &e.key, e.revision, value);
-                    if src == Source::AccountState && !e.key.contains('.') && value.is_some() {
-                        let account =
-                            self.live.read().ok().and_then(|l| {
-                                l.accounts.get(&e.key).map(|(_, s)| s.account.clone())
-                            });
-                        if let Some(account) = account {
-                            if let Err(err) = self.sync_book(&account).await {
-                                tracing::debug!(%account, error = %err, "reservation reconcile deferred");
-                            }
-                        }
+                    if let Some(account) = self.apply(src, &e.key, e.revision, value) {
+                        // Releases are written in the background: the
+                        // watcher never waits for a transaction.
+                        self.schedule_sync(account);
                     }
                 }
                 other => {
@@ -1078,20 +1321,17 @@ impl Cerebro {
             EndedOrder {
                 filled: e.filled_quantity,
                 at: e.timestamp,
+                status: e.status,
             },
         );
         // Bounded: ends older than the fallback grace (twice) no longer
         // change any settlement; forget them every so often.
-        let prune_at = self
-            .ended_prune_at
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let prune_at = self.ended_prune_at.load(Ordering::Relaxed);
         if ended.len() >= prune_at {
             forget_ended(&mut ended, &self.settings, Utc::now());
             // Amortized: the next prune once the map has doubled.
-            self.ended_prune_at.store(
-                (ended.len() * 2).max(ENDED_PRUNE_MIN),
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            self.ended_prune_at
+                .store((ended.len() * 2).max(ENDED_PRUNE_MIN), Ordering::Relaxed);
         }
     }
 
@@ -1179,9 +1419,8 @@ impl Cerebro {
     }
 
     /// One janitor pass as of `now` (see [`crate::janitor`]): delete the
-    /// `entries.*` / `exits.*` keys whose retention passed, forget old order
-    /// ends, and drop stale reservations of accounts whose state does not
-    /// change. Runs every `janitor_interval`; public for tests and ops.
+    /// `entries.*` / `exits.*` keys whose retention passed and forget old
+    /// order ends. Runs every `janitor_interval`; public for tests and ops.
     pub async fn janitor_pass(&self, now: DateTime<Utc>) -> Result<JanitorReport, String> {
         let mut report = JanitorReport::default();
         {
@@ -1201,7 +1440,7 @@ impl Cerebro {
             })
             .collect();
         // Per account: the encoded signal ids its reservation book holds.
-        let mut books: BTreeMap<String, std::collections::HashSet<String>> = BTreeMap::new();
+        let mut books: BTreeMap<String, HashSet<String>> = BTreeMap::new();
         report.entries = entries.len();
         for e in entries {
             let Some(id) = e.key.strip_prefix("entries.") else {
@@ -1300,10 +1539,17 @@ impl Cerebro {
 
     /// Latest account state known (tests and ops).
     pub fn account_state(&self, account: &str) -> Option<AccountState> {
-        self.live.read().ok().and_then(|l| l.account(account))
+        self.state_of(account).map(|s| (*s).clone())
     }
 
-    /// Read an account's reservation book (tests and ops).
+    fn state_of(&self, account: &str) -> Option<Arc<AccountState>> {
+        self.live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .account(account)
+    }
+
+    /// Read an account's reservation book as stored in KV (tests and ops).
     pub async fn reservation_book(&self, account: &str) -> Result<ReservationBook, String> {
         Ok(self
             .read_json::<ReservationBook>(&reservations_key(account))
@@ -1311,11 +1557,6 @@ impl Cerebro {
             .map_err(|_| "kv unavailable".to_string())?
             .map(|(_, b)| b)
             .unwrap_or_default())
-    }
-
-    fn lock_for(&self, account: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(locks.entry(account.to_string()).or_default())
     }
 
     async fn read_json<T: for<'de> Deserialize<'de>>(
@@ -1332,86 +1573,195 @@ impl Cerebro {
         }
     }
 
-    /// Compare-and-set write: `Ok(false)` on a revision conflict.
-    async fn cas(&self, key: &str, rev: Option<u64>, value: Vec<u8>) -> Result<bool, Fail> {
+    /// Compare-and-set write: the new revision, `None` on a revision conflict.
+    async fn cas(&self, key: &str, rev: Option<u64>, value: Vec<u8>) -> Result<Option<u64>, Fail> {
         let value = Bytes::from(value);
         match rev {
             Some(r) => match self.stores.state.update(key, value, r).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Ok(new) => Ok(Some(new)),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
                 Err(e) => Err(retry(e)),
             },
             None => match self.stores.state.create(key, value).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Ok(new) => Ok(Some(new)),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
                 Err(e) => Err(retry(e)),
             },
         }
     }
 
-    async fn read_book(&self, account: &str) -> Result<(Option<u64>, ReservationBook), Fail> {
+    /// An account's book from KV: revision, book, size in bytes.
+    async fn read_book(
+        &self,
+        account: &str,
+    ) -> Result<(Option<u64>, ReservationBook, usize), Fail> {
         let key = reservations_key(account);
         // A deleted / purged book reads as empty (revision kept for the CAS).
         match self.stores.state.entry(key.as_str()).await.map_err(retry)? {
             Some(e) if e.operation == kv::Operation::Put => {
                 let b = serde_json::from_slice(&e.value)
                     .map_err(|err| Fail::Reject("corrupt_state", format!("{key}: {err}")))?;
-                Ok((Some(e.revision), b))
+                Ok((Some(e.revision), b, e.value.len()))
             }
-            Some(e) => Ok((Some(e.revision), ReservationBook::default())),
-            None => Ok((None, ReservationBook::default())),
+            Some(e) => Ok((Some(e.revision), ReservationBook::default(), 2)),
+            None => Ok((None, ReservationBook::default(), 2)),
         }
     }
 
-    /// Reconcile `book` with `state` and the known order ends.
-    fn reconcile(
+    // ----- book copies ----------------------------------------------------------
+
+    fn book_lock(&self, account: &str) -> Arc<tokio::sync::Mutex<BookCopy>> {
+        let mut books = self.books.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(books.entry(account.to_string()).or_default())
+    }
+
+    /// Make `copy` current: read the book from KV unless the copy is loaded
+    /// (in this epoch).
+    async fn ensure_loaded(&self, account: &str, copy: &mut BookCopy) -> Result<(), Fail> {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if copy.epoch == Some(epoch) {
+            return Ok(());
+        }
+        copy.epoch = None;
+        let (rev, book, bytes) = self.read_book(account).await?;
+        copy.rev = rev;
+        copy.book = book;
+        copy.bytes = bytes;
+        copy.dirty = false;
+        copy.epoch = Some(epoch);
+        Ok(())
+    }
+
+    /// Write `body` (the copy's book) over the copy's revision: `true` when
+    /// written, `false` on a conflict. Anything but success drops the copy.
+    async fn write_book(
         &self,
-        book: &mut ReservationBook,
-        state: Option<&AccountState>,
-        now: DateTime<Utc>,
-    ) -> bool {
-        let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
-        let ev = Evidence {
-            state,
-            ended: &ended,
-            now,
-        };
-        book.reconcile(&ev, &SettleRules::of(&self.settings))
-    }
-
-    /// Reconcile an account's book with its latest state and store it if it
-    /// changed.
-    async fn sync_book(&self, account: &str) -> Result<(), String> {
-        let lock = self.lock_for(account);
-        let _g = lock.lock().await;
-        for _ in 0..self.settings.cas_attempts {
-            let (rev, mut book) = self.read_book(account).await.map_err(|_| "kv read")?;
-            let state = self.account_state(account);
-            if !self.reconcile(&mut book, state.as_ref(), Utc::now()) {
-                return Ok(());
+        account: &str,
+        copy: &mut BookCopy,
+        body: Vec<u8>,
+    ) -> Result<bool, Fail> {
+        let len = body.len();
+        let r = self.cas(&reservations_key(account), copy.rev, body).await;
+        match r {
+            Ok(Some(rev)) => {
+                copy.rev = Some(rev);
+                copy.bytes = len;
+                copy.dirty = false;
+                copy.written_at = Some(Instant::now());
+                Ok(true)
             }
-            let body = serde_json::to_vec(&book).map_err(|e| e.to_string())?;
-            if self
-                .cas(&reservations_key(account), rev, body)
-                .await
-                .map_err(|_| "kv write")?
-            {
-                return Ok(());
+            Ok(None) => {
+                copy.epoch = None;
+                Ok(false)
+            }
+            Err(e) => {
+                copy.epoch = None;
+                Err(e)
             }
         }
-        Err("cas contention".into())
     }
 
-    /// The decision inputs at `now` for `signal`: live configuration, marks
-    /// of the signal's instruments, backtest returns (accounts and entries
-    /// are added by the transaction).
-    fn snapshot(&self, now: DateTime<Utc>, signal: &StandardizedSignal) -> Inputs {
-        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+    /// Schedule a background sync of `account`'s book (coalesced).
+    fn schedule_sync(self: &Arc<Self>, account: String) {
+        let fresh = self
+            .syncing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(account.clone());
+        if fresh {
+            let me = Arc::clone(self);
+            tokio::spawn(async move { me.sync_book(account).await });
+        }
+    }
+
+    /// Reconcile `account`'s copy with the latest evidence and write it if
+    /// that changed anything, once the book has not been written for
+    /// [`SYNC_QUIET`] (busy books carry their releases in their next write).
+    async fn sync_book(&self, account: String) {
+        let lock = self.book_lock(&account);
+        let mut attempts = 0;
+        loop {
+            let wait = {
+                let copy = lock.lock().await;
+                copy.written_at
+                    .map(|t| t.elapsed())
+                    .filter(|e| *e < SYNC_QUIET)
+                    .map(|e| SYNC_QUIET - e)
+            };
+            if let Some(w) = wait {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(w) => continue,
+                }
+            }
+            // States arriving from here on schedule another sync.
+            self.syncing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&account);
+            let mut copy = lock.lock().await;
+            match self.sync_locked(&account, &mut copy).await {
+                Ok(true) => return,
+                Ok(false) if attempts < self.settings.cas_attempts => attempts += 1,
+                Ok(false) => {
+                    tracing::debug!(%account, "reservation sync gave up (contention)");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(%account, error = ?e, "reservation sync deferred");
+                    return;
+                }
+            }
+        }
+        self.syncing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&account);
+    }
+
+    /// `Ok(false)`: lost a compare-and-set, try again.
+    async fn sync_locked(&self, account: &str, copy: &mut BookCopy) -> Result<bool, Fail> {
+        self.ensure_loaded(account, copy).await?;
+        let state = self.state_of(account);
+        let changed = {
+            let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
+            let ev = Evidence::new(state.as_deref(), &ended, Utc::now());
+            copy.book.reconcile(&ev, &SettleRules::of(&self.settings))
+        };
+        copy.dirty |= changed;
+        if !copy.dirty {
+            return Ok(true);
+        }
+        let body = serde_json::to_vec(&copy.book).map_err(retry)?;
+        self.write_book(account, copy, body).await
+    }
+
+    // ----- deciding -------------------------------------------------------------
+
+    /// The decision inputs at `now` without accounts and entries (the
+    /// transaction adds those): live configuration, the marks of the
+    /// `signals`' instruments, backtest returns. Built once per transaction.
+    fn base_inputs<'a>(
+        &self,
+        now: DateTime<Utc>,
+        signals: impl IntoIterator<Item = &'a StandardizedSignal>,
+    ) -> Inputs {
+        let (strategies, allocation, system) = {
+            let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+            (
+                live.strategies
+                    .values()
+                    .map(|(_, c)| (c.strategy_id.clone(), c.clone()))
+                    .collect(),
+                live.allocation.as_ref().map(|(_, a)| a.clone()),
+                live.system(),
+            )
+        };
         let marks = {
             let all = self.marks.read().unwrap_or_else(|p| p.into_inner());
-            signal
-                .legs
-                .iter()
+            signals
+                .into_iter()
+                .flat_map(|s| s.legs.iter())
                 .filter_map(|l| all.get(&l.instrument).map(|m| (l.instrument.clone(), *m)))
                 .collect()
         };
@@ -1425,14 +1775,10 @@ impl Cerebro {
             (b.table.clone(), reason)
         };
         Inputs {
-            strategies: live
-                .strategies
-                .values()
-                .map(|(_, c)| (c.strategy_id.clone(), c.clone()))
-                .collect(),
-            allocation: live.allocation.as_ref().map(|(_, a)| a.clone()),
+            strategies,
+            allocation,
             accounts: BTreeMap::new(),
-            system: live.system(),
+            system,
             instruments: self.settings.instruments.clone(),
             marks,
             entries: BTreeMap::new(),
@@ -1442,406 +1788,522 @@ impl Cerebro {
         }
     }
 
-    fn routed_account(&self, inputs: &Inputs, signal: &StandardizedSignal) -> Option<String> {
-        inputs
-            .strategies
-            .get(&signal.strategy_id)
-            .and_then(|c| c.account.clone())
+    /// The account's inputs from its state (nothing reserved yet).
+    fn account_inputs(state: &AccountState, now: DateTime<Utc>) -> AccountInputs {
+        let mut a = AccountInputs::new(state.clone());
+        // Today's P&L of a state of an earlier UTC day is not today's.
+        if state.timestamp.date_naive() == now.date_naive() {
+            a.pnl_today = state.strategy_pnl_today.clone();
+        }
+        a
     }
 
-    /// Decide one signal (the whole transaction); the outputs to publish.
-    async fn process(&self, d: &Delivery) -> Result<Outcome, Fail> {
-        let signal: StandardizedSignal = serde_json::from_slice(&d.payload)
-            .map_err(|e| Fail::Reject("invalid_signal", e.to_string()))?;
-        let base_now = Utc::now();
-        let expired = (self.settings.max_deliver > 1
-            && d.deliveries as i64 >= self.settings.max_deliver - 1)
-            || at_least(base_now, signal.received_at, self.settings.entry_wait);
-        let opts = DecideOptions {
-            entry_wait_expired: expired,
-        };
-        let probe = self.snapshot(base_now, &signal);
-        // The linked entry's record decides the account for exits / cancels.
-        let stored_entry = match signal.entry_signal_id.as_deref() {
-            Some(e) => self
-                .read_json::<StoredEntry>(&entry_key(e))
-                .await?
-                .map(|(_, s)| s),
-            None => None,
-        };
-        let account = stored_entry
-            .as_ref()
-            .map(|e| e.account.clone())
-            .or_else(|| self.routed_account(&probe, &signal));
-        let Some(account) = account else {
-            // Unknown strategy / no account: decide without a book.
-            return self.finish(&signal, decide_with(&signal, &probe, opts), None);
-        };
-        if signal.entry_signal_id.is_none() {
-            // Entries and unlinked exits: group commit.
-            return self.enqueue(account, signal, opts, d.deliveries).await;
+    /// Decide a batch (see the module docs): one outcome per message.
+    async fn run_batch(&self, msgs: &[Delivery]) -> Vec<Outcome> {
+        match AssertUnwindSafe(self.run_batch_inner(msgs))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcomes) => outcomes,
+            Err(_) => {
+                // A transaction may have left its book copy half-updated.
+                self.epoch.fetch_add(1, Ordering::AcqRel);
+                tracing::error!("cerebro batch panicked; book copies dropped");
+                msgs.iter()
+                    .map(|_| Outcome::retry(Duration::from_secs(5), "handler panicked"))
+                    .collect()
+            }
         }
-        let lock = self.lock_for(&account);
-        let _g = lock.lock().await;
+    }
+
+    async fn run_batch_inner(&self, msgs: &[Delivery]) -> Vec<Outcome> {
+        let mut results: Vec<Option<Result<Outcome, Fail>>> = vec![None; msgs.len()];
+        let base_now = Utc::now();
+        let mut jobs = Vec::with_capacity(msgs.len());
+        for (at, d) in msgs.iter().enumerate() {
+            match serde_json::from_slice::<StandardizedSignal>(&d.payload) {
+                Ok(signal) => {
+                    let expired = (self.settings.max_deliver > 1
+                        && d.deliveries as i64 >= self.settings.max_deliver - 1)
+                        || at_least(base_now, signal.received_at, self.settings.entry_wait);
+                    jobs.push(Job {
+                        at,
+                        signal,
+                        opts: DecideOptions {
+                            entry_wait_expired: expired,
+                        },
+                        deliveries: d.deliveries,
+                    });
+                }
+                Err(e) => results[at] = Some(Err(Fail::Reject("invalid_signal", e.to_string()))),
+            }
+        }
+        // Round 1: unlinked signals, one group commit per account.
+        let mut groups: BTreeMap<String, Vec<&Job>> = BTreeMap::new();
+        let mut linked = Vec::new();
+        {
+            let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+            for job in &jobs {
+                if job.signal.entry_signal_id.is_some() {
+                    linked.push(job);
+                } else if let Some(account) = live.routed_account(&job.signal.strategy_id) {
+                    groups.entry(account).or_default().push(job);
+                } else {
+                    groups.entry(String::new()).or_default().push(job);
+                }
+            }
+        }
+        let commits = groups.into_iter().map(|(account, group)| async move {
+            let r = if account.is_empty() {
+                // Unknown strategy / no account: decided without a book.
+                let inputs = self.base_inputs(Utc::now(), group.iter().map(|j| &j.signal));
+                group
+                    .iter()
+                    .map(|j| self.finish(&j.signal, decide_with(&j.signal, &inputs, j.opts), j))
+                    .collect()
+            } else {
+                self.group_commit(&account, &group).await
+            };
+            (group, r)
+        });
+        for (group, r) in futures::future::join_all(commits).await {
+            for (job, r) in group.into_iter().zip(r) {
+                results[job.at] = Some(r);
+            }
+        }
+        // Round 2: linked exits and cancels, after round 1's entry records.
+        let reads = linked.into_iter().map(|job| async move {
+            let entry_id = job.signal.entry_signal_id.as_deref().unwrap_or_default();
+            let (ek, xk) = (entry_key(entry_id), exits_key(entry_id));
+            let (entry, exits) = futures::join!(
+                self.read_json::<StoredEntry>(&ek),
+                self.read_json::<ExitProgress>(&xk),
+            );
+            let read = match (entry, exits) {
+                (Ok(e), Ok(x)) => Ok((e.map(|(_, s)| s), x)),
+                (Err(f), _) | (_, Err(f)) => Err(f),
+            };
+            (job, read)
+        });
+        let mut by_account: BTreeMap<String, Vec<Linked<'_>>> = BTreeMap::new();
+        for (job, read) in futures::future::join_all(reads).await {
+            match read {
+                Ok((entry, exits)) => {
+                    let account = entry.as_ref().map(|e| e.account.clone()).or_else(|| {
+                        self.live
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .routed_account(&job.signal.strategy_id)
+                    });
+                    by_account
+                        .entry(account.unwrap_or_default())
+                        .or_default()
+                        .push(Linked { job, entry, exits });
+                }
+                Err(f) => results[job.at] = Some(Err(f)),
+            }
+        }
+        let rounds = by_account.into_iter().map(|(account, list)| async move {
+            let mut out = Vec::with_capacity(list.len());
+            if account.is_empty() {
+                let inputs = self.base_inputs(Utc::now(), list.iter().map(|l| &l.job.signal));
+                for l in list {
+                    let j = l.job;
+                    let r = self.finish(&j.signal, decide_with(&j.signal, &inputs, j.opts), j);
+                    out.push((j.at, r));
+                }
+                return out;
+            }
+            let lock = self.book_lock(&account);
+            let mut copy = lock.lock().await;
+            out.extend(self.decide_linked(&account, &mut copy, list).await);
+            out
+        });
+        for list in futures::future::join_all(rounds).await {
+            for (at, r) in list {
+                results[at] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| outcome_of(r.unwrap_or_else(|| Err(Fail::Retry("not decided".into())))))
+            .collect()
+    }
+
+    /// Decide `jobs` (unlinked signals of `account`, in order) against this
+    /// replica's copy of the book, each seeing the reservations of the ones
+    /// before it, and write the book with one compare-and-set if anything
+    /// was reserved; on a conflict the book is re-read and the whole group
+    /// decided again. Then the entry records are stored. Same guarantees as
+    /// one transaction per signal (see the module docs).
+    async fn group_commit(&self, account: &str, jobs: &[&Job]) -> Vec<Result<Outcome, Fail>> {
+        let lock = self.book_lock(account);
+        let mut copy = lock.lock().await;
+        let committed = self.group_commit_locked(account, &mut copy, jobs).await;
+        if committed.is_err() {
+            // It may hold reservations that were never written.
+            copy.epoch = None;
+        }
+        drop(copy);
+        let (decided, records) = match committed {
+            Ok(x) => x,
+            Err(f) => return jobs.iter().map(|_| Err(f.clone())).collect(),
+        };
+        // Entry records for later exits / cancels, before any decision is
+        // published.
+        let puts = records
+            .into_iter()
+            .map(|(key, body)| self.stores.state.put(key, body.into()));
+        for r in futures::future::join_all(puts).await {
+            if let Err(e) = r {
+                let f = retry(e);
+                return jobs.iter().map(|_| Err(f.clone())).collect();
+            }
+        }
+        jobs.iter()
+            .zip(decided)
+            .map(|(job, out)| self.finish(&job.signal, out, job))
+            .collect()
+    }
+
+    /// The transaction of [`Cerebro::group_commit`]: the decisions and the
+    /// entry records to store.
+    #[allow(clippy::type_complexity)]
+    async fn group_commit_locked(
+        &self,
+        account: &str,
+        copy: &mut BookCopy,
+        jobs: &[&Job],
+    ) -> Result<(Vec<DecisionOutput>, Vec<(String, Vec<u8>)>), Fail> {
         let rules = SettleRules::of(&self.settings);
-        // Set when the book could not take one more entry: decide again
-        // with the book's size as the limit.
+        // Set when the book could not take this batch's entries: decide
+        // again with the book's size as the limit.
         let mut book_full = false;
         for _ in 0..self.settings.cas_attempts {
+            self.ensure_loaded(account, copy).await?;
             let now = Utc::now();
-            let mut inputs = self.snapshot(now, &signal);
-            let (book_rev, mut book) = self.read_book(&account).await?;
-            let state = self.account_state(&account);
-            let exits_read = match (signal.entry_signal_id.as_deref(), &stored_entry) {
-                (Some(entry_id), Some(_)) => self
-                    .read_json::<ExitProgress>(&exits_key(entry_id))
-                    .await?
-                    .map(|(r, p)| (Some(r), p)),
-                _ => None,
-            };
-            let (exits_rev, mut exits) = exits_read.unwrap_or_default();
-            // Everything that needs the order ends, under one read lock
-            // (no await inside).
-            let book_changed = {
+            let state = self.state_of(account);
+            let mut inputs = self.base_inputs(now, jobs.iter().map(|j| &j.signal));
+            // Reconcile once, sum once; the redelivered signals' own
+            // earlier entries aside.
+            let (changed, mut totals, mut own) = {
                 let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
-                let ev = Evidence {
-                    state: state.as_ref(),
-                    ended: &ended,
-                    now,
-                };
-                let changed = book.reconcile(&ev, &rules);
-                if let Some(st) = &state {
-                    let mut a = AccountInputs::new(st.clone());
-                    a.reserved = book.reserved(&ev, &rules, Some(&signal.signal_id));
-                    a.in_flight = book.in_flight(Some(&signal.signal_id));
-                    a.max_in_flight = Some(if book_full {
-                        a.in_flight
-                    } else {
-                        self.settings.reservation_max_entries
-                    });
-                    // Today's P&L of a state of an earlier UTC day is not
-                    // today's.
-                    if st.timestamp.date_naive() == now.date_naive() {
-                        a.pnl_today = st.strategy_pnl_today.clone();
-                    }
-                    inputs.accounts.insert(account.clone(), a);
-                }
-                // Entry record with its live fill progress and earlier exits.
-                if let (Some(entry_id), Some(se)) =
-                    (signal.entry_signal_id.as_deref(), &stored_entry)
-                {
-                    let rec = entry_with_progress(
-                        entry_id,
-                        se,
-                        book.held.get(entry_id),
-                        &ev,
-                        &rules,
-                        &exits,
-                        &signal.signal_id,
-                    );
-                    inputs.entries.insert(entry_id.to_string(), rec);
-                }
-                changed
+                let ev = Evidence::new(state.as_deref(), &ended, now);
+                let changed = copy.book.reconcile(&ev, &rules);
+                let totals = copy.book.reserved(&ev, &rules, None);
+                let own: HashMap<String, (String, Reservation)> = jobs
+                    .iter()
+                    .filter_map(|j| {
+                        let sid = &j.signal.signal_id;
+                        let h = copy.book.held.get(sid)?;
+                        Some((
+                            sid.clone(),
+                            (h.strategy_id.clone(), h.reservation(&ev, &rules)),
+                        ))
+                    })
+                    .collect();
+                (changed, totals, own)
             };
-            let out = decide_with(&signal, &inputs, opts);
-            let DecisionOutput::Decided(decided) = &out else {
-                if book_changed {
-                    let body = serde_json::to_vec(&book).map_err(retry)?;
-                    let _ = self
-                        .cas(&reservations_key(&account), book_rev, body)
-                        .await?;
-                }
-                return self.finish(&signal, out, Some(d.deliveries));
-            };
-            // Reserve (CAS on the book).
-            let reserves = !decided.orders.is_empty()
-                && decided.record.action == Some(SignalAction::Entry)
-                && (decided.reservation.margin > Decimal::ZERO
-                    || decided.reservation.notional > Decimal::ZERO);
-            let mut write_book = book_changed;
-            if reserves {
-                let held = held_of(&signal, decided, now);
-                let keep_old = book
-                    .held
-                    .get(&signal.signal_id)
-                    .is_some_and(|old| old.margin() >= held.margin());
-                if !keep_old {
-                    book.held.insert(signal.signal_id.clone(), held);
-                    write_book = true;
-                }
+            copy.dirty |= changed;
+            if let Some(st) = &state {
+                inputs
+                    .accounts
+                    .insert(account.to_string(), Self::account_inputs(st, now));
             }
-            if write_book {
-                let body = serde_json::to_vec(&book).map_err(retry)?;
-                if body.len() > MAX_BOOK_BYTES && reserves && !book_full {
-                    tracing::warn!(
-                        %account,
-                        entries = book.held.len(),
-                        bytes = body.len(),
-                        "reservation book full"
-                    );
-                    book_full = true;
-                    continue;
-                }
-                if !self
-                    .cas(&reservations_key(&account), book_rev, body)
-                    .await?
-                {
-                    continue;
-                }
-            }
-            // Exit progress (CAS on the entry's exits record).
-            if let Some(entry_id) = signal.entry_signal_id.as_deref() {
-                if stored_entry.is_some() && !decided.orders.is_empty() {
-                    let takes = exit_takes(&signal, decided);
-                    if exits.exits.get(&signal.signal_id) != Some(&takes) {
-                        exits.exits.insert(signal.signal_id.clone(), takes);
-                        let body = serde_json::to_vec(&exits).map_err(retry)?;
-                        if !self.cas(&exits_key(entry_id), exits_rev, body).await? {
-                            continue;
+            let max_entries = self.settings.reservation_max_entries;
+            // Size of the book's JSON as last read / written: releases since
+            // then make it an overestimate, measured once when it matters.
+            let mut bytes = copy.bytes;
+            let mut measured = !copy.dirty;
+            let mut full = book_full;
+            let mut wrote = false;
+            let mut decided = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                let signal = &job.signal;
+                let sid = signal.signal_id.as_str();
+                let mut decide =
+                    |full: bool,
+                     book: &ReservationBook,
+                     totals: &BTreeMap<String, Reservation>,
+                     own: Option<&(String, Reservation)>| {
+                        if let Some(a) = inputs.accounts.get_mut(account) {
+                            a.reserved = without(totals, own);
+                            a.in_flight = book.in_flight(Some(sid));
+                            a.max_in_flight = Some(if full { a.in_flight } else { max_entries });
+                        }
+                        decide_with(signal, &inputs, job.opts)
+                    };
+                let mut out = decide(full, &copy.book, &totals, own.get(sid));
+                if let DecisionOutput::Decided(d) = &out {
+                    if reserves(d) {
+                        let held = held_of(signal, d, now);
+                        let keep_old = copy
+                            .book
+                            .held
+                            .get(sid)
+                            .is_some_and(|old| old.margin() >= held.margin());
+                        if !keep_old {
+                            // A map entry costs key + value + 4 bytes.
+                            let size =
+                                serde_json::to_vec(&held).map_err(retry)?.len() + sid.len() + 8;
+                            if bytes + size > MAX_BOOK_BYTES && !measured {
+                                measured = true;
+                                bytes = serde_json::to_vec(&copy.book).map_err(retry)?.len();
+                            }
+                            if bytes + size > MAX_BOOK_BYTES && !full {
+                                tracing::warn!(
+                                    %account,
+                                    entries = copy.book.held.len(),
+                                    bytes,
+                                    "reservation book full"
+                                );
+                                full = true;
+                                out = decide(full, &copy.book, &totals, own.get(sid));
+                            } else {
+                                bytes += size;
+                                let add = held.full_reservation();
+                                if let Some((strategy, old)) = own.get(sid) {
+                                    if let Some(t) = totals.get_mut(strategy) {
+                                        sub_from(t, old);
+                                    }
+                                }
+                                match totals.get_mut(&held.strategy_id) {
+                                    Some(t) => add_to(t, &add),
+                                    None => {
+                                        totals.insert(held.strategy_id.clone(), add);
+                                    }
+                                }
+                                own.insert(sid.to_string(), (held.strategy_id.clone(), add));
+                                copy.book.held.insert(sid.to_string(), held);
+                                wrote = true;
+                            }
                         }
                     }
                 }
+                decided.push(out);
             }
-            // Entry record for later exits / cancels.
-            if decided.record.action == Some(SignalAction::Entry) {
-                let se = StoredEntry {
-                    strategy_id: signal.strategy_id.clone(),
-                    account: account.clone(),
-                    decision: decided.record.decision,
-                    legs: entry_legs(&signal, decided),
+            if wrote {
+                let body = serde_json::to_vec(&copy.book).map_err(|e| {
+                    copy.epoch = None;
+                    retry(e)
+                })?;
+                if body.len() > MAX_BOOK_BYTES && !book_full {
+                    // The estimate missed: decide again, nothing added.
+                    copy.epoch = None;
+                    book_full = true;
+                    continue;
+                }
+                if !self.write_book(account, copy, body).await? {
+                    continue;
+                }
+            }
+            let mut records = Vec::new();
+            for (job, out) in jobs.iter().zip(&decided) {
+                let DecisionOutput::Decided(d) = out else {
+                    continue;
                 };
-                let body = serde_json::to_vec(&se).map_err(retry)?;
-                self.stores
-                    .state
-                    .put(entry_key(&signal.signal_id), body.into())
-                    .await
-                    .map_err(retry)?;
+                if d.record.action != Some(SignalAction::Entry) {
+                    continue;
+                }
+                let sid = &job.signal.signal_id;
+                let se = StoredEntry {
+                    strategy_id: job.signal.strategy_id.clone(),
+                    account: account.to_string(),
+                    decision: d.record.decision,
+                    legs: entry_legs(&job.signal, d),
+                    book_revision: copy
+                        .book
+                        .held
+                        .contains_key(sid)
+                        .then_some(copy.rev)
+                        .flatten(),
+                };
+                records.push((entry_key(sid), serde_json::to_vec(&se).map_err(retry)?));
             }
-            return self.finish(&signal, out, Some(d.deliveries));
+            return Ok((decided, records));
         }
         Err(Fail::Retry("reservation compare-and-set contention".into()))
     }
 
-    // ----- group commit -------------------------------------------------------
-
-    /// Queue an unlinked signal for its account's next group commit and wait
-    /// for its outcome. The first signal of an idle account starts a leader
-    /// task that runs the queue in batches until it is empty.
-    async fn enqueue(
-        &self,
-        account: String,
-        signal: StandardizedSignal,
-        opts: DecideOptions,
-        deliveries: u64,
-    ) -> Result<Outcome, Fail> {
-        let (done, result) = tokio::sync::oneshot::channel();
-        let job = Job {
-            signal,
-            opts,
-            deliveries,
-            done,
-        };
-        let lead = {
-            let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-            let e = q.entry(account.clone()).or_default();
-            e.jobs.push(job);
-            !std::mem::replace(&mut e.leading, true)
-        };
-        if lead {
-            match self.me.get().and_then(std::sync::Weak::upgrade) {
-                Some(me) => {
-                    tokio::spawn(async move { me.lead(account).await });
-                }
-                None => self.lead(account).await,
-            }
-        }
-        result
-            .await
-            .unwrap_or_else(|_| Err(Fail::Retry("decision batch dropped".into())))
-    }
-
-    /// Run `account`'s queue in batches until it is empty.
-    async fn lead(&self, account: String) {
-        let mut guard = LeaderGuard {
-            queues: &self.queues,
-            account: account.clone(),
-            armed: true,
-        };
-        loop {
-            let jobs = {
-                let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-                match q.get_mut(&account) {
-                    Some(e) if !e.jobs.is_empty() => std::mem::take(&mut e.jobs),
-                    Some(e) => {
-                        // Step down in the same critical section that saw
-                        // the queue empty: the next job starts a new leader.
-                        e.leading = false;
-                        guard.armed = false;
-                        return;
-                    }
-                    None => {
-                        guard.armed = false;
-                        return;
-                    }
-                }
-            };
-            let lock = self.lock_for(&account);
-            let _g = lock.lock().await;
-            match self.decide_batch(&account, &jobs).await {
-                Ok(results) => {
-                    for (job, r) in jobs.into_iter().zip(results) {
-                        let _ = job.done.send(r);
-                    }
-                }
-                Err(f) => {
-                    for job in jobs {
-                        let _ = job.done.send(Err(f.clone()));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Decide `jobs` (unlinked signals of `account`, in order) against one
-    /// read of the reservation book, each seeing the reservations of the
-    /// ones before it, and store the book with one compare-and-set; on a
-    /// conflict the whole batch is decided again on the new book. Same
-    /// guarantees as one transaction per signal (see the module docs).
-    async fn decide_batch(
+    /// Decide the linked exits / cancels of `account` (in order) under its
+    /// lock: one reconciliation of the copy for all of them, each exit's
+    /// entry with its fill progress from the order ends, the state and the
+    /// copy, then every exit-progress compare-and-set at once (one per
+    /// entry per pass; a second exit of the same entry, or one that lost its
+    /// compare-and-set, is decided again in the next pass on the re-read
+    /// record).
+    async fn decide_linked(
         &self,
         account: &str,
-        jobs: &[Job],
-    ) -> Result<Vec<Result<Outcome, Fail>>, Fail> {
+        copy: &mut BookCopy,
+        list: Vec<Linked<'_>>,
+    ) -> Vec<(usize, Result<Outcome, Fail>)> {
         let rules = SettleRules::of(&self.settings);
+        let mut out = Vec::with_capacity(list.len());
+        let mut pending = list;
+        let mut reread_book = true;
         for _ in 0..self.settings.cas_attempts {
-            let now = Utc::now();
-            let (book_rev, mut book) = self.read_book(account).await?;
-            let state = self.account_state(account);
-            let mut decided: Vec<DecisionOutput> = Vec::with_capacity(jobs.len());
-            let mut records: Vec<(String, Vec<u8>)> = Vec::new();
-            let mut book_changed;
-            {
-                let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
-                let ev = Evidence {
-                    state: state.as_ref(),
-                    ended: &ended,
-                    now,
+            if pending.is_empty() {
+                return out;
+            }
+            if let Err(f) = self.ensure_loaded(account, copy).await {
+                out.extend(pending.iter().map(|l| (l.job.at, Err(f.clone()))));
+                return out;
+            }
+            // An entry missing from a copy older than its reservation may
+            // just not be in the copy yet: read the book once more.
+            let stale = pending.iter().any(|l| {
+                let Some(se) = &l.entry else {
+                    return false;
                 };
-                book_changed = book.reconcile(&ev, &rules);
-                // Serialized size of the book, kept up to date as entries
-                // are added (a map entry costs key + value + 4 bytes).
-                let mut bytes = serde_json::to_vec(&book).map_err(retry)?.len();
-                let mut full = false;
-                for job in jobs {
-                    let signal = &job.signal;
-                    let decide = |full: bool, book: &ReservationBook| {
-                        let mut inputs = self.snapshot(now, signal);
-                        if let Some(st) = &state {
-                            let mut a = AccountInputs::new(st.clone());
-                            a.reserved = book.reserved(&ev, &rules, Some(&signal.signal_id));
-                            a.in_flight = book.in_flight(Some(&signal.signal_id));
-                            a.max_in_flight = Some(if full {
-                                a.in_flight
-                            } else {
-                                self.settings.reservation_max_entries
-                            });
-                            if st.timestamp.date_naive() == now.date_naive() {
-                                a.pnl_today = st.strategy_pnl_today.clone();
-                            }
-                            inputs.accounts.insert(account.to_string(), a);
-                        }
-                        decide_with(signal, &inputs, job.opts)
-                    };
-                    let mut out = decide(full, &book);
-                    if let DecisionOutput::Decided(d) = &out {
-                        let reserves = !d.orders.is_empty()
-                            && d.record.action == Some(SignalAction::Entry)
-                            && (d.reservation.margin > Decimal::ZERO
-                                || d.reservation.notional > Decimal::ZERO);
-                        if reserves {
-                            let held = held_of(signal, d, now);
-                            let keep_old = book
-                                .held
-                                .get(&signal.signal_id)
-                                .is_some_and(|old| old.margin() >= held.margin());
-                            if !keep_old {
-                                let size = serde_json::to_vec(&held).map_err(retry)?.len()
-                                    + signal.signal_id.len()
-                                    + 8;
-                                if bytes + size > MAX_BOOK_BYTES && !full {
-                                    tracing::warn!(
-                                        %account,
-                                        entries = book.held.len(),
-                                        bytes,
-                                        "reservation book full"
-                                    );
-                                    full = true;
-                                    out = decide(full, &book);
-                                } else {
-                                    bytes += size;
-                                    book.held.insert(signal.signal_id.clone(), held);
-                                    book_changed = true;
+                let id = l.job.signal.entry_signal_id.as_deref().unwrap_or_default();
+                let older = match (se.book_revision, copy.rev) {
+                    (Some(want), Some(have)) => have < want,
+                    (Some(_), None) => true,
+                    // Nothing reserved (or an older record): look once
+                    // unless the entry never opened.
+                    (None, _) => se.decision != Decision::Rejected && !se.legs.is_empty(),
+                };
+                older && !copy.book.held.contains_key(id)
+            });
+            if stale && reread_book {
+                reread_book = false;
+                copy.epoch = None;
+                continue;
+            }
+            // This pass: the first pending exit of each entry.
+            let mut seen = HashSet::new();
+            let (now_list, later): (Vec<_>, Vec<_>) = pending.into_iter().partition(|l| {
+                seen.insert(l.job.signal.entry_signal_id.clone().unwrap_or_default())
+            });
+            pending = later;
+            let now = Utc::now();
+            let state = self.state_of(account);
+            let mut inputs = self.base_inputs(now, now_list.iter().map(|l| &l.job.signal));
+            let records: Vec<Option<EntryRecord>> = {
+                let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
+                let ev = Evidence::new(state.as_deref(), &ended, now);
+                copy.dirty |= copy.book.reconcile(&ev, &rules);
+                if let Some(st) = &state {
+                    let mut a = Self::account_inputs(st, now);
+                    // Exits reserve nothing and are not in the book.
+                    a.reserved = copy.book.reserved(&ev, &rules, None);
+                    a.in_flight = copy.book.in_flight(None);
+                    a.max_in_flight = Some(self.settings.reservation_max_entries);
+                    inputs.accounts.insert(account.to_string(), a);
+                }
+                now_list
+                    .iter()
+                    .map(|l| {
+                        let se = l.entry.as_ref()?;
+                        let id = l.job.signal.entry_signal_id.as_deref().unwrap_or_default();
+                        let exits = l
+                            .exits
+                            .as_ref()
+                            .map(|(_, p)| p)
+                            .cloned()
+                            .unwrap_or_default();
+                        Some(entry_with_progress(
+                            id,
+                            se,
+                            copy.book.held.get(id),
+                            &ev,
+                            &rules,
+                            &exits,
+                            &l.job.signal.signal_id,
+                        ))
+                    })
+                    .collect()
+            };
+            // Decide each; collect the exit-progress writes.
+            let mut decided = Vec::with_capacity(now_list.len());
+            for (l, rec) in now_list.into_iter().zip(records) {
+                let signal = &l.job.signal;
+                let id = signal.entry_signal_id.clone().unwrap_or_default();
+                inputs.entries.clear();
+                if let Some(rec) = rec {
+                    inputs.entries.insert(id.clone(), rec);
+                }
+                let d = decide_with(signal, &inputs, l.job.opts);
+                let mut write = None;
+                if let (DecisionOutput::Decided(dd), Some(_)) = (&d, &l.entry) {
+                    if !dd.orders.is_empty() {
+                        let takes = exit_takes(signal, dd);
+                        let (rev, mut progress) = match &l.exits {
+                            Some((r, p)) => (Some(*r), p.clone()),
+                            None => (None, ExitProgress::default()),
+                        };
+                        if progress.exits.get(&signal.signal_id) != Some(&takes) {
+                            progress.exits.insert(signal.signal_id.clone(), takes);
+                            match serde_json::to_vec(&progress) {
+                                Ok(body) => write = Some((exits_key(&id), rev, body)),
+                                Err(e) => {
+                                    out.push((l.job.at, Err(retry(e))));
+                                    continue;
                                 }
                             }
                         }
                     }
-                    if let DecisionOutput::Decided(d) = &out {
-                        if d.record.action == Some(SignalAction::Entry) {
-                            let se = StoredEntry {
-                                strategy_id: signal.strategy_id.clone(),
-                                account: account.to_string(),
-                                decision: d.record.decision,
-                                legs: entry_legs(signal, d),
-                            };
-                            records.push((
-                                entry_key(&signal.signal_id),
-                                serde_json::to_vec(&se).map_err(retry)?,
-                            ));
-                        }
+                }
+                decided.push((l, d, write));
+            }
+            let cases = decided.iter().map(|(_, _, w)| async move {
+                match w {
+                    Some((key, rev, body)) => {
+                        self.cas(key, *rev, body.clone()).await.map(|r| r.is_some())
                     }
-                    decided.push(out);
+                    None => Ok(true),
+                }
+            });
+            let results = futures::future::join_all(cases).await;
+            let mut lost = Vec::new();
+            for ((l, d, _), r) in decided.into_iter().zip(results) {
+                match r {
+                    Ok(true) => out.push((l.job.at, self.finish(&l.job.signal, d, l.job))),
+                    Ok(false) => lost.push(l),
+                    Err(f) => out.push((l.job.at, Err(f))),
                 }
             }
-            if book_changed {
-                let body = serde_json::to_vec(&book).map_err(retry)?;
-                if !self.cas(&reservations_key(account), book_rev, body).await? {
-                    continue;
+            // Lost a compare-and-set: re-read the record, decide again.
+            let rereads = lost.into_iter().map(|mut l| async move {
+                let id = l.job.signal.entry_signal_id.as_deref().unwrap_or_default();
+                match self.read_json::<ExitProgress>(&exits_key(id)).await {
+                    Ok(x) => {
+                        l.exits = x;
+                        Ok(l)
+                    }
+                    Err(f) => Err((l.job.at, f)),
+                }
+            });
+            for r in futures::future::join_all(rereads).await {
+                match r {
+                    Ok(l) => pending.push(l),
+                    Err((at, f)) => out.push((at, Err(f))),
                 }
             }
-            // Entry records for later exits / cancels, before any decision
-            // is published.
-            let puts = records
-                .into_iter()
-                .map(|(key, body)| self.stores.state.put(key, body.into()));
-            for r in futures::future::join_all(puts).await {
-                r.map_err(retry)?;
-            }
-            return Ok(jobs
-                .iter()
-                .zip(decided)
-                .map(|(job, out)| self.finish(&job.signal, out, Some(job.deliveries)))
-                .collect());
+            pending.sort_by_key(|l| l.job.at);
         }
-        Err(Fail::Retry("reservation compare-and-set contention".into()))
+        let f = Fail::Retry("exit progress compare-and-set contention".into());
+        out.extend(pending.iter().map(|l| (l.job.at, Err(f.clone()))));
+        out
     }
 
     fn finish(
         &self,
         signal: &StandardizedSignal,
         out: DecisionOutput,
-        deliveries: Option<u64>,
+        job: &Job,
     ) -> Result<Outcome, Fail> {
         match out {
-            DecisionOutput::Defer { reason, .. } => {
-                let n = deliveries.unwrap_or(1).clamp(1, 16) as u32;
-                let after = self
-                    .settings
-                    .defer_base
-                    .saturating_mul(1u32 << (n - 1).min(15))
-                    .min(self.settings.defer_max);
-                Ok(Outcome::retry(after, format!("deferred: {reason}")))
+            DecisionOutput::Defer { reason, .. } => Ok(Outcome::retry(
+                self.settings.defer_delay(job.deliveries),
+                format!("deferred: {reason}"),
+            )),
+            DecisionOutput::Decided(d) => {
+                let outs = self.outputs(signal, &d)?;
+                self.metrics.decided(&d);
+                Ok(Outcome::Ok(outs))
             }
-            DecisionOutput::Decided(d) => self.outputs(signal, &d).map(Outcome::Ok),
         }
     }
 
@@ -1936,8 +2398,11 @@ fn exit_takes(signal: &StandardizedSignal, d: &Decided) -> Vec<ExitTake> {
         .collect()
 }
 
-/// The entry's record with fill progress from the account state and what
-/// other exits (not `this_exit`) already closed.
+/// The entry's record with fill progress and what other exits (not
+/// `this_exit`) already closed. A leg's fill: its terminal order event when
+/// known (what the venue filled), else working in the state
+/// (`quantity − remaining`), else its reservation settled or released
+/// (filled), else nothing yet.
 fn entry_with_progress(
     entry_id: &str,
     se: &StoredEntry,
@@ -1947,7 +2412,6 @@ fn entry_with_progress(
     exits: &ExitProgress,
     this_exit: &str,
 ) -> EntryRecord {
-    let state = ev.state;
     let legs = se
         .legs
         .iter()
@@ -1958,11 +2422,15 @@ fn entry_with_progress(
                     .find(|x| x.order_id == l.order_id)
                     .map(|x| (x, h.created_at))
             });
-            let working =
-                state.and_then(|s| s.open_orders.iter().find(|o| o.order_id == l.order_id));
-            let (filled, status) = match (working, held_leg) {
-                (Some(o), _) => {
-                    let f = (l.ordered_quantity - o.quantity).max(Decimal::ZERO);
+            let ended = ev.ended.get(&l.order_id);
+            let working = ev.working(&l.order_id);
+            let (filled, status) = match (ended, working, held_leg) {
+                (Some(e), _, _) => {
+                    let f = e.filled.max(Decimal::ZERO).min(l.ordered_quantity);
+                    (f, e.status)
+                }
+                (None, Some(remaining), _) => {
+                    let f = (l.ordered_quantity - remaining).max(Decimal::ZERO);
                     let st = if f > Decimal::ZERO {
                         OrderStatus::PartiallyFilled
                     } else {
@@ -1970,12 +2438,12 @@ fn entry_with_progress(
                     };
                     (f, st)
                 }
-                (None, Some((hl, created))) => match progress(hl, created, ev, rules) {
+                (None, None, Some((hl, created))) => match progress(hl, created, ev, rules) {
                     LegProgress::Settled => (l.ordered_quantity, OrderStatus::Filled),
                     _ => (Decimal::ZERO, OrderStatus::Pending),
                 },
                 // Released from the book: settled.
-                (None, None) => (l.ordered_quantity, OrderStatus::Filled),
+                (None, None, None) => (l.ordered_quantity, OrderStatus::Filled),
             };
             let (closed, sender_exited) = exits
                 .exits
@@ -2006,22 +2474,31 @@ fn entry_with_progress(
 
 impl Handler for Cerebro {
     async fn handle(&self, msg: &Delivery) -> Outcome {
-        match self.process(msg).await {
-            Ok(o) => o,
-            Err(Fail::Retry(r)) => Outcome::retry(Duration::from_millis(500), r),
-            Err(Fail::Reject(code, detail)) => Outcome::reject(code, detail),
-        }
+        self.run_batch(std::slice::from_ref(msg))
+            .await
+            .pop()
+            .unwrap_or_else(|| Outcome::retry(Duration::from_millis(500), "no outcome"))
+    }
+
+    /// Batches are independent: one's transactions run while the other's
+    /// outputs are published (the per-account mutex orders them).
+    fn batches_in_flight(&self) -> usize {
+        2
+    }
+
+    async fn handle_batch(&self, msgs: &[Delivery], _concurrency: usize) -> Vec<Outcome> {
+        self.run_batch(msgs).await
     }
 }
 
-/// Start Cerebro in `process`: watchers plus the consume loop on `cerebro`.
+/// Start Cerebro in `process`: watchers plus the consume loop on `cerebro`,
+/// with the process config's `[cerebro]` section.
 pub async fn spawn(process: &mut Process) -> Result<Arc<Cerebro>, SpawnError> {
     let settings = Settings::from_config(&process.config);
     spawn_with(process, settings).await
 }
 
-/// [`spawn`] with explicit settings (tests, or a `[cerebro]` section read
-/// by the caller).
+/// [`spawn`] with explicit settings (tests).
 pub async fn spawn_with(
     process: &mut Process,
     settings: Settings,
@@ -2031,6 +2508,7 @@ pub async fn spawn_with(
         process.subjects.clone(),
         &process.topology,
         settings,
+        &process.registry,
         process.shutdown.clone(),
     )
     .await
@@ -2042,7 +2520,7 @@ pub async fn spawn_with(
 /// Why Cerebro cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
-    /// Buckets / watchers unavailable.
+    /// Buckets / watchers / metrics unavailable.
     #[error("cerebro: {0}")]
     Start(String),
     /// The consumer is not in the topology.
@@ -2128,14 +2606,7 @@ mod tests {
         ended: &HashMap<String, EndedOrder>,
         now: i64,
     ) -> bool {
-        b.reconcile(
-            &Evidence {
-                state: st,
-                ended,
-                now: t(now),
-            },
-            &rules(),
-        )
+        b.reconcile(&Evidence::new(st, ended, t(now)), &rules())
     }
 
     #[test]
@@ -2146,6 +2617,7 @@ mod tests {
             EndedOrder {
                 filled: Decimal::ZERO,
                 at: t(1),
+                status: OrderStatus::Cancelled,
             },
         )]);
         assert!(reconcile(&mut b, None, &ended, 1));
@@ -2160,6 +2632,7 @@ mod tests {
             EndedOrder {
                 filled: dec!(10),
                 at: t(5),
+                status: OrderStatus::Filled,
             },
         )]);
         assert!(!reconcile(&mut b, Some(&state(6, &[])), &ended, 6));
@@ -2170,11 +2643,8 @@ mod tests {
             &ended,
             8
         ));
-        let ev = Evidence {
-            state: Some(&state(8, &[("ord_a", dec!(4))])),
-            ended: &ended,
-            now: t(8),
-        };
+        let st8 = state(8, &[("ord_a", dec!(4))]);
+        let ev = Evidence::new(Some(&st8), &ended, t(8));
         assert_eq!(
             b.reserved(&ev, &rules(), None)["s"],
             Reservation {
@@ -2242,14 +2712,152 @@ mod tests {
             EndedOrder {
                 filled: dec!(10),
                 at: t(5),
+                status: OrderStatus::Filled,
             },
         )]);
         let r = SettleRules::of(&s);
-        let ev = Evidence {
-            state: Some(&state(100, &[])),
-            ended: &ended,
-            now: t(100),
-        };
+        let st100 = state(100, &[]);
+        let ev = Evidence::new(Some(&st100), &ended, t(100));
         assert!(!b.reconcile(&ev, &r));
+    }
+
+    #[test]
+    fn deferred_signals_retry_fast_then_back_off() {
+        let s = Settings::default();
+        let ms = |n| s.defer_delay(n).as_millis();
+        assert_eq!((ms(0), ms(1), ms(4)), (250, 250, 250));
+        assert_eq!((ms(5), ms(6), ms(7), ms(8)), (4_000, 8_000, 16_000, 30_000));
+        assert_eq!(ms(100), 30_000);
+        // With max_deliver 10 the 9th delivery is decided: about a minute.
+        let waited: u128 = (1..=8).map(ms).sum();
+        assert_eq!(waited, 59_000);
+    }
+
+    #[test]
+    fn an_exit_sees_its_entry_filled_from_the_terminal_event() {
+        let se = StoredEntry {
+            strategy_id: "s".into(),
+            account: "A".into(),
+            decision: Decision::Approved,
+            legs: vec![EntryLeg {
+                leg: 0,
+                order_id: "ord_a".into(),
+                instrument: "AAPL".into(),
+                instrument_type: mtx_schemas::InstrumentType::Stock,
+                direction: Direction::Long,
+                sender_quantity: dec!(10),
+                ordered_quantity: dec!(10),
+                filled_quantity: Decimal::ZERO,
+                closed_quantity: Decimal::ZERO,
+                sender_quantity_exited: Decimal::ZERO,
+                status: OrderStatus::Pending,
+            }],
+            book_revision: Some(7),
+        };
+        let b = book(&["a"]);
+        let held = b.held.get("a");
+        let none = HashMap::new();
+        let leg = |ended: &HashMap<String, EndedOrder>, st: &AccountState| {
+            let ev = Evidence::new(Some(st), ended, t(2));
+            let r =
+                entry_with_progress("a", &se, held, &ev, &rules(), &ExitProgress::default(), "x");
+            (r.legs[0].filled_quantity, r.legs[0].status)
+        };
+        // Nothing known yet: pending (the exit waits).
+        assert_eq!(
+            leg(&none, &state(1, &[])),
+            (Decimal::ZERO, OrderStatus::Pending)
+        );
+        // Working, 4 left.
+        assert_eq!(
+            leg(&none, &state(1, &[("ord_a", dec!(4))])),
+            (dec!(6), OrderStatus::PartiallyFilled)
+        );
+        // The FILLED event: filled at once, no booking grace, even while a
+        // stale state still lists the order working.
+        let filled = HashMap::from([(
+            "ord_a".to_string(),
+            EndedOrder {
+                filled: dec!(10),
+                at: t(1),
+                status: OrderStatus::Filled,
+            },
+        )]);
+        assert_eq!(
+            leg(&filled, &state(1, &[])),
+            (dec!(10), OrderStatus::Filled)
+        );
+        assert_eq!(
+            leg(&filled, &state(1, &[("ord_a", dec!(4))])),
+            (dec!(10), OrderStatus::Filled)
+        );
+        // Cancelled after a partial fill: that part, no longer working.
+        let partial = HashMap::from([(
+            "ord_a".to_string(),
+            EndedOrder {
+                filled: dec!(3),
+                at: t(1),
+                status: OrderStatus::Cancelled,
+            },
+        )]);
+        assert_eq!(
+            leg(&partial, &state(1, &[])),
+            (dec!(3), OrderStatus::Cancelled)
+        );
+    }
+
+    #[test]
+    fn running_totals_match_a_full_recount() {
+        let mut b = book(&["a", "b", "c"]);
+        let none = HashMap::new();
+        let st = state(1, &[("ord_b", dec!(5))]);
+        let ev = Evidence::new(Some(&st), &none, t(1));
+        let mut totals = b.reserved(&ev, &rules(), None);
+        assert_eq!(totals["s"].margin, dec!(1000));
+        // Replace `c` with a bigger entry the way a group commit does.
+        let own = b.held["c"].reservation(&ev, &rules());
+        let mut bigger = b.held["c"].clone();
+        bigger.legs[0].margin = dec!(900);
+        sub_from(totals.get_mut("s").unwrap(), &own);
+        let new = bigger.full_reservation();
+        add_to(totals.get_mut("s").unwrap(), &new);
+        b.held.insert("c".into(), bigger);
+        assert_eq!(totals, b.reserved(&ev, &rules(), None));
+        // A redelivery of `c` sees everything but its own entry.
+        assert_eq!(
+            without(&totals, Some(&("s".to_string(), new))),
+            b.reserved(&ev, &rules(), Some("c"))
+        );
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's own error type
+    fn the_cerebro_section_of_mtx_toml_and_env_reaches_the_settings() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "mtx.toml",
+                "[cerebro]\nreservation_max_entries = 50\nbooking_grace_secs = 2\n",
+            )?;
+            jail.set_env("MTX_CEREBRO__RESERVATION_MAX_ENTRIES", "70");
+            jail.set_env("MTX_CEREBRO__DEFER_RETRY_MS", "100");
+            jail.set_env("MTX_CEREBRO__ENTRY_WAIT_SECS", "45");
+            let cfg = mtx_runtime::Config::load(None).map_err(|e| e.to_string())?;
+            let s = Settings::from_config(&cfg);
+            assert_eq!(s.reservation_max_entries, 70, "env beats the file");
+            assert_eq!(s.booking_grace, chrono::Duration::seconds(2));
+            assert_eq!(s.entry_wait, chrono::Duration::seconds(45));
+            assert_eq!(s.defer_delay(1), Duration::from_millis(100));
+            assert_eq!(s.janitor_interval, Duration::from_secs(600));
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MTX_CEREBRO__DEFER_MAX_MS", "0");
+            let e = mtx_runtime::Config::load(None).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                "config error: cerebro.defer_max_ms (MTX_CEREBRO__DEFER_MAX_MS): must be > 0"
+            );
+            Ok(())
+        });
     }
 }

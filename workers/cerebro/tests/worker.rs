@@ -131,13 +131,27 @@ impl Env {
         &self,
         tune: impl FnOnce(&mut Settings),
     ) -> (Arc<Cerebro>, tokio::task::JoinHandle<()>) {
+        let (c, h, _) = self.replica_metered(tune).await;
+        (c, h)
+    }
+
+    /// [`Env::replica_with`], with the process's metrics registry.
+    async fn replica_metered(
+        &self,
+        tune: impl FnOnce(&mut Settings),
+    ) -> (
+        Arc<Cerebro>,
+        tokio::task::JoinHandle<()>,
+        prometheus::Registry,
+    ) {
         let mut p = Process::start(self.cfg.clone(), self.shutdown.clone())
             .await
             .unwrap();
         let mut settings = Settings::from_config(&p.config);
         tune(&mut settings);
         let c = worker::spawn_with(&mut p, settings).await.unwrap();
-        (c, tokio::spawn(p.wait()))
+        let registry = p.registry.clone();
+        (c, tokio::spawn(p.wait()), registry)
     }
 
     async fn publish_mark(&self, symbol: &str, price: &str) {
@@ -394,9 +408,21 @@ async fn kill_switch_rejects_entries_but_exits_go_through() {
     st.margin_available = d("999362.50");
     st.deployed_capital.insert(SPX.into(), d("637.50"));
     env.put_state(&st).await;
-    let (c, _h) = env.replica().await;
+    let (c, _h, registry) = env.replica_metered(|_| {}).await;
+    let metrics = || mtx_runtime::metrics::render(&registry);
+    assert!(
+        metrics().contains("\nmtx_trading_enabled 1\n"),
+        "{}",
+        metrics()
+    );
     env.system.put("kill_switch", "true".into()).await.unwrap();
     assert!(wait_until(T, || !c.system().trading_enabled).await);
+    // The gauge follows the kill switch live (ops contract, METRICS.md).
+    assert!(
+        metrics().contains("\nmtx_trading_enabled 0\n"),
+        "{}",
+        metrics()
+    );
 
     let entry = aapl("k1");
     env.publish(&entry).await;
@@ -419,10 +445,24 @@ async fn kill_switch_rejects_entries_but_exits_go_through() {
     // Trading back on: entries approved again, no restart.
     env.system.put("kill_switch", "false".into()).await.unwrap();
     assert!(wait_until(T, || c.system().trading_enabled).await);
+    assert!(
+        metrics().contains("\nmtx_trading_enabled 1\n"),
+        "{}",
+        metrics()
+    );
     let e2 = aapl("k3");
     env.publish(&e2).await;
     let r = env.decision_of(&e2.signal_id, T).await.unwrap();
     assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
+    // One line per (outcome, typed reason code); `none` when approved.
+    let text = metrics();
+    for line in [
+        "mtx_decisions_total{outcome=\"rejected\",reason=\"kill_switch\"} 1",
+        "mtx_decisions_total{outcome=\"approved\",reason=\"none\"} 2",
+    ] {
+        assert!(text.contains(line), "missing `{line}` in {text}");
+    }
+    assert_eq!(text.matches("mtx_decisions_total{").count(), 2, "{text}");
     env.shutdown.cancel();
 }
 
@@ -543,6 +583,54 @@ async fn exit_before_entry_fill_is_deferred_without_blocking_then_completes() {
     // The entry's reservation is released (booked).
     let book = c.reservation_book(ACCOUNT).await.unwrap();
     assert!(!book.held.contains_key(&entry.signal_id));
+    env.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_goes_out_once_the_fill_event_and_the_position_are_known() {
+    let env = Env::new().await;
+    // No grace can settle the entry's reservation during the test: the
+    // exit can only learn the fill from the order event.
+    let (c, _h) = env
+        .replica_with(|s| {
+            s.booking_grace = chrono::Duration::hours(1);
+            s.unbooked_grace = chrono::Duration::hours(2);
+        })
+        .await;
+    let entry = aapl("f1");
+    env.publish(&entry).await;
+    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
+    assert_eq!(r.final_quantity, d("17"));
+    let oid = order_id(&entry.signal_id, 0);
+    let exit = exit_of(&entry, "f2", true);
+    env.publish(&exit).await;
+    // Nothing known of the entry's order: the exit waits.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        env.decisions()
+            .await
+            .iter()
+            .all(|r| r.signal_id != exit.signal_id),
+        "exit must wait for the fill"
+    );
+    // The venue fills it; the accounts stage books the position.
+    env.publish_filled(&oid, d("17")).await;
+    assert!(wait_until(T, || c.ended_order(&oid).is_some()).await);
+    env.put_state(&holding_aapl("1000000")).await;
+    let r = env
+        .decision_of(&exit.signal_id, T)
+        .await
+        .expect("exit decided from the fill event");
+    assert_eq!(
+        (r.decision, r.final_quantity),
+        (Decision::Approved, d("17")),
+        "{}",
+        r.reason
+    );
+    // Decided on the event alone: the entry's margin is still reserved
+    // (its booking is not proven yet).
+    let book = c.reservation_book(ACCOUNT).await.unwrap();
+    assert!(book.held.contains_key(&entry.signal_id));
     env.shutdown.cancel();
 }
 
@@ -942,10 +1030,16 @@ impl AccountsSim {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             let (mut qty, mut margin) = (Decimal::ZERO, Decimal::ZERO);
+            // Fill events are published pipelined, like the venue does.
+            let mut acks = futures::stream::FuturesUnordered::new();
             loop {
                 tokio::select! {
                     _ = stop2.cancelled() => return,
-                    m = orders.next() => {
+                    Some(r) = acks.next(), if !acks.is_empty() => {
+                        let _: async_nats::jetstream::publish::PublishAck = r;
+                        filled2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    m = orders.next(), if acks.len() < 1024 => {
                         let Some(Ok(m)) = m else { return };
                         let o: Order = serde_json::from_slice(&m.payload).unwrap();
                         let e = OrderEvent {
@@ -959,17 +1053,16 @@ impl AccountsSim {
                             timestamp: Utc::now(),
                             seq: 2,
                         };
-                        js.publish(
-                            subjects.orders_events(&o.account).unwrap(),
-                            serde_json::to_vec(&e).unwrap().into(),
-                        )
-                        .await
-                        .unwrap()
-                        .await
-                        .unwrap();
+                        let ack = js
+                            .publish(
+                                subjects.orders_events(&o.account).unwrap(),
+                                serde_json::to_vec(&e).unwrap().into(),
+                            )
+                            .await
+                            .unwrap();
+                        acks.push(async move { ack.await.unwrap() });
                         qty += o.quantity;
                         margin += o.cerebro_decision.map(|c| c.margin_required).unwrap_or_default();
-                        filled2.fetch_add(1, Ordering::Relaxed);
                     }
                     _ = tick.tick() => {
                         let mut st = fresh_state(equity);
@@ -1330,6 +1423,134 @@ async fn bench_one_replica_decisions_per_second() {
         "one replica: {n} decisions ({approved} approved) in {el:?} (published in {published:?}) = {:.0} decisions/s; largest reservation book {} entries",
         n as f64 / el.as_secs_f64(),
         max_entries.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    // How far the order-event feed and the releases trail the decisions.
+    let ids: Vec<String> = env.orders().await.into_iter().map(|o| o.order_id).collect();
+    let all_known = wait_until(Duration::from_secs(60), || {
+        ids.iter().all(|id| c.ended_order(id).is_some())
+    })
+    .await;
+    let known = start.elapsed();
+    let mut left = usize::MAX;
+    while start.elapsed() < Duration::from_secs(120) {
+        left = c.reservation_book(ACCOUNT).await.unwrap().held.len();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "every order end known to the replica: {all_known} after {known:?}; book drained ({left} left) after {:?}",
+        start.elapsed()
+    );
+    env.shutdown.cancel();
+}
+
+/// Exit latency of one replica: `MTX_BENCH_SIGNALS` entries (default
+/// 4000), each followed five signals later by an EXIT linked to it,
+/// published at `MTX_BENCH_RATE` signals/s (default 2000; receive time
+/// stamped at publish); the stand-in accounts stage fills every order at
+/// once and publishes states every 100 ms. Reports decisions per second and
+/// the linked exits' decision latency (decision time − receive time), which
+/// includes their deferrals until the entry's fill and position are known.
+/// `cargo test -p mtx-cerebro --release --test worker -- --ignored --nocapture bench_exits`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_exits_latency() {
+    let env = Env::new().await;
+    let equity = d("1000000000");
+    env.put_state(&fresh_state(equity)).await;
+    let (c, _h) = env.replica().await;
+    assert!(
+        wait_until(T, || c
+            .account_state(ACCOUNT)
+            .is_some_and(|s| s.equity == equity))
+        .await
+    );
+    let _sim = AccountsSim::start(&env, equity).await;
+    let var = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (n, rate) = (var("MTX_BENCH_SIGNALS", 4000), var("MTX_BENCH_RATE", 2000));
+    let entries = fixed_aapl(n, "xb");
+    let mut signals = Vec::with_capacity(2 * n);
+    let lag = 5;
+    for (i, e) in entries.iter().enumerate() {
+        signals.push(e.clone());
+        if i >= lag {
+            let mut x = exit_of(&entries[i - lag], &format!("xbx{i}"), true);
+            x.sizing_mode = SizingMode::FixedUnits;
+            signals.push(x);
+        }
+    }
+    // Paced: one chunk every 10 ms.
+    let per_tick = (rate / 100).max(1);
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut received = std::collections::HashMap::new();
+    for chunk in signals.chunks_mut(per_tick) {
+        tick.tick().await;
+        let now = Utc::now();
+        for s in chunk.iter_mut() {
+            s.received_at = now;
+            received.insert(s.signal_id.clone(), now);
+        }
+        publish_all(&env, chunk).await;
+    }
+    let published = start.elapsed();
+    let st = env
+        .js
+        .get_stream(env.topo.stream_name(streams::CEREBRO_DECISIONS))
+        .await
+        .unwrap();
+    loop {
+        let mut st = st.clone();
+        if st.info().await.unwrap().state.messages >= signals.len() as u64 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(600));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let el = start.elapsed();
+    let decisions = env.decisions().await;
+    let latency = |exits: bool| {
+        let mut ms: Vec<i64> = decisions
+            .iter()
+            .filter(|r| r.entry_signal_id.is_some() == exits)
+            .map(|r| (r.timestamp - received[&r.signal_id]).num_milliseconds())
+            .collect();
+        ms.sort_unstable();
+        let pct = |p: usize| ms[(ms.len() - 1) * p / 100];
+        format!(
+            "p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+            pct(50),
+            pct(90),
+            pct(99),
+            pct(100)
+        )
+    };
+    let closed = decisions
+        .iter()
+        .filter(|r| r.entry_signal_id.is_some() && r.final_quantity > Decimal::ZERO)
+        .count();
+    let mut others: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in decisions
+        .iter()
+        .filter(|r| r.decision != Decision::Approved)
+    {
+        *others
+            .entry(format!("{} {}", r.decision, r.reason_code))
+            .or_default() += 1;
+    }
+    eprintln!("not approved: {others:?}");
+    eprintln!(
+        "one replica, {rate}/s offered: {} decisions ({closed} closing exits) in {el:?} (published in {published:?}); entries {}; linked exits {}",
+        decisions.len(),
+        latency(false),
+        latency(true),
     );
     env.shutdown.cancel();
 }

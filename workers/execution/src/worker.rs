@@ -299,6 +299,12 @@ impl ExecutionMetrics {
     }
 }
 
+/// `[<prefix>.]executions.<account>`: an execution report (the subject map's
+/// one-token account), the end of the signal → fill latency.
+fn is_execution_report(subject: &str) -> bool {
+    subject.rsplit('.').nth(1) == Some("executions")
+}
+
 /// One output message, exactly as it will be (re)published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recorded {
@@ -379,6 +385,10 @@ pub struct Engine {
     live: Mutex<Option<Live>>,
     publisher: Publisher,
     metrics: ExecutionMetrics,
+    /// `mtx_end_to_end_latency_seconds{stage="execution"}`: the raw signal's
+    /// receive time (header) to its execution report acknowledged by
+    /// JetStream (fills go out through the outbox, not the consume loop).
+    e2e_fill: prometheus::Histogram,
     settings: Settings,
     failpoint: Option<Failpoint>,
 }
@@ -417,6 +427,7 @@ impl Engine {
             live: Mutex::new(None),
             publisher: Publisher::new(process.js.clone(), Some(process.metrics.clone()), STAGE),
             metrics: ExecutionMetrics::new(&process.registry)?,
+            e2e_fill: process.metrics.e2e_seconds.with_label_values(&[STAGE]),
             settings,
             failpoint,
         })
@@ -583,10 +594,24 @@ impl Engine {
         let results = self.publisher.publish_all(outs).await;
         let mut keep = Vec::new();
         let mut first_error = None;
+        let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
         for (r, res) in live.outbox.drain(..).zip(results) {
-            if let Err(e) = res {
-                first_error.get_or_insert(e.to_string());
-                keep.push(r);
+            match res {
+                Err(e) => {
+                    first_error.get_or_insert(e.to_string());
+                    keep.push(r);
+                }
+                Ok(_) if is_execution_report(&r.subject) => {
+                    if let Some(at) = r
+                        .headers
+                        .get(headers::RECEIVED_AT)
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .filter(|at| *at <= now)
+                    {
+                        self.e2e_fill.observe((now - at) as f64 / 1e9);
+                    }
+                }
+                Ok(_) => {}
             }
         }
         if let Some(e) = first_error {

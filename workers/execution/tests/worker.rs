@@ -70,6 +70,12 @@ impl Stage {
     async fn publish(&self, subject: String, id: String, body: Vec<u8>) {
         let mut h = async_nats::HeaderMap::new();
         h.insert(headers::MSG_ID, id.as_str());
+        // As the gateway stamps a raw signal (carried through every stage).
+        let received = chrono::Utc::now()
+            .timestamp_nanos_opt()
+            .unwrap()
+            .to_string();
+        h.insert(headers::RECEIVED_AT, received.as_str());
         self.js
             .publish_with_headers(subject, h, body.into())
             .await
@@ -607,6 +613,8 @@ async fn a_cancel_after_the_fill_is_too_late_not_a_dead_letter() {
         "mtx_fills_total 2",
         "mtx_orders_total{status=\"filled\"} 2",
         "mtx_orders_total{status=\"submitted\"} 2",
+        // Signal → fill, from the carried receive time, once per fill.
+        "mtx_end_to_end_latency_seconds_count{stage=\"execution\"} 2",
     ] {
         assert!(text.contains(line), "missing `{line}` in {text}");
     }

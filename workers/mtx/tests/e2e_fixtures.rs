@@ -15,6 +15,7 @@
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
+use mtx_cerebro::worker::ReservationBook;
 use mtx_harness::{free_port, unique, MongoServer, NatsServer};
 use mtx_runtime::config::Config;
 use mtx_schemas::order::{AccountState, ExecutionConfirmation, Order};
@@ -120,6 +121,62 @@ async fn quiescent(js: &jetstream::Context, topo: &Topology) -> bool {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     false
+}
+
+/// Every stage but the sink has handled everything sent so far (nothing
+/// pending, nothing deferred), the account state books every fill (its
+/// commissions equal the fills' on `EXECUTIONS`) and Cerebro's reservation
+/// book for the account is empty, twice in a row: the next
+/// file is decided against the ledger the earlier files left, however fast
+/// or slow each stage is.
+async fn settle(js: &jetstream::Context, topo: &Topology, states: &jetstream::kv::Store) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut calm = 0;
+    let mut last = String::new();
+    while calm < 2 {
+        assert!(Instant::now() < deadline, "never settled: {last}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        calm += 1;
+        for c in topo.consumers.iter().filter(|c| c.pool != "sink") {
+            let stream = js.get_stream(&c.stream).await.unwrap();
+            let mut consumer: PullConsumer = stream.get_consumer(c.durable()).await.unwrap();
+            let info = consumer.info().await.unwrap();
+            if info.num_pending > 0 || info.num_ack_pending > 0 {
+                last = format!("{} busy", c.durable());
+                calm = 0;
+            }
+        }
+        if calm == 0 {
+            continue;
+        }
+        let booked: Decimal = read(js, topo, streams::EXECUTIONS)
+            .await
+            .into_iter()
+            .map(|(_, v)| serde_json::from_value::<ExecutionConfirmation>(v).unwrap())
+            .filter(|x| x.account == ACCOUNT)
+            .map(|x| x.commission)
+            .sum();
+        let state: AccountState =
+            serde_json::from_slice(&states.get(ACCOUNT).await.unwrap().unwrap()).unwrap();
+        if state.commissions != booked {
+            last = format!("state commissions {} vs fills {booked}", state.commissions);
+            calm = 0;
+            continue;
+        }
+        // Cerebro released every reservation (margin approved but not yet
+        // booked): it holds an order's margin until a state at least
+        // `booking_grace` newer than the fill omits it.
+        let book = states
+            .get(mtx_cerebro::worker::reservations_key(ACCOUNT))
+            .await
+            .unwrap()
+            .map(|b| serde_json::from_slice::<ReservationBook>(&b).unwrap())
+            .unwrap_or_default();
+        if !book.held.is_empty() {
+            last = format!("cerebro still reserves for {:?}", book.held.keys());
+            calm = 0;
+        }
+    }
 }
 
 /// A position recomputed from fills alone.
@@ -297,9 +354,9 @@ margin_per_contract = "6000"
             assert_eq!(v["status"], 202, "{stem}: {v}");
             accepted.push((stem.clone(), v["signal_id"].as_str().unwrap().to_string()));
         }
-        // Let each file's exits find their entries' fills before the next
-        // file reuses the instrument.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Each file's exits find their entries' fills, and the next file is
+        // sized against the account as these left it.
+        settle(&js, &topo, &states).await;
     }
     assert_eq!(accepted.len(), 40);
     assert!(quiescent(&js, &topo).await, "pipeline never went quiet");

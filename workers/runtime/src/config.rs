@@ -44,6 +44,8 @@ pub struct Config {
     pub execution: ExecutionConfig,
     /// The accounts stage: initial balances, instrument specs, publishing.
     pub accounts: AccountsConfig,
+    /// The Cerebro stage: reservations, deferred exits, backtests, janitor.
+    pub cerebro: CerebroConfig,
 }
 
 impl Default for Config {
@@ -59,6 +61,7 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             execution: ExecutionConfig::default(),
             accounts: AccountsConfig::default(),
+            cerebro: CerebroConfig::default(),
         }
     }
 }
@@ -456,6 +459,7 @@ impl Config {
         }
         self.execution.validate()?;
         self.accounts.validate()?;
+        self.cerebro.validate()?;
         Ok(())
     }
 }
@@ -605,6 +609,15 @@ pub struct AccountsConfig {
     pub instruments: BTreeMap<String, InstrumentConfig>,
     /// Every account's state is re-published this often, seconds.
     pub publish_interval_secs: u64,
+    /// An account's state is stored and published at most once per this
+    /// many milliseconds; changes within the window are coalesced and the
+    /// latest state goes out when it ends (0 = as fast as publishing goes).
+    pub publish_coalesce_ms: u64,
+    /// A finished order is remembered (so a late copy cannot reopen it) until
+    /// events this many seconds newer than its end have been seen.
+    pub finished_order_retention_secs: u64,
+    /// At most this many finished orders are remembered (oldest dropped first).
+    pub finished_orders_max: usize,
 }
 
 impl Default for AccountsConfig {
@@ -614,6 +627,9 @@ impl Default for AccountsConfig {
             initial_balances: BTreeMap::new(),
             instruments: BTreeMap::new(),
             publish_interval_secs: 60,
+            publish_coalesce_ms: 25,
+            finished_order_retention_secs: 300,
+            finished_orders_max: 200_000,
         }
     }
 }
@@ -647,6 +663,18 @@ impl AccountsConfig {
         if self.publish_interval_secs == 0 {
             return bad("accounts.publish_interval_secs: must be > 0".into());
         }
+        if self.publish_coalesce_ms > 10_000 {
+            return bad(format!(
+                "accounts.publish_coalesce_ms: {} must be <= 10000 (Cerebro sizes from this state)",
+                self.publish_coalesce_ms
+            ));
+        }
+        if self.finished_order_retention_secs == 0 {
+            return bad("accounts.finished_order_retention_secs: must be > 0".into());
+        }
+        if self.finished_orders_max == 0 {
+            return bad("accounts.finished_orders_max: must be > 0".into());
+        }
         if self.initial_balances.keys().any(String::is_empty) {
             return bad("accounts.initial_balances: account names must be non-empty".into());
         }
@@ -666,6 +694,129 @@ impl AccountsConfig {
                     ))
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+// ---- cerebro ------------------------------------------------------------------
+
+/// The Cerebro stage (`[cerebro]`); what each key does is in the README's
+/// configuration table and `mtx_cerebro::worker`'s module docs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CerebroConfig {
+    /// Backtest reload period, seconds.
+    pub backtest_refresh_secs: u64,
+    /// Backtest retry period while nothing is loaded, seconds.
+    pub backtest_retry_secs: u64,
+    /// Mongo server selection / connect timeout of the backtest loader, milliseconds.
+    pub mongo_timeout_ms: u64,
+    /// Start-up wait for the latest marks, milliseconds.
+    pub marks_initial_wait_ms: u64,
+    /// Fallback settlement of a reserved order never seen working and
+    /// without a known end, seconds.
+    pub unbooked_grace_secs: u64,
+    /// Settlement of a filled order after its terminal order event, seconds.
+    pub booking_grace_secs: u64,
+    /// Safety prune of reservations, seconds.
+    pub reservation_max_age_secs: u64,
+    /// Most approved-but-unbooked entries per account.
+    pub reservation_max_entries: usize,
+    /// How long an EXIT / CANCEL waits for its entry, seconds.
+    pub entry_wait_secs: u64,
+    /// Retention of a finished entry's `entries.*` / `exits.*` keys, seconds.
+    pub entry_done_retention_secs: u64,
+    /// Retention of any entry's keys, seconds.
+    pub entry_max_age_secs: u64,
+    /// Janitor period, seconds.
+    pub janitor_interval_secs: u64,
+    /// Redelivery delay of a deferred exit / cancel for its first
+    /// `defer_fast_retries` deferrals, milliseconds.
+    pub defer_retry_ms: u64,
+    /// Deferrals retried after `defer_retry_ms`; later ones back off.
+    pub defer_fast_retries: u32,
+    /// First back-off delay after the fast retries (doubles per delivery), milliseconds.
+    pub defer_backoff_ms: u64,
+    /// Largest redelivery delay of a deferred signal, milliseconds.
+    pub defer_max_ms: u64,
+}
+
+impl Default for CerebroConfig {
+    fn default() -> Self {
+        CerebroConfig {
+            backtest_refresh_secs: 300,
+            backtest_retry_secs: 10,
+            mongo_timeout_ms: 3_000,
+            marks_initial_wait_ms: 3_000,
+            unbooked_grace_secs: 30,
+            booking_grace_secs: 1,
+            reservation_max_age_secs: 86_400,
+            reservation_max_entries: 4_000,
+            entry_wait_secs: 300,
+            entry_done_retention_secs: 86_400,
+            entry_max_age_secs: 30 * 86_400,
+            janitor_interval_secs: 600,
+            defer_retry_ms: 250,
+            defer_fast_retries: 4,
+            defer_backoff_ms: 4_000,
+            defer_max_ms: 30_000,
+        }
+    }
+}
+
+impl CerebroConfig {
+    /// Check the values; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |s: String| Err(ConfigError(s));
+        for (key, v) in [
+            ("backtest_refresh_secs", self.backtest_refresh_secs),
+            ("backtest_retry_secs", self.backtest_retry_secs),
+            ("mongo_timeout_ms", self.mongo_timeout_ms),
+            ("reservation_max_age_secs", self.reservation_max_age_secs),
+            ("entry_max_age_secs", self.entry_max_age_secs),
+            ("janitor_interval_secs", self.janitor_interval_secs),
+            ("defer_retry_ms", self.defer_retry_ms),
+            ("defer_backoff_ms", self.defer_backoff_ms),
+            ("defer_max_ms", self.defer_max_ms),
+        ] {
+            if v == 0 {
+                return bad(format!(
+                    "cerebro.{key} (MTX_CEREBRO__{}): must be > 0",
+                    key.to_ascii_uppercase()
+                ));
+            }
+        }
+        if self.reservation_max_entries == 0 {
+            return bad(
+                "cerebro.reservation_max_entries (MTX_CEREBRO__RESERVATION_MAX_ENTRIES): must be > 0"
+                    .into(),
+            );
+        }
+        if self.unbooked_grace_secs >= self.reservation_max_age_secs {
+            return bad(format!(
+                "cerebro.unbooked_grace_secs: {} must be below cerebro.reservation_max_age_secs ({})",
+                self.unbooked_grace_secs, self.reservation_max_age_secs
+            ));
+        }
+        if self.entry_done_retention_secs > self.entry_max_age_secs {
+            return bad(format!(
+                "cerebro.entry_done_retention_secs: {} must not exceed cerebro.entry_max_age_secs ({})",
+                self.entry_done_retention_secs, self.entry_max_age_secs
+            ));
+        }
+        if self.defer_retry_ms > self.defer_backoff_ms || self.defer_backoff_ms > self.defer_max_ms
+        {
+            return bad(format!(
+                "cerebro.defer_retry_ms / defer_backoff_ms / defer_max_ms: {} / {} / {} must not decrease",
+                self.defer_retry_ms, self.defer_backoff_ms, self.defer_max_ms
+            ));
+        }
+        if self.defer_fast_retries > 100 {
+            return bad(format!(
+                "cerebro.defer_fast_retries: {} must be at most 100 (deliveries are bounded by topology.max_deliver)",
+                self.defer_fast_retries
+            ));
         }
         Ok(())
     }
@@ -830,6 +981,76 @@ margin_per_contract = "16500"
             jail.create_file("mtx.toml", "[accounts.instruments.GC]\nmultiplier = 100\n")?;
             let e = Config::load(None).unwrap_err().to_string();
             assert!(e.contains("accounts.instruments.GC"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn cerebro_section_parses_and_names_bad_keys() {
+        let d = CerebroConfig::default();
+        assert_eq!(d.validate(), Ok(()));
+        assert_eq!(
+            (
+                d.unbooked_grace_secs,
+                d.booking_grace_secs,
+                d.reservation_max_entries
+            ),
+            (30, 1, 4_000)
+        );
+        assert_eq!((d.defer_retry_ms, d.defer_fast_retries), (250, 4));
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "mtx.toml",
+                "[cerebro]\nreservation_max_entries = 50\nentry_wait_secs = 60\n",
+            )?;
+            jail.set_env("MTX_CEREBRO__ENTRY_WAIT_SECS", "120");
+            jail.set_env("MTX_CEREBRO__DEFER_RETRY_MS", "100");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.cerebro.reservation_max_entries, 50);
+            assert_eq!(c.cerebro.entry_wait_secs, 120, "env beats file");
+            assert_eq!(c.cerebro.defer_retry_ms, 100);
+            assert_eq!(c.cerebro.janitor_interval_secs, 600);
+            Ok(())
+        });
+        for (var, value, want) in [
+            (
+                "MTX_CEREBRO__RESERVATION_MAX_ENTRIES",
+                "0",
+                "config error: cerebro.reservation_max_entries (MTX_CEREBRO__RESERVATION_MAX_ENTRIES): must be > 0",
+            ),
+            (
+                "MTX_CEREBRO__JANITOR_INTERVAL_SECS",
+                "0",
+                "config error: cerebro.janitor_interval_secs (MTX_CEREBRO__JANITOR_INTERVAL_SECS): must be > 0",
+            ),
+            (
+                "MTX_CEREBRO__UNBOOKED_GRACE_SECS",
+                "86400",
+                "config error: cerebro.unbooked_grace_secs: 86400 must be below",
+            ),
+            (
+                "MTX_CEREBRO__DEFER_RETRY_MS",
+                "5000",
+                "config error: cerebro.defer_retry_ms",
+            ),
+            (
+                "MTX_CEREBRO__BOOKING_GRACE_SECS",
+                "soon",
+                "config error: cerebro.booking_grace_secs (MTX_CEREBRO__BOOKING_GRACE_SECS): invalid type",
+            ),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.set_env(var, value);
+                let e = Config::load(None).unwrap_err().to_string();
+                assert!(e.starts_with(want), "{e}");
+                assert!(!e.contains('\n'));
+                Ok(())
+            });
+        }
+        Jail::expect_with(|jail| {
+            jail.create_file("mtx.toml", "[cerebro]\nbooking_grace = 1\n")?;
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("booking_grace"), "{e}");
             Ok(())
         });
     }

@@ -543,6 +543,29 @@ fn strategies_and_accounts_are_kept_apart() {
     assert_eq!(o.open_positions.len(), 1);
     assert_eq!(l.snapshot("Nobody", t(1)).equity, dec!(1000));
     assert_eq!(l.accounts().collect::<Vec<_>>(), ["IBKR_Main", "Other"]);
+    // Positions of one account come from its own key range; holders per
+    // instrument follow opens and closes.
+    assert_eq!(l.positions("IBKR_Mai").count(), 0);
+    assert_eq!(l.positions("IBKR_Main_").count(), 0);
+    assert_eq!(l.positions("Other").count(), 1);
+    assert_eq!(
+        l.holders("AAPL").collect::<Vec<_>>(),
+        ["IBKR_Main", "Other"]
+    );
+    assert_eq!(l.holders("MSFT").count(), 0);
+    let mut close = fill("e4", "AAPL", Exit, Sell, dec!(10), dec!(101));
+    close.commission = Decimal::ZERO;
+    l.apply(&close).unwrap();
+    assert_eq!(
+        l.holders("AAPL").collect::<Vec<_>>(),
+        ["IBKR_Main", "Other"],
+        "IBKR_Main still holds the Forex short"
+    );
+    let mut cover = fill("e5", "AAPL", Exit, Buy, dec!(4), dec!(99));
+    cover.strategy_id = "Forex".into();
+    l.apply(&cover).unwrap();
+    assert_eq!(l.holders("AAPL").collect::<Vec<_>>(), ["Other"]);
+    assert_eq!(l.positions(ACC).count(), 0);
 }
 
 #[test]

@@ -87,7 +87,7 @@ impl Pipeline {
         }
     }
 
-    async fn publish(&self, subject: String, msg_id: String, body: Vec<u8>) {
+    pub async fn publish(&self, subject: String, msg_id: String, body: Vec<u8>) {
         let mut h = async_nats::HeaderMap::new();
         h.insert(headers::MSG_ID, msg_id.as_str());
         self.js

@@ -1,0 +1,209 @@
+//! The accounts stage under load on real servers: finished orders leave the
+//! tracker, and coalesced publishing never loses the final state.
+
+mod common;
+
+use common::*;
+use mtx_harness::NatsServer;
+use mtx_schemas::ids::execution_id;
+use mtx_schemas::market::MarketPrice;
+use mtx_schemas::order::{position_direction, AccountState, ExecutionConfirmation};
+use mtx_schemas::{Direction, ExecutionStatus, InstrumentType, Side, SignalAction};
+use mtx_subjects::topology::streams;
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use std::time::Duration;
+
+const A: &str = "PAPER";
+
+fn fill(
+    i: usize,
+    strategy: &str,
+    instrument: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> ExecutionConfirmation {
+    let (action, side) = (SignalAction::Entry, Side::Buy);
+    let order_id = format!("burst_{i}");
+    ExecutionConfirmation {
+        execution_id: execution_id(&order_id, 1),
+        order_id,
+        account: A.into(),
+        strategy_id: strategy.into(),
+        instrument: instrument.into(),
+        instrument_type: InstrumentType::Stock,
+        direction: position_direction(action, side),
+        action,
+        side,
+        quantity: Decimal::ONE,
+        price: Decimal::from(100 + (i % 5) as i64),
+        commission: dec!(0.01),
+        multiplier: Decimal::ONE,
+        status: ExecutionStatus::Filled,
+        broker_response: serde_json::Value::Null,
+        timestamp: at,
+    }
+}
+
+/// Every state on `accounts.PAPER.state`, in order.
+async fn published(p: &Pipeline) -> Vec<AccountState> {
+    read_all(
+        &p.js,
+        &p.topo.stream_name(streams::ACCOUNTS),
+        &p.subjects.account_state(A).unwrap(),
+    )
+    .await
+    .iter()
+    .map(|m| serde_json::from_slice(&m.payload).unwrap())
+    .collect()
+}
+
+fn same(a: &AccountState, b: &AccountState) -> bool {
+    AccountState {
+        timestamp: b.timestamp,
+        ..a.clone()
+    } == *b
+}
+
+/// A burst of fills and marks inside one long coalescing window: far fewer
+/// states than inputs go out, and the last one — in KV for Cerebro and on
+/// the stream for the sink — equals the book and the figures expected from
+/// the fills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_ends_with_the_exact_state() {
+    let nats = NatsServer::start();
+    let mut cfg = config(&nats);
+    cfg.accounts
+        .initial_balances
+        .insert(A.to_string(), dec!(100000));
+    cfg.accounts.publish_coalesce_ms = 400;
+    let p = Pipeline::start(cfg).await;
+    p.state_where(A, |_| true).await;
+    let before = published(&p).await.len();
+
+    let n = 300;
+    let t0 = chrono::Utc::now();
+    let symbols = ["AAPL", "MSFT", "NVDA"];
+    for i in 0..n {
+        let x = fill(
+            i,
+            &format!("S{}", i % 4),
+            symbols[i % 3],
+            t0 + chrono::Duration::milliseconds(i as i64),
+        );
+        p.publish(
+            p.subjects.executions(A).unwrap(),
+            x.execution_id.clone(),
+            serde_json::to_vec(&x).unwrap(),
+        )
+        .await;
+        if i % 50 == 49 {
+            let symbol = symbols[(i / 50) % 3];
+            let px = MarketPrice {
+                symbol: symbol.into(),
+                price: Decimal::from(101 + (i / 50) as i64),
+                timestamp: t0 + chrono::Duration::milliseconds(i as i64),
+                source: None,
+            };
+            p.publish(
+                p.subjects.market_price(symbol).unwrap(),
+                format!("px.{i}"),
+                serde_json::to_vec(&px).unwrap(),
+            )
+            .await;
+        }
+    }
+
+    // Wait until the book has every fill and the last marks, then until the
+    // published state catches up with it.
+    let marks = [
+        ("AAPL", dec!(104)),
+        ("MSFT", dec!(105)),
+        ("NVDA", dec!(106)),
+    ];
+    let ok = eventually(Duration::from_secs(20), || async {
+        let mut all = p.accounts.snapshot(A).await.is_ok_and(|s| {
+            s.open_positions.iter().map(|x| x.quantity).sum::<Decimal>() == Decimal::from(n)
+        });
+        for (symbol, px) in marks {
+            all &= p.accounts.mark_of(symbol).await.map(|m| m.price) == Some(px);
+        }
+        all
+    })
+    .await;
+    assert!(ok, "the book never had every fill and mark");
+    let book = p.accounts.snapshot(A).await.unwrap();
+    let kv = p.state_where(A, |s| same(&book, s)).await;
+    assert_eq!(p.accounts.pending().await, 0, "nothing left to publish");
+
+    // The figures, independently of the ledger: 300 × 1 share, 0.01 each.
+    assert_eq!(kv.commissions, dec!(3));
+    assert_eq!(kv.cash_balance, dec!(99997));
+    assert_eq!(kv.open_positions.len(), 12, "4 strategies × 3 symbols");
+    let cost: Decimal = (0..n).map(|i| Decimal::from(100 + (i % 5) as i64)).sum();
+    let entry_cost: Decimal = kv
+        .open_positions
+        .iter()
+        .map(|x| x.entry_price * x.quantity)
+        .sum();
+    assert_eq!(entry_cost.round_dp(6), cost);
+    assert_eq!(kv.equity, kv.cash_balance + kv.unrealized_pnl);
+
+    // The sink sees the same final state, and far fewer than one per input.
+    let states = published(&p).await;
+    let last = states.last().unwrap();
+    assert!(same(&book, last), "{last:#?}");
+    assert_eq!(last, &kv, "KV and the stream hold the same final state");
+    let during = states.len() - before;
+    assert!(
+        during < n / 2,
+        "{during} states for {n} fills: not coalesced"
+    );
+    p.stop().await;
+}
+
+/// Orders that finish leave the tracker: only a bounded set of tombstones
+/// is kept, and the published state lists no open order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_orders_leave_the_tracker() {
+    let nats = NatsServer::start();
+    let mut cfg = config(&nats);
+    cfg.accounts
+        .initial_balances
+        .insert(A.to_string(), dec!(100000));
+    cfg.accounts.finished_orders_max = 2;
+    let p = Pipeline::start(cfg).await;
+    p.price("AAPL", dec!(150)).await;
+    for i in 0..5 {
+        let id = format!("F{i}");
+        p.order(&market(
+            &id,
+            "S1",
+            "AAPL",
+            SignalAction::Entry,
+            Direction::Long,
+            dec!(1),
+        ))
+        .await;
+        p.wait_status(A, &id, mtx_schemas::OrderStatus::Filled)
+            .await;
+    }
+    let s = p
+        .state_where(A, |s| {
+            s.open_positions
+                .first()
+                .is_some_and(|x| x.quantity == dec!(5))
+                && s.open_orders.is_empty()
+        })
+        .await;
+    assert_eq!(s.open_positions.len(), 1);
+    let ok = eventually(Duration::from_secs(10), || async {
+        p.accounts.tracked_orders().await == Some((0, 2))
+    })
+    .await;
+    assert!(
+        ok,
+        "tracker still holds {:?} (working, finished)",
+        p.accounts.tracked_orders().await
+    );
+    p.stop().await;
+}
