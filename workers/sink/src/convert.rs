@@ -304,12 +304,23 @@ mod tests {
     #[test]
     fn map_values_and_bad_types() {
         let s = spec("account_state").unwrap();
-        let m = json!({"deployed_capital": {"SPX": "375.25"}, "equity": "1e2"});
+        let m = json!({
+            "deployed_capital": {"SPX": "375.25"},
+            "strategy_pnl_today": {"SPX": "-1250.5", "Forex": "12"},
+            "equity": "1e2"
+        });
         let d = document(s, m.as_object().unwrap()).unwrap();
         assert!(matches!(
             d.get_document("deployed_capital").unwrap().get("SPX"),
             Some(Bson::Decimal128(_))
         ));
+        let pnl = d.get_document("strategy_pnl_today").unwrap();
+        for k in ["SPX", "Forex"] {
+            assert!(
+                matches!(pnl.get(k), Some(Bson::Decimal128(_))),
+                "{k}: {pnl}"
+            );
+        }
         let bad = json!({"equity": "lots"});
         let e = document(s, bad.as_object().unwrap()).unwrap_err();
         assert_eq!(e.path, "equity");

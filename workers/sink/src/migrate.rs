@@ -550,7 +550,7 @@ mod tests {
     fn versions_compare() {
         assert!(parse_version("1.0.0") < parse_version("1.1.0"));
         assert!(parse_version("1.10.0") > parse_version("1.9.3"));
-        assert_eq!(parse_version(SCHEMA_VERSION), (1, 1, 0));
+        assert_eq!(parse_version(SCHEMA_VERSION), (1, 2, 0));
         assert_eq!(
             spec::VERSIONS.last().map(|v| v.0),
             Some(SCHEMA_VERSION),

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 /// The schema version this build migrates to (recorded in `system_config`).
-pub const SCHEMA_VERSION: &str = "1.1.0";
+pub const SCHEMA_VERSION: &str = "1.2.0";
 
 /// Every schema version, oldest first, with what it introduced.
 pub const VERSIONS: &[(&str, &str)] = &[
@@ -33,6 +33,10 @@ pub const VERSIONS: &[(&str, &str)] = &[
     (
         "1.1.0",
         "mtx pipeline: natural-key unique indexes, $jsonSchema validators, dead_letters, order_events, order_cancels, trading_orders.status_rank",
+    ),
+    (
+        "1.2.0",
+        "account_state.strategy_pnl_today (Decimal128 per strategy), cerebro_decisions.risk_assessment.cvar_skipped",
     ),
 ];
 
@@ -748,6 +752,8 @@ fn build() -> Vec<CollectionSpec> {
             f("commissions", Dec),
             f("deployed_capital", Obj),
             f("deployed_capital.*", Dec),
+            f("strategy_pnl_today", Obj),
+            f("strategy_pnl_today.*", Dec),
         ],
         vec![
             ix(&[("snapshot_id", 1)]).unique().sparse(),
@@ -816,6 +822,8 @@ fn build() -> Vec<CollectionSpec> {
             f("risk_assessment.shrink_factor", Dbl).null(),
             f("risk_assessment.binding_limit", Str).null(),
             f("risk_assessment.pnl_today", Dec).null(),
+            f("risk_assessment.cvar_skipped", Obj).null(),
+            f("risk_assessment.cvar_skipped.code", Str),
         ],
         vec![
             ix(&[("decision_id", 1)]).unique().sparse(),
