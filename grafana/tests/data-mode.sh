@@ -16,12 +16,13 @@
 #   mark; then grafana/tests/with-prometheus.sh scraping that process and
 #   grafana/tests/check_dashboards.py --mode data.
 # Needs the Debian `prometheus` binary (deploy/ops/install-tools.sh) and a
-# built `mtx` (OPS_MTX_BIN, default target/debug/mtx; built when missing).
+# built `mtx` (OPS_MTX_BIN, default $CARGO_TARGET_DIR or target, /debug/mtx;
+# built when missing).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
 venv=${DEPLOY_LOCAL_DIR:-$repo/.local}/venv/bin
-mtx=${OPS_MTX_BIN:-$repo/target/debug/mtx}
+mtx=${OPS_MTX_BIN:-${CARGO_TARGET_DIR:-$repo/target}/debug/mtx}
 py=${OPS_PYTHON:-python3}
 if [[ ! -x $mtx ]]; then cargo build -q -p mtx; fi
 
