@@ -1369,7 +1369,7 @@ async fn entry_and_exit_keys_are_deleted_when_done_or_too_old() {
 /// (`MTX_BENCH_SIGNALS` = signals, default 5000; `MTX_BENCH_BOOKING_GRACE_MS`
 /// overrides `booking_grace`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
+#[ignore = "benchmark; run with --release -- --ignored --nocapture"]
 async fn bench_one_replica_decisions_per_second() {
     let env = Env::new().await;
     let equity = d("1000000000");
@@ -1455,7 +1455,7 @@ async fn bench_one_replica_decisions_per_second() {
 /// includes their deferrals until the entry's fill and position are known.
 /// `cargo test -p mtx-cerebro --release --test worker -- --ignored --nocapture bench_exits`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
+#[ignore = "benchmark; run with --release -- --ignored --nocapture"]
 async fn bench_exits_latency() {
     let env = Env::new().await;
     let equity = d("1000000000");
