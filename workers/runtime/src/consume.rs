@@ -593,7 +593,7 @@ async fn process_batch<H: Handler>(
     }
 
     let started = Instant::now();
-    let outcomes = handler
+    let mut outcomes = handler
         .handle_batch(&deliveries, ctx.worker.concurrency)
         .await;
     let per_msg = started.elapsed().as_secs_f64() / n as f64;
@@ -605,10 +605,10 @@ async fn process_batch<H: Handler>(
     // Publish every Ok outcome's outputs in one pipelined batch.
     let mut owners = Vec::new();
     let mut outs = Vec::new();
-    for (i, (o, d)) in outcomes.iter().zip(&deliveries).enumerate() {
+    for (i, (o, d)) in outcomes.iter_mut().zip(&deliveries).enumerate() {
         if let Outcome::Ok(list) = o {
-            for out in list {
-                let mut out = out.clone();
+            // Moved out: only the variant matters from here on.
+            for mut out in std::mem::take(list) {
                 for h in [headers::RECEIVED_AT, headers::SIGNAL_ID] {
                     if out.headers.get(h).is_none() {
                         if let Some(v) = d.header(h) {
@@ -624,18 +624,23 @@ async fn process_batch<H: Handler>(
     let mut publish_failed = vec![None::<String>; n];
     if !outs.is_empty() {
         let publisher = Publisher::new(ctx.js.clone(), Some(m.clone()), stage);
-        let now = now_nanos();
         let e2e = m.e2e_seconds.with_label_values(&[stage]);
-        let results = publisher.publish_all(outs.clone()).await;
-        for ((owner, r), out) in owners.into_iter().zip(results).zip(&outs) {
+        let received: Vec<Option<u128>> = outs
+            .iter()
+            .map(|o| {
+                o.headers
+                    .get(headers::RECEIVED_AT)
+                    .and_then(|v| v.as_str().parse::<u128>().ok())
+            })
+            .collect();
+        let results = publisher.publish_all(outs).await;
+        // Latency to the output acknowledged by JetStream.
+        let now = now_nanos();
+        for ((owner, r), t) in owners.into_iter().zip(results).zip(received) {
             match r {
                 Err(e) => publish_failed[owner] = Some(e.to_string()),
                 Ok(_) => {
-                    if let Some(t) = out
-                        .headers
-                        .get(headers::RECEIVED_AT)
-                        .and_then(|v| v.as_str().parse::<u128>().ok())
-                    {
+                    if let Some(t) = t {
                         e2e.observe(now.saturating_sub(t) as f64 / 1e9);
                     }
                 }
