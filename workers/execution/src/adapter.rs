@@ -6,10 +6,12 @@
 //! `submit`, `cancel`, market prices and a clock tick go in, [`VenueEvent`]s
 //! (acks, fills, partial fills, rejects, cancels, expiries, child orders) come
 //! out, either at once or later through [`BrokerAdapter::poll_events`] — the
-//! events stream of a venue that answers asynchronously. Its whole state can be
-//! saved and restored ([`BrokerAdapter::save`] / [`restore`]), which is what
-//! makes the worker's no-double-fill guarantee possible (see
-//! [`crate::worker`]).
+//! events stream of a venue that answers asynchronously. Its state (working
+//! orders, marks) can be saved and restored ([`BrokerAdapter::save_into`] /
+//! [`restore`]); finished orders are handed out
+//! ([`BrokerAdapter::take_finished`]) and remembered by the worker, one KV key
+//! each. That is what makes the worker's no-double-fill guarantee possible
+//! with a saved state bounded by the working orders (see [`crate::worker`]).
 //!
 //! This build has one adapter, [`PaperAdapter`] (name `paper`): the
 //! deterministic [`PaperVenue`], used for strategies in PAPER mode. A live
@@ -23,7 +25,9 @@ use chrono::{DateTime, Utc};
 use mtx_schemas::order::Order;
 use rust_decimal::Decimal;
 
-use crate::paper::{OrderInfo, PaperConfig, PaperVenue, StateError, VenueEvent, VenueState};
+use crate::paper::{
+    FinishedOrder, OrderInfo, PaperConfig, PaperVenue, StateError, VenueEvent, VenueState,
+};
 
 /// Why an adapter could not be built or saved.
 #[derive(Debug, thiserror::Error)]
@@ -78,15 +82,18 @@ pub trait BrokerAdapter: Send + Sync {
     /// fills, rejects of a live broker). The paper venue answers every call
     /// synchronously, so this is always empty for it.
     fn poll_events(&mut self) -> Vec<VenueEvent>;
-    /// What the venue knows about an order id.
+    /// What the venue knows about an order id it still holds (working, or
+    /// finished and not yet taken by [`BrokerAdapter::take_finished`]).
     fn lookup(&self, order_id: &str) -> Option<OrderInfo>;
     /// Working orders and marks of `account`.
     fn account_snapshot(&self, account: &str) -> BrokerSnapshot;
-    /// The full state, for [`restore`].
-    fn save(&self) -> Result<serde_json::Value, AdapterError>;
-    /// Drop details of finished orders (kept as small records while
-    /// redeliveries of their orders are possible).
-    fn compact(&mut self, now: DateTime<Utc>);
+    /// Append the state (working orders, marks; no finished order once
+    /// [`BrokerAdapter::take_finished`] ran) to `out` as one JSON value, for
+    /// [`restore`]. Serialized in place: no copy of the state is made.
+    fn save_into(&self, out: &mut Vec<u8>) -> Result<(), AdapterError>;
+    /// Take the finished orders out: from now on the adapter does not know
+    /// their ids, the caller remembers them. Call between inputs.
+    fn take_finished(&mut self, now: DateTime<Utc>) -> Vec<FinishedOrder>;
 }
 
 /// Which adapter serves which account.
@@ -132,21 +139,13 @@ impl Routes {
 }
 
 /// Build adapter `name`, from its saved state when given.
-///
-/// `retain` is how long finished orders are remembered (at least the age
-/// limit of the ORDERS stream, so no redelivered order is ever taken for new).
 pub fn restore(
     name: &str,
     paper: &PaperConfig,
-    retain: chrono::Duration,
     state: Option<serde_json::Value>,
 ) -> Result<Box<dyn BrokerAdapter>, AdapterError> {
     match name {
-        PaperAdapter::NAME => Ok(Box::new(PaperAdapter::restore(
-            paper.clone(),
-            retain,
-            state,
-        )?)),
+        PaperAdapter::NAME => Ok(Box::new(PaperAdapter::restore(paper.clone(), state)?)),
         other => Err(AdapterError::Unknown(other.to_string())),
     }
 }
@@ -155,7 +154,6 @@ pub fn restore(
 #[derive(Debug, Clone)]
 pub struct PaperAdapter {
     venue: PaperVenue,
-    retain: chrono::Duration,
 }
 
 impl PaperAdapter {
@@ -165,7 +163,6 @@ impl PaperAdapter {
     /// A venue with `config`, continuing from `state` when given.
     pub fn restore(
         config: PaperConfig,
-        retain: chrono::Duration,
         state: Option<serde_json::Value>,
     ) -> Result<Self, AdapterError> {
         let state_err = |source| AdapterError::State {
@@ -182,7 +179,7 @@ impl PaperAdapter {
                 PaperVenue::restore(config, s).map_err(state_err)?
             }
         };
-        Ok(PaperAdapter { venue, retain })
+        Ok(PaperAdapter { venue })
     }
 
     /// The venue inside.
@@ -233,15 +230,17 @@ impl BrokerAdapter for PaperAdapter {
         }
     }
 
-    fn save(&self) -> Result<serde_json::Value, AdapterError> {
-        serde_json::to_value(self.venue.state()).map_err(|e| AdapterError::Serde {
-            name: Self::NAME.to_string(),
-            message: e.to_string(),
-        })
+    fn save_into(&self, out: &mut Vec<u8>) -> Result<(), AdapterError> {
+        self.venue
+            .write_state(out)
+            .map_err(|e| AdapterError::Serde {
+                name: Self::NAME.to_string(),
+                message: e.to_string(),
+            })
     }
 
-    fn compact(&mut self, now: DateTime<Utc>) {
-        self.venue.compact(now, self.retain);
+    fn take_finished(&mut self, now: DateTime<Utc>) -> Vec<FinishedOrder> {
+        self.venue.drain_finished(now)
     }
 }
 
@@ -299,27 +298,27 @@ mod tests {
         assert!(matches!(bad.validate(), Err(AdapterError::Unknown(n)) if n == "ibkr"));
     }
 
+    fn saved(a: &PaperAdapter) -> serde_json::Value {
+        let mut out = Vec::new();
+        a.save_into(&mut out).unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+
     /// Save, restore and go on: the restored venue behaves exactly like the
-    /// original (same events for the same later inputs), and compaction keeps
-    /// finished ids known.
+    /// original (same events for the same later inputs); finished orders are
+    /// handed out once and leave the saved state.
     #[test]
     fn save_restore_continues_identically() {
-        let retain = chrono::Duration::days(7);
         let cfg = PaperConfig {
             fill_ratio: Some(dec!(0.5)),
             ..PaperConfig::default()
         };
-        let mut a = PaperAdapter::restore(cfg.clone(), retain, None).unwrap();
+        let mut a = PaperAdapter::restore(cfg.clone(), None).unwrap();
         a.submit(limit("o1", dec!(10), dec!(100)), t(1));
         a.submit(limit("o2", dec!(4), dec!(90)), t(2));
         a.on_price("AAPL", dec!(99), t(3)); // o1 partially filled
-        let saved = a.save().unwrap();
-        let mut b = PaperAdapter::restore(
-            cfg.clone(),
-            retain,
-            Some(serde_json::from_str(&saved.to_string()).unwrap()),
-        )
-        .unwrap();
+        let mut b = PaperAdapter::restore(cfg.clone(), Some(saved(&a))).unwrap();
+        assert_eq!(a.venue().state(), b.venue().state());
         for (x, y) in [
             (
                 a.on_price("AAPL", dec!(98), t(4)),
@@ -334,18 +333,23 @@ mod tests {
             assert_eq!(x, y);
         }
         assert_eq!(b.lookup("o2").unwrap().status, OrderStatus::Cancelled);
-        b.compact(t(7));
-        assert!(b.venue().order("o2").is_none(), "details dropped");
-        let info = b.lookup("o2").unwrap();
-        assert_eq!(info.status, OrderStatus::Cancelled);
+        let done = b.take_finished(t(7));
+        assert_eq!(done.len(), 1);
+        let f = &done[0];
         assert_eq!(
-            info.fingerprint,
+            (f.order_id.as_str(), f.account.as_str(), f.status, f.filled),
+            ("o2", "A", OrderStatus::Cancelled, dec!(0))
+        );
+        assert_eq!(f.finished_at, t(7));
+        assert_eq!(
+            f.info().fingerprint,
             crate::paper::order_fingerprint(&limit("o2", dec!(4), dec!(90)))
         );
-        assert!(
-            b.submit(limit("o2", dec!(4), dec!(90)), t(8)).is_empty(),
-            "still idempotent"
-        );
+        assert!(b.lookup("o2").is_none(), "the caller remembers it now");
+        assert!(b.take_finished(t(8)).is_empty(), "handed out once");
+        let state = saved(&b);
+        assert!(state["orders"].get("o2").is_none());
+        assert!(state.get("finished").is_none(), "nothing finished is saved");
         let snap = b.account_snapshot("A");
         assert_eq!(
             snap.working_orders
@@ -354,25 +358,45 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["o1"]
         );
-        // finished records expire after `retain`
-        b.compact(t(7) + retain + chrono::Duration::seconds(1));
-        assert!(b.lookup("o2").is_none());
-        // a restore of a compacted state round-trips too
-        let again = PaperAdapter::restore(cfg, retain, Some(b.save().unwrap())).unwrap();
+        // a restore of a drained state round-trips too
+        let again = PaperAdapter::restore(cfg, Some(state)).unwrap();
         assert_eq!(again.venue().state(), b.venue().state());
+    }
+
+    /// A state saved before finished orders moved out (with compacted
+    /// records) still restores, and its records are handed out.
+    #[test]
+    fn compacted_records_of_an_old_state_are_handed_out() {
+        let mut v = PaperVenue::new(PaperConfig::default()).unwrap();
+        v.submit(limit("o1", dec!(1), dec!(100)), t(1));
+        v.cancel("o1", t(2));
+        v.compact(t(3), chrono::Duration::days(7));
+        let old = serde_json::to_value(v.state()).unwrap();
+        assert!(old["finished"].get("o1").is_some());
+        let mut a = PaperAdapter::restore(PaperConfig::default(), Some(old)).unwrap();
+        let done = a.take_finished(t(4));
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (
+                done[0].order_id.as_str(),
+                done[0].status,
+                done[0].finished_at
+            ),
+            ("o1", OrderStatus::Cancelled, t(3))
+        );
+        assert!(a.lookup("o1").is_none());
     }
 
     #[test]
     fn corrupted_state_is_refused() {
-        let retain = chrono::Duration::days(7);
-        let mut a = PaperAdapter::restore(PaperConfig::default(), retain, None).unwrap();
+        let mut a = PaperAdapter::restore(PaperConfig::default(), None).unwrap();
         a.submit(limit("o1", dec!(10), dec!(100)), t(1));
-        let mut v = a.save().unwrap();
+        let mut v = saved(&a);
         v["orders"]["o1"]["fsm"]["filled"] = serde_json::json!("11");
-        let e = PaperAdapter::restore(PaperConfig::default(), retain, Some(v)).unwrap_err();
+        let e = PaperAdapter::restore(PaperConfig::default(), Some(v)).unwrap_err();
         assert!(e.to_string().contains("inconsistent"), "{e}");
-        let e = PaperAdapter::restore(PaperConfig::default(), retain, Some(serde_json::json!(1)))
-            .unwrap_err();
+        let e =
+            PaperAdapter::restore(PaperConfig::default(), Some(serde_json::json!(1))).unwrap_err();
         assert!(matches!(e, AdapterError::Serde { .. }));
     }
 }

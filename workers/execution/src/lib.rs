@@ -14,9 +14,10 @@
 //!   snapshot, save / restore), per-account [`Routes`], and the paper venue as
 //!   the one adapter of this build.
 //! - [`worker`]: the `execution` stage: orders, cancels and market prices in,
-//!   order events and execution confirmations out; the venue state and an
-//!   outbox persisted in KV before inputs are acked, so no order is filled
-//!   twice across redeliveries and restarts.
+//!   order events and execution confirmations out; the working orders and an
+//!   outbox persisted in KV (finished orders as one small key each) before
+//!   inputs are acked, so no order is filled twice across redeliveries and
+//!   restarts.
 
 pub mod adapter;
 pub mod fsm;
@@ -26,6 +27,6 @@ pub mod worker;
 pub use adapter::{BrokerAdapter, BrokerSnapshot, PaperAdapter, Routes};
 pub use fsm::{EventKind, FsmError, FsmEvent, InvalidTransition, OrderFsm};
 pub use paper::{
-    order_fingerprint, Commission, CommissionModel, ConfigError, OrderInfo, PaperConfig,
-    PaperVenue, StateError, VenueEvent, VenueState,
+    order_fingerprint, Commission, CommissionModel, ConfigError, FinishedOrder, OrderInfo,
+    PaperConfig, PaperVenue, StateError, VenueEvent, VenueState,
 };

@@ -310,6 +310,38 @@ struct Finished {
     finished_at: DateTime<Utc>,
 }
 
+/// A finished order taken out of the venue ([`PaperVenue::drain_finished`]):
+/// what must be remembered of it, outside the venue, while a redelivery of
+/// the order or of a cancel of it is possible. The execution worker stores
+/// one per order in KV.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinishedOrder {
+    /// The order id.
+    pub order_id: String,
+    /// Account of the order.
+    pub account: String,
+    /// Terminal status.
+    pub status: OrderStatus,
+    /// Cumulative filled quantity.
+    pub filled: Decimal,
+    /// [`order_fingerprint`] of the order as received.
+    pub fingerprint: String,
+    /// When it left the venue.
+    pub finished_at: DateTime<Utc>,
+}
+
+impl FinishedOrder {
+    /// The same facts as [`PaperVenue::lookup`] gives for a known order.
+    pub fn info(&self) -> OrderInfo {
+        OrderInfo {
+            account: self.account.clone(),
+            status: self.status,
+            filled: self.filled,
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+}
+
 /// What the venue knows about one order id ([`PaperVenue::lookup`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrderInfo {
@@ -364,6 +396,16 @@ pub struct VenueState {
     finished: BTreeMap<String, Finished>,
 }
 
+/// [`VenueState`] by reference, for serializing without a copy (same JSON).
+#[derive(Serialize)]
+struct VenueStateRef<'a> {
+    orders: &'a BTreeMap<String, Working>,
+    arrival: &'a Vec<String>,
+    marks: &'a BTreeMap<String, Decimal>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    finished: &'a BTreeMap<String, Finished>,
+}
+
 /// A [`VenueState`] that cannot be restored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
@@ -385,6 +427,10 @@ pub struct PaperVenue {
     marks: BTreeMap<String, Decimal>,
     /// Compacted finished orders.
     finished: BTreeMap<String, Finished>,
+    /// No working order expires before this; `None`: none has an expiry.
+    /// (Derived, not part of the state: spares a scan of every working
+    /// order on every input.)
+    next_expiry: Option<DateTime<Utc>>,
 }
 
 impl PaperVenue {
@@ -414,6 +460,7 @@ impl PaperVenue {
             arrival: Vec::new(),
             marks: BTreeMap::new(),
             finished: BTreeMap::new(),
+            next_expiry: None,
         })
     }
 
@@ -448,6 +495,7 @@ impl PaperVenue {
         v.arrival = state.arrival;
         v.marks = state.marks;
         v.finished = state.finished;
+        v.next_expiry = v.earliest_expiry();
         Ok(v)
     }
 
@@ -459,6 +507,61 @@ impl PaperVenue {
             marks: self.marks.clone(),
             finished: self.finished.clone(),
         }
+    }
+
+    /// Append the durable state as JSON to `out`, without copying it first.
+    /// The JSON is that of [`PaperVenue::state`] (it deserializes as a
+    /// [`VenueState`]).
+    pub fn write_state(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        serde_json::to_writer(
+            out,
+            &VenueStateRef {
+                orders: &self.orders,
+                arrival: &self.arrival,
+                marks: &self.marks,
+                finished: &self.finished,
+            },
+        )
+    }
+
+    /// Take every finished order out of the venue: terminal orders still held
+    /// in full and the records [`PaperVenue::compact`] kept. The venue then
+    /// holds working orders only and no longer knows these ids; the caller
+    /// remembers them (see [`FinishedOrder`]). Returns them in arrival order,
+    /// then the compacted records. Call between inputs.
+    pub fn drain_finished(&mut self, now: DateTime<Utc>) -> Vec<FinishedOrder> {
+        let mut out = Vec::new();
+        let orders = &mut self.orders;
+        self.arrival.retain(|id| {
+            let Some(w) = orders.get(id) else {
+                return false;
+            };
+            if !w.fsm.status().is_terminal() {
+                return true;
+            }
+            if let Some(w) = orders.remove(id) {
+                out.push(FinishedOrder {
+                    order_id: w.order.order_id.clone(),
+                    account: w.order.account.clone(),
+                    status: w.fsm.status(),
+                    filled: w.fsm.filled(),
+                    fingerprint: order_fingerprint(&w.order),
+                    finished_at: now,
+                });
+            }
+            false
+        });
+        for (order_id, f) in std::mem::take(&mut self.finished) {
+            out.push(FinishedOrder {
+                order_id,
+                account: f.account,
+                status: f.status,
+                filled: f.filled,
+                fingerprint: f.fingerprint,
+                finished_at: f.finished_at,
+            });
+        }
+        out
     }
 
     /// Forget the details of finished orders, keeping a small record per id
@@ -734,6 +837,9 @@ impl PaperVenue {
             Err(_) => OrderFsm::new_unchecked(order.quantity),
         };
         let id = order.order_id.clone();
+        if let Some(x) = order.expiry {
+            self.next_expiry = Some(self.next_expiry.map_or(x, |n| n.min(x)));
+        }
         let mut w = Working {
             order,
             fsm,
@@ -750,7 +856,8 @@ impl PaperVenue {
         }
         if let Some(reason) = problem {
             w.fill_seq += 1;
-            let execution = self.confirmation(
+            let execution = Self::confirmation(
+                self.config.seed,
                 &w,
                 Decimal::ZERO,
                 Decimal::ZERO,
@@ -776,7 +883,7 @@ impl PaperVenue {
 
     #[allow(clippy::too_many_arguments)]
     fn confirmation(
-        &self,
+        seed: u64,
         w: &Working,
         qty: Decimal,
         price: Decimal,
@@ -786,7 +893,7 @@ impl PaperVenue {
         now: DateTime<Utc>,
     ) -> ExecutionConfirmation {
         let o = &w.order;
-        let seed = self.config.seed.to_string();
+        let seed = seed.to_string();
         if let Some(m) = detail.as_object_mut() {
             m.insert("venue".into(), json!("PAPER"));
             m.insert(
@@ -879,11 +986,17 @@ impl PaperVenue {
             .commission
             .charge(qty, price, w.order.multiplier);
         let mark = self.marks.get(&w.order.instrument).copied();
-        let mut w = w.clone();
+        let (seed, slippage_bps) = (self.config.seed, self.config.slippage_bps);
+        let Some(w) = self.orders.get_mut(order_id) else {
+            return out;
+        };
         let first_fill = w.fsm.filled() == Decimal::ZERO;
-        // `w` is a copy: if the machine refuses, nothing is stored.
+        // If the machine refuses, nothing changes: `step` leaves the order
+        // as it was and the notional is put back.
+        let notional = w.notional;
         w.notional += qty * price;
         let Some(event) = w.step(w.fsm.fill_event(qty), None, now) else {
+            w.notional = notional;
             return out;
         };
         w.fill_seq += 1;
@@ -895,13 +1008,12 @@ impl PaperVenue {
         let detail = json!({
             "mark": mark,
             "order_type": w.order.order_type,
-            "slippage_bps": self.config.slippage_bps,
+            "slippage_bps": slippage_bps,
             "leaves_quantity": w.fsm.remaining(),
         });
-        let execution = self.confirmation(&w, qty, price, commission, status, detail, now);
+        let execution = Self::confirmation(seed, w, qty, price, commission, status, detail, now);
         let sibling = w.oco_sibling.clone();
         let terminal = w.fsm.status().is_terminal();
-        self.orders.insert(order_id.to_string(), w);
         out.push(VenueEvent::Fill { execution, event });
 
         if first_fill {
@@ -1001,8 +1113,20 @@ impl PaperVenue {
         out
     }
 
+    /// The earliest expiry of a non-terminal order.
+    fn earliest_expiry(&self) -> Option<DateTime<Utc>> {
+        self.orders
+            .values()
+            .filter(|w| !w.fsm.status().is_terminal())
+            .filter_map(|w| w.order.expiry)
+            .min()
+    }
+
     /// Expire every working order whose expiry is at or before `now`.
     fn expire_due(&mut self, now: DateTime<Utc>) -> Vec<VenueEvent> {
+        if self.next_expiry.is_none_or(|x| x > now) {
+            return Vec::new();
+        }
         let due: Vec<String> = self
             .arrival
             .iter()
@@ -1022,6 +1146,7 @@ impl PaperVenue {
             }
             out.extend(self.spawn_children(&id, now));
         }
+        self.next_expiry = self.earliest_expiry();
         out
     }
 }
