@@ -8,7 +8,9 @@
 //!    environment or source than the subject it was published on);
 //! 2. [`parse_raw_signal`] — the same rules the gateway applies at ingress;
 //! 3. look the strategy up in the `strategies` KV bucket ([`StrategyConfig`],
-//!    key [`StrategyConfig::kv_key`]) for `expected_alpha` and `sizing_mode`;
+//!    key [`StrategyConfig::kv_key`]) for `expected_alpha` and `sizing_mode`
+//!    (a configuration read is reused for [`STRATEGY_TTL`], so a change
+//!    applies within that time; an unknown strategy is never cached);
 //! 4. [`standardize`], then publish to `signals.standardized.<env>.<strategy>`
 //!    under the dedupe protocol below.
 //!
@@ -34,9 +36,10 @@
 //! at any point. The `signals_seen` bucket holds one key per
 //! [`dedupe_key`] (`<env>.<signal_id>`) whose value is a [`SeenMarker`]:
 //!
-//! 1. read the key: `done` → [`Outcome::Duplicate`] (ack, nothing published);
-//! 2. absent → `create` it as `pending` (atomic, first writer wins; a loser
-//!    re-reads and follows the `pending` path);
+//! 1. `create` the key as `pending` (atomic, first writer wins): created →
+//!    step 3;
+//! 2. it exists: read it; `done` → [`Outcome::Duplicate`] (ack, nothing
+//!    published), `pending` → the path below;
 //! 3. publish the standardized signal with `Nats-Msg-Id` = [`dedupe_key`] and
 //!    wait for the JetStream ack;
 //! 4. `put` the key as `done`; then the consume loop acks the raw message.
@@ -58,6 +61,7 @@
 use crate::{parse_raw_signal, standardize, SignalError, StrategyInfo};
 use async_nats::jetstream::{self, consumer, kv};
 use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
 use mtx_runtime::metrics::RuntimeMetrics;
 use mtx_runtime::process::{Process, ProcessError};
 use mtx_runtime::publish::Publisher;
@@ -70,14 +74,21 @@ use mtx_schemas::Environment;
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::Subjects;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::OnceCell;
 
 /// Stage name: metric label and DLQ subject token (`dlq.standardizer`).
 pub const STAGE: &str = "standardizer";
 /// Durable consumer the stage binds (on `SIGNALS_RAW`).
 pub const DURABLE: &str = "standardizer";
+
+/// How long a strategy configuration read from the bucket is reused before it
+/// is read again: one KV round trip per strategy per second instead of one
+/// per signal.
+pub const STRATEGY_TTL: Duration = Duration::from_secs(1);
 
 /// Extra room, beyond the marker's own time, when scanning for an earlier
 /// publish: covers clock skew between workers and servers.
@@ -127,10 +138,24 @@ pub struct Standardizer {
     seen_bucket: String,
     standardized_stream: String,
     strategies: OnceCell<kv::Store>,
+    /// Strategy configurations read within [`STRATEGY_TTL`], by bucket key.
+    strategy_cache: Mutex<HashMap<String, (Instant, StrategyConfig)>>,
     seen: OnceCell<kv::Store>,
     publisher: Publisher,
     metrics: Option<RuntimeMetrics>,
     settings: Settings,
+}
+
+/// One message after [`Standardizer::prepare`].
+enum Step {
+    /// Nothing to publish (a duplicate).
+    Settled(Outcome),
+    /// Publish `out`, then mark `key` done.
+    Publish {
+        out: Outgoing,
+        key: String,
+        received_at: String,
+    },
 }
 
 /// Why one message failed.
@@ -171,6 +196,7 @@ impl Standardizer {
             seen_bucket: bucket(buckets::SIGNALS_SEEN)?,
             standardized_stream: topo.stream_name(streams::SIGNALS_STANDARDIZED),
             strategies: OnceCell::new(),
+            strategy_cache: Mutex::new(HashMap::new()),
             seen: OnceCell::new(),
             publisher: Publisher::new(process.js.clone(), Some(process.metrics.clone()), STAGE),
             metrics: Some(process.metrics.clone()),
@@ -197,8 +223,9 @@ impl Standardizer {
         .await
     }
 
-    /// Steps 1–4 of the module docs for one message.
-    async fn process(&self, msg: &Delivery) -> Result<Outcome, Fail> {
+    /// Steps 1–3 of the module docs and the dedupe decision for one message:
+    /// what to publish, or its outcome when nothing is to be published.
+    async fn prepare(&self, msg: &Delivery) -> Result<Step, Fail> {
         let value: serde_json::Value = serde_json::from_slice(&msg.payload)
             .map_err(|e| Fail::Reject("invalid_json", format!("payload: invalid JSON: {e}")))?;
         let raw: RawSignal = serde_json::from_value(value)
@@ -215,6 +242,84 @@ impl Standardizer {
         };
         let signal = standardize(parsed, &info);
         self.publish_once(msg, &raw, &signal).await
+    }
+
+    /// Publish every prepared signal of the batch in stream order (one
+    /// pipelined round trip), then mark each one `done`.
+    async fn publish_batch(
+        &self,
+        msgs: &[Delivery],
+        steps: Vec<Result<Step, Fail>>,
+    ) -> Vec<Outcome> {
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(steps.len());
+        let mut outs = Vec::new();
+        let mut sent = Vec::new();
+        for (i, step) in steps.into_iter().enumerate() {
+            match step {
+                Ok(Step::Settled(o)) => outcomes.push(Some(o)),
+                Ok(Step::Publish {
+                    out,
+                    key,
+                    received_at,
+                }) => {
+                    outcomes.push(None);
+                    sent.push((i, key, received_at));
+                    outs.push(out);
+                }
+                Err(f) => outcomes.push(Some(self.settle_failure(&msgs[i], f))),
+            }
+        }
+        if outs.is_empty() {
+            return outcomes.into_iter().flatten().collect();
+        }
+        let results = self.publisher.publish_all(outs).await;
+        let now = now_nanos();
+        let seen = self.seen.get();
+        let mut marks = Vec::new();
+        for ((i, key, received_at), r) in sent.into_iter().zip(results) {
+            let msg = &msgs[i];
+            outcomes[i] = Some(match r {
+                Err(e) => self.settle_failure(msg, Fail::Retry(e.to_string())),
+                Ok(published) => {
+                    if let (Some(m), Ok(t)) = (&self.metrics, received_at.parse::<i128>()) {
+                        let secs = now.saturating_sub(t).max(0) as f64 / 1e9;
+                        m.e2e_seconds.with_label_values(&[STAGE]).observe(secs);
+                    }
+                    if let Some(seen) = seen {
+                        marks.push(self.mark_done(msg, key, seen));
+                    }
+                    if published.duplicate {
+                        tracing::debug!(
+                            seq = msg.stream_seq,
+                            "standardized copy dropped by JetStream"
+                        );
+                        Outcome::Duplicate
+                    } else {
+                        tracing::info!(
+                            signal_id = msg.header(headers::SIGNAL_ID).unwrap_or(""),
+                            seq = published.sequence,
+                            "standardized"
+                        );
+                        Outcome::Ok(vec![])
+                    }
+                }
+            });
+        }
+        futures::future::join_all(marks).await;
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Outcome::retry(self.settings.retry_after, "not settled")))
+            .collect()
+    }
+
+    fn settle_failure(&self, msg: &Delivery, fail: Fail) -> Outcome {
+        match fail {
+            Fail::Reject(reason, detail) => Outcome::reject(reason, detail),
+            Fail::Retry(reason) => {
+                tracing::warn!(%reason, seq = msg.stream_seq, "retrying");
+                Outcome::retry(self.settings.retry_after, reason)
+            }
+        }
     }
 
     /// The envelope may not claim another environment or source than its subject.
@@ -263,6 +368,11 @@ impl Standardizer {
         if key.is_empty() {
             return Err(unknown());
         }
+        if let Some((at, config)) = self.cached_strategies().get(&key) {
+            if at.elapsed() < STRATEGY_TTL {
+                return Ok(config.clone());
+            }
+        }
         let kv = self
             .store(&self.strategies, &self.strategies_bucket)
             .await?;
@@ -271,13 +381,24 @@ impl Standardizer {
             .await
             .map_err(|e| Fail::Retry(format!("strategies kv get {key}: {e}")))?
         else {
+            self.cached_strategies().remove(&key);
             return Err(unknown());
         };
-        serde_json::from_slice(&bytes).map_err(|e| {
+        let config: StrategyConfig = serde_json::from_slice(&bytes).map_err(|e| {
             Fail::Retry(format!(
                 "strategy `{strategy}`: configuration in the strategies bucket is unreadable: {e}"
             ))
-        })
+        })?;
+        self.cached_strategies()
+            .insert(key, (Instant::now(), config.clone()));
+        Ok(config)
+    }
+
+    fn cached_strategies(&self) -> MutexGuard<'_, HashMap<String, (Instant, StrategyConfig)>> {
+        // A panic while holding the lock leaves a map of valid entries.
+        self.strategy_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn marker(state: SeenState, msg: &Delivery) -> Bytes {
@@ -295,7 +416,7 @@ impl Standardizer {
         msg: &Delivery,
         raw: &RawSignal,
         signal: &StandardizedSignal,
-    ) -> Result<Outcome, Fail> {
+    ) -> Result<Step, Fail> {
         let key = dedupe_key(signal.environment, &signal.signal_id);
         let subject = self
             .subjects
@@ -305,62 +426,54 @@ impl Standardizer {
         let kv_err = |op: &str, e: &dyn std::fmt::Display| {
             Fail::Retry(format!("signals_seen {op} {key}: {e}"))
         };
-        // At most a few turns: a lost `create` race re-reads once.
+        // The common case is a new signal: try to create the marker first
+        // (one round trip); only an existing marker is read. At most a few
+        // turns: a marker deleted between the two re-creates once.
         for _ in 0..3 {
+            match seen
+                .create(&key, Self::marker(SeenState::Pending, msg))
+                .await
+            {
+                Ok(_) => return Self::to_publish(msg, raw, signal, subject, key),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(kv_err("create", &e)),
+            }
             let entry = seen
                 .entry(key.as_str())
                 .await
                 .map_err(|e| kv_err("get", &e))?;
-            let live = entry.filter(|e| e.operation == kv::Operation::Put);
-            match live {
-                None => match seen
-                    .create(&key, Self::marker(SeenState::Pending, msg))
-                    .await
-                {
-                    Ok(_) => {
-                        return self
-                            .publish_and_mark(msg, raw, signal, &subject, &key, seen)
-                            .await
-                    }
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(kv_err("create", &e)),
-                },
-                Some(e) => {
-                    let marker: Option<SeenMarker> = serde_json::from_slice(&e.value).ok();
-                    let (state, at) = match marker {
-                        Some(m) => (m.state, m.at),
-                        // Unreadable marker: treat as pending from the start of time.
-                        None => (SeenState::Pending, 0),
-                    };
-                    if state == SeenState::Done {
-                        tracing::debug!(signal_id = %signal.signal_id, "already standardized");
-                        return Ok(Outcome::Duplicate);
-                    }
-                    let age = now_nanos().saturating_sub(at);
-                    let young =
-                        age >= 0 && age < (self.settings.duplicate_window / 2).as_nanos() as i128;
-                    if !young && self.already_published(&subject, &key, at).await? {
-                        self.mark_done(msg, &key, seen).await;
-                        return Ok(Outcome::Duplicate);
-                    }
-                    return self
-                        .publish_and_mark(msg, raw, signal, &subject, &key, seen)
-                        .await;
-                }
+            let Some(e) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+                continue;
+            };
+            let marker: Option<SeenMarker> = serde_json::from_slice(&e.value).ok();
+            let (state, at) = match marker {
+                Some(m) => (m.state, m.at),
+                // Unreadable marker: treat as pending from the start of time.
+                None => (SeenState::Pending, 0),
+            };
+            if state == SeenState::Done {
+                tracing::debug!(signal_id = %signal.signal_id, "already standardized");
+                return Ok(Step::Settled(Outcome::Duplicate));
             }
+            let age = now_nanos().saturating_sub(at);
+            let young = age >= 0 && age < (self.settings.duplicate_window / 2).as_nanos() as i128;
+            if !young && self.already_published(&subject, &key, at).await? {
+                self.mark_done(msg, &key, seen).await;
+                return Ok(Step::Settled(Outcome::Duplicate));
+            }
+            return Self::to_publish(msg, raw, signal, subject, key);
         }
         Err(Fail::Retry(format!("signals_seen {key}: kept changing")))
     }
 
-    async fn publish_and_mark(
-        &self,
+    /// The standardized message of `signal` (step 3 of the dedupe protocol).
+    fn to_publish(
         msg: &Delivery,
         raw: &RawSignal,
         signal: &StandardizedSignal,
-        subject: &str,
-        key: &str,
-        seen: &kv::Store,
-    ) -> Result<Outcome, Fail> {
+        subject: String,
+        key: String,
+    ) -> Result<Step, Fail> {
         let body = serde_json::to_vec(signal)
             .map_err(|e| Fail::Retry(format!("serialize standardized signal: {e}")))?;
         let received_at = msg
@@ -372,34 +485,19 @@ impl Standardizer {
                     .unwrap_or_default()
                     .to_string()
             });
-        let out = Outgoing::new(subject, key, body)
+        let out = Outgoing::new(subject, &key, body)
             .header(headers::SIGNAL_ID, &signal.signal_id)
             .header(headers::RECEIVED_AT, &received_at);
-        let published = self
-            .publisher
-            .publish(out)
-            .await
-            .map_err(|e| Fail::Retry(e.to_string()))?;
-        if let (Some(m), Ok(t)) = (&self.metrics, received_at.parse::<i128>()) {
-            let secs = now_nanos().saturating_sub(t).max(0) as f64 / 1e9;
-            m.e2e_seconds.with_label_values(&[STAGE]).observe(secs);
-        }
-        self.mark_done(msg, key, seen).await;
-        if published.duplicate {
-            tracing::debug!(signal_id = %signal.signal_id, "standardized copy dropped by JetStream");
-            return Ok(Outcome::Duplicate);
-        }
-        tracing::info!(
-            signal_id = %signal.signal_id,
-            strategy = %signal.strategy_id,
-            seq = published.sequence,
-            "standardized"
-        );
-        Ok(Outcome::Ok(vec![]))
+        Ok(Step::Publish {
+            out,
+            key,
+            received_at,
+        })
     }
 
     /// Best effort: a missing `done` only costs a later re-send a scan.
-    async fn mark_done(&self, msg: &Delivery, key: &str, seen: &kv::Store) {
+    async fn mark_done(&self, msg: &Delivery, key: impl AsRef<str>, seen: &kv::Store) {
+        let key = key.as_ref();
         if let Err(e) = seen.put(key, Self::marker(SeenState::Done, msg)).await {
             tracing::warn!(error = %e, key, "could not mark signal done; a re-send will scan");
         }
@@ -475,14 +573,33 @@ impl Standardizer {
 
 impl Handler for Standardizer {
     async fn handle(&self, msg: &Delivery) -> Outcome {
-        match self.process(msg).await {
-            Ok(outcome) => outcome,
-            Err(Fail::Reject(reason, detail)) => Outcome::reject(reason, detail),
-            Err(Fail::Retry(reason)) => {
-                tracing::warn!(%reason, seq = msg.stream_seq, "retrying");
-                Outcome::retry(self.settings.retry_after, reason)
-            }
-        }
+        let step = self.prepare(msg).await;
+        let mut out = self
+            .publish_batch(std::slice::from_ref(msg), vec![step])
+            .await;
+        out.pop()
+            .unwrap_or_else(|| Outcome::retry(self.settings.retry_after, "not settled"))
+    }
+
+    /// Prepare up to `concurrency` messages at once (parse, strategy, dedupe
+    /// marker), then publish the batch's standardized signals in stream
+    /// order in one pipelined round trip: an entry and its exit in one batch
+    /// leave in the order they arrived.
+    async fn handle_batch(&self, msgs: &[Delivery], concurrency: usize) -> Vec<Outcome> {
+        let steps: Vec<Result<Step, Fail>> = futures::stream::iter(0..msgs.len())
+            .map(|i| async move {
+                match AssertUnwindSafe(self.prepare(&msgs[i]))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(step) => step,
+                    Err(_) => Err(Fail::Retry("handler panicked".into())),
+                }
+            })
+            .buffered(concurrency.max(1))
+            .collect()
+            .await;
+        self.publish_batch(msgs, steps).await
     }
 }
 
