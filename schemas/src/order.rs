@@ -332,6 +332,15 @@ pub struct AccountState {
     /// value is at or below `−risk_limits.max_daily_loss`.
     #[serde(default)]
     pub strategy_pnl_today: BTreeMap<String, Decimal>,
+    /// The highest `EXECUTIONS` stream sequence the accounts stage had
+    /// processed when it took this snapshot: every execution at or below it
+    /// (of any account) is booked in the state, or was refused. Cerebro
+    /// releases a filled order's margin reservation as soon as this passes
+    /// the order's last execution — proof that `margin_used` now holds it.
+    /// Absent before the first execution, and from producers that do not
+    /// track it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executions_seq: Option<u64>,
 }
 
 #[cfg(test)]
@@ -466,6 +475,7 @@ mod tests {
             open_orders: vec![],
             deployed_capital: [("s".to_string(), d("375"))].into_iter().collect(),
             strategy_pnl_today: [("s".to_string(), d("9"))].into_iter().collect(),
+            executions_seq: None,
         };
         let v = serde_json::to_value(&s).unwrap();
         for k in [

@@ -83,6 +83,8 @@ pub struct Book {
     ledger: Ledger,
     marks: BTreeMap<String, Marks>,
     accounts: BTreeSet<String>,
+    /// Highest `EXECUTIONS` stream sequence processed ([`Book::processed_execution`]).
+    executions_seq: Option<u64>,
 }
 
 impl Book {
@@ -93,6 +95,18 @@ impl Book {
             ledger: Ledger::new(config),
             marks: BTreeMap::new(),
             accounts,
+            executions_seq: None,
+        }
+    }
+
+    /// Record that the execution at stream sequence `seq` was processed
+    /// (booked, a duplicate, or refused). Executions are processed in stream
+    /// order and never retried one by one (a failed batch rebuilds the
+    /// book), so every execution at or below the highest such sequence is
+    /// in the book: snapshots carry it as [`AccountState::executions_seq`].
+    pub fn processed_execution(&mut self, seq: u64) {
+        if seq > 0 && self.executions_seq.is_none_or(|s| seq > s) {
+            self.executions_seq = Some(seq);
         }
     }
 
@@ -210,7 +224,9 @@ impl Book {
 
     /// The account's state at `now`.
     pub fn snapshot(&self, account: &str, now: DateTime<Utc>) -> AccountState {
-        self.ledger.snapshot(account, now)
+        let mut state = self.ledger.snapshot(account, now);
+        state.executions_seq = self.executions_seq;
+        state
     }
 }
 
@@ -250,6 +266,21 @@ mod tests {
             broker_response: serde_json::Value::Null,
             timestamp: t(at),
         })
+    }
+
+    #[test]
+    fn snapshots_carry_the_highest_execution_sequence_processed() {
+        let mut b = Book::new(LedgerConfig::default());
+        assert_eq!(b.snapshot("A", t(0)).executions_seq, None);
+        b.apply(&fill("x1", SignalAction::Entry, dec!(10), dec!(100), 1))
+            .unwrap();
+        b.processed_execution(7);
+        assert_eq!(b.snapshot("A", t(1)).executions_seq, Some(7));
+        // A redelivered (lower) sequence never moves it back.
+        b.processed_execution(3);
+        assert_eq!(b.snapshot("A", t(2)).executions_seq, Some(7));
+        b.processed_execution(9);
+        assert_eq!(b.snapshot("B", t(2)).executions_seq, Some(9));
     }
 
     fn price(px: Decimal, at: i64) -> Input {

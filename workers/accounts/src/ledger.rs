@@ -635,6 +635,7 @@ impl Ledger {
             open_orders: self.open_orders.for_account(account),
             deployed_capital,
             strategy_pnl_today,
+            executions_seq: None,
         }
     }
 }

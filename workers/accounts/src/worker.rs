@@ -288,7 +288,7 @@ async fn read_stream(
     stream: &str,
     filter: &str,
     deliver_policy: consumer::DeliverPolicy,
-    mut f: impl FnMut(&str, &[u8]),
+    mut f: impl FnMut(&str, &[u8], u64),
 ) -> Result<u64, String> {
     let st = js
         .get_stream(stream)
@@ -326,11 +326,11 @@ async fn read_stream(
             let m = m.map_err(|e| format!("replay on {stream}: {e}"))?;
             got += 1;
             read += 1;
-            f(m.subject.as_str(), &m.payload);
             let (pending, seq) = m
                 .info()
                 .map(|i| (i.pending, i.stream_sequence))
                 .unwrap_or((remaining.saturating_sub(1), 0));
+            f(m.subject.as_str(), &m.payload, seq);
             if pending == 0 || seq >= last {
                 break 'read;
             }
@@ -395,9 +395,12 @@ pub async fn rebuild(
             &topology.stream_name(stream),
             &subjects.raw_subject(filter),
             policy,
-            |subject, payload| {
+            |subject, payload, seq| {
                 let applied = decode(&subjects, source, subject, payload)
                     .and_then(|input| book.apply(&input).map_err(|e| refusal(&e)));
+                if source == Source::Executions {
+                    book.processed_execution(seq);
+                }
                 if let Err((reason, detail)) = applied {
                     refused += 1;
                     tracing::debug!(source = source.label(), reason, %detail, "replay skipped a refused message");
@@ -828,6 +831,10 @@ impl Accounts {
         for d in msgs {
             let result = decode(&self.subjects, source, &d.subject, &d.payload)
                 .and_then(|input| live.book.apply(&input).map_err(|e| refusal(&e)));
+            if source == Source::Executions {
+                // Booked, a duplicate or refused (dead-lettered): processed.
+                live.book.processed_execution(d.stream_seq);
+            }
             match result {
                 Ok(effect) if effect.duplicate => {
                     duplicate += 1;

@@ -131,6 +131,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         open_orders: vec![],
         deployed_capital: deployed,
         strategy_pnl_today: BTreeMap::new(),
+        executions_seq: None,
     };
     let inputs = Inputs {
         strategies,

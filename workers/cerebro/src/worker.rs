@@ -105,9 +105,14 @@
 //!   cancelled, expired with nothing filled) is *settled* at once: nothing
 //!   will be booked;
 //! - an order not in `open_orders` is *settled* (filled and booked, or
-//!   ended) when it was seen working before, or when its terminal event is
-//!   known and the state is at least `booking_grace` (1 s) newer than that
-//!   event, or — no event seen, e.g. it ended before this replica started —
+//!   ended) when it was seen working before, or — exact — when its terminal
+//!   event is known, the replica's `EXECUTIONS` feed has seen executions for
+//!   all of its filled quantity and the state's `executions_seq` is at or
+//!   past the last of them (the state's `margin_used` holds the fill), or —
+//!   time evidence, for states without `executions_seq` or fills this
+//!   replica did not see — when its terminal event is known and the state
+//!   is at least `booking_grace` (1 s) newer than that event, or — no event
+//!   seen, e.g. it ended before this replica started —
 //!   when the state is at least `unbooked_grace` (30 s) newer than the
 //!   reservation (its `publish_interval_secs` heartbeat keeps states
 //!   coming);
@@ -121,14 +126,13 @@
 //! (4,000) unbooked entries, or exceed [`MAX_BOOK_BYTES`], is rejected with
 //! [`crate::Reason::ReservationBacklog`] (limit and actual count) — the
 //! accounts stage is not confirming fills, so margin cannot be checked.
-//! Each single-leg entry is about 210 bytes of JSON. Known limits: the
-//! accounts stage consumes order events and executions on separate
-//! consumers, and its state says nothing about which executions it has
-//! booked, so a filled order is released on time evidence (`booking_grace`
-//! after its fill, or seen working and then gone) rather than on proof of
-//! booking; and the book is written whole on every approval, so its cost
-//! grows with the orders in flight (rate × time to release, about
-//! `booking_grace` plus one state).
+//! Each single-leg entry is about 210 bytes of JSON. A filled order is
+//! released by the first account state that books its last execution
+//! (typically one `accounts.publish_coalesce_ms` window after the fill), so
+//! the book holds only orders in flight and fills not yet booked, and a fill
+//! is never counted both in the book and in `margin_used` for longer than
+//! the state takes to arrive. Known limit: the book is written whole on
+//! every approval, so its cost grows with the orders in flight.
 //!
 //! # Entries and exits across replicas
 //!
@@ -577,6 +581,17 @@ pub struct EndedOrder {
     pub status: OrderStatus,
 }
 
+/// What Cerebro's `EXECUTIONS` feed saw of one order's fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillProgress {
+    /// Quantity of every execution seen.
+    pub quantity: Decimal,
+    /// Stream sequence of the last one.
+    pub last_seq: u64,
+    /// Its timestamp (old entries are forgotten like order ends).
+    pub at: DateTime<Utc>,
+}
+
 /// When held legs count as settled (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SettleRules {
@@ -608,6 +623,8 @@ pub struct Evidence<'a> {
     pub ended: &'a HashMap<String, EndedOrder>,
     /// Now.
     pub now: DateTime<Utc>,
+    /// Fills seen on `EXECUTIONS`, by order id (none: time rules only).
+    pub fills: Option<&'a HashMap<String, FillProgress>>,
     /// The state's working orders: order id → remaining quantity.
     working: HashMap<&'a str, Decimal>,
 }
@@ -627,8 +644,29 @@ impl<'a> Evidence<'a> {
             state,
             ended,
             now,
+            fills: None,
             working,
         }
+    }
+
+    /// With the fills seen on `EXECUTIONS`: a filled order is then settled
+    /// as soon as a state's `executions_seq` covers its last execution.
+    pub fn with_fills(mut self, fills: &'a HashMap<String, FillProgress>) -> Self {
+        self.fills = Some(fills);
+        self
+    }
+
+    /// The state provably books all of `order_id`'s `filled` quantity: the
+    /// feed saw executions for all of it, and the state's `executions_seq`
+    /// is at or past the last one.
+    fn booked(&self, order_id: &str, filled: Decimal) -> bool {
+        let (Some(fills), Some(seq)) = (self.fills, self.state.and_then(|s| s.executions_seq))
+        else {
+            return false;
+        };
+        fills
+            .get(order_id)
+            .is_some_and(|f| f.quantity >= filled && seq >= f.last_seq)
     }
 
     /// Remaining quantity of `order_id` if the state lists it working.
@@ -676,6 +714,7 @@ fn progress(
         return LegProgress::Working(remaining.max(Decimal::ZERO).min(leg.quantity));
     }
     let booked = leg.seen
+        || ended.is_some_and(|e| ev.booked(&leg.order_id, e.filled))
         || ended.is_some_and(|e| at_least(state.timestamp, e.at, rules.booking_grace))
         || at_least(state.timestamp, created_at, rules.unbooked_grace);
     if booked {
@@ -792,12 +831,26 @@ const ENDED_PRUNE_MIN: usize = 4096;
 /// Forget order ends that can no longer settle anything: a leg is settled
 /// by the fallback rule `unbooked_grace` after its reservation anyway.
 fn forget_ended(ended: &mut HashMap<String, EndedOrder>, settings: &Settings, now: DateTime<Utc>) {
-    let keep = settings
+    let keep = forget_after(settings);
+    ended.retain(|_, e| after(e.at, keep).is_none_or(|t| t > now));
+}
+
+/// Fills are forgotten with the order ends they prove booked.
+fn forget_fills(
+    fills: &mut HashMap<String, FillProgress>,
+    settings: &Settings,
+    now: DateTime<Utc>,
+) {
+    let keep = forget_after(settings);
+    fills.retain(|_, f| after(f.at, keep).is_none_or(|t| t > now));
+}
+
+fn forget_after(settings: &Settings) -> chrono::Duration {
+    settings
         .unbooked_grace
         .checked_add(&settings.unbooked_grace)
         .unwrap_or(chrono::Duration::MAX)
-        .max(chrono::Duration::minutes(1));
-    ended.retain(|_, e| after(e.at, keep).is_none_or(|t| t > now));
+        .max(chrono::Duration::minutes(1))
 }
 
 // ----- live inputs ----------------------------------------------------------
@@ -987,6 +1040,8 @@ pub struct Cerebro {
     live: RwLock<Live>,
     marks: RwLock<BTreeMap<String, Mark>>,
     ended: RwLock<HashMap<String, EndedOrder>>,
+    /// Fills seen on `EXECUTIONS` (pruned with `ended`).
+    fills: RwLock<HashMap<String, FillProgress>>,
     /// Size of `ended` at which old ends are forgotten next.
     ended_prune_at: AtomicUsize,
     backtests: RwLock<BacktestState>,
@@ -1105,6 +1160,7 @@ impl Cerebro {
             live: RwLock::new(Live::default()),
             marks: RwLock::new(BTreeMap::new()),
             ended: RwLock::new(HashMap::new()),
+            fills: RwLock::new(HashMap::new()),
             ended_prune_at: AtomicUsize::new(ENDED_PRUNE_MIN),
             backtests: RwLock::new(BacktestState::default()),
             settings,
@@ -1169,6 +1225,21 @@ impl Cerebro {
                 shutdown.clone(),
                 ready,
                 move |m| c.on_order_event(m),
+            ));
+            let (ready, _) = tokio::sync::watch::channel(false);
+            let feed = Feed {
+                stream: topology.stream_name(streams::EXECUTIONS),
+                filter: me.subjects.raw_subject("executions.*"),
+                deliver: consumer::DeliverPolicy::New,
+                what: "executions",
+            };
+            let c = Arc::clone(&me);
+            tokio::spawn(run_feed(
+                js.clone(),
+                feed,
+                shutdown.clone(),
+                ready,
+                move |m| c.on_execution(m),
             ));
         }
         if let Some(source) = me.settings.backtests.clone() {
@@ -1329,9 +1400,41 @@ impl Cerebro {
         let prune_at = self.ended_prune_at.load(Ordering::Relaxed);
         if ended.len() >= prune_at {
             forget_ended(&mut ended, &self.settings, Utc::now());
+            let mut fills = self.fills.write().unwrap_or_else(|p| p.into_inner());
+            forget_fills(&mut fills, &self.settings, Utc::now());
             // Amortized: the next prune once the map has doubled.
             self.ended_prune_at
                 .store((ended.len() * 2).max(ENDED_PRUNE_MIN), Ordering::Relaxed);
+        }
+    }
+
+    /// An execution: how much of its order is filled, up to which stream
+    /// sequence (the proof a state books it, see [`Evidence::with_fills`]).
+    fn on_execution(&self, m: &jetstream::Message) {
+        let Ok(AccountsInput::Execution(x)) = decode_accounts_input(
+            &self.subjects,
+            AccountsSource::Executions,
+            &m.subject,
+            &m.payload,
+        ) else {
+            return;
+        };
+        let Ok(info) = m.info() else {
+            return;
+        };
+        let seq = info.stream_sequence;
+        let mut fills = self.fills.write().unwrap_or_else(|p| p.into_inner());
+        let f = fills.entry(x.order_id).or_insert(FillProgress {
+            quantity: Decimal::ZERO,
+            last_seq: 0,
+            at: x.timestamp,
+        });
+        // An ordered feed delivers each message once, in order; a re-opened
+        // one resumes after the last sequence, so nothing is counted twice.
+        if seq > f.last_seq {
+            f.quantity += x.quantity;
+            f.last_seq = seq;
+            f.at = f.at.max(x.timestamp);
         }
     }
 
@@ -1428,6 +1531,8 @@ impl Cerebro {
             let before = ended.len();
             forget_ended(&mut ended, &self.settings, now);
             report.ended_forgotten = before - ended.len();
+            let mut fills = self.fills.write().unwrap_or_else(|p| p.into_inner());
+            forget_fills(&mut fills, &self.settings, now);
         }
         let store = &self.stores.state;
         let entries = scan_kv(&self.js, store, "entries.>", false).await?;
@@ -1725,7 +1830,8 @@ impl Cerebro {
         let state = self.state_of(account);
         let changed = {
             let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
-            let ev = Evidence::new(state.as_deref(), &ended, Utc::now());
+            let fills = self.fills.read().unwrap_or_else(|p| p.into_inner());
+            let ev = Evidence::new(state.as_deref(), &ended, Utc::now()).with_fills(&fills);
             copy.book.reconcile(&ev, &SettleRules::of(&self.settings))
         };
         copy.dirty |= changed;
@@ -1988,7 +2094,8 @@ impl Cerebro {
             // earlier entries aside.
             let (changed, mut totals, mut own) = {
                 let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
-                let ev = Evidence::new(state.as_deref(), &ended, now);
+                let fills = self.fills.read().unwrap_or_else(|p| p.into_inner());
+                let ev = Evidence::new(state.as_deref(), &ended, now).with_fills(&fills);
                 let changed = copy.book.reconcile(&ev, &rules);
                 let totals = copy.book.reserved(&ev, &rules, None);
                 let own: HashMap<String, (String, Reservation)> = jobs
@@ -2182,7 +2289,8 @@ impl Cerebro {
             let mut inputs = self.base_inputs(now, now_list.iter().map(|l| &l.job.signal));
             let records: Vec<Option<EntryRecord>> = {
                 let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
-                let ev = Evidence::new(state.as_deref(), &ended, now);
+                let fills = self.fills.read().unwrap_or_else(|p| p.into_inner());
+                let ev = Evidence::new(state.as_deref(), &ended, now).with_fills(&fills);
                 copy.dirty |= copy.book.reconcile(&ev, &rules);
                 if let Some(st) = &state {
                     let mut a = Self::account_inputs(st, now);
@@ -2597,6 +2705,7 @@ mod tests {
                 .collect(),
             deployed_capital: BTreeMap::new(),
             strategy_pnl_today: BTreeMap::new(),
+            executions_seq: None,
         }
     }
 
@@ -2654,6 +2763,52 @@ mod tests {
         );
         assert!(reconcile(&mut b, Some(&state(7, &[])), &ended, 9));
         assert!(b.held.is_empty());
+    }
+
+    #[test]
+    fn a_fill_releases_as_soon_as_a_state_books_its_last_execution() {
+        let mut b = book(&["a"]);
+        let rules = rules();
+        let ended = HashMap::from([(
+            "ord_a".to_string(),
+            EndedOrder {
+                filled: dec!(10),
+                at: t(5),
+                status: OrderStatus::Filled,
+            },
+        )]);
+        // Two partial fills, at stream sequences 40 and 42.
+        let part = |q: Decimal, seq: u64| {
+            HashMap::from([(
+                "ord_a".to_string(),
+                FillProgress {
+                    quantity: q,
+                    last_seq: seq,
+                    at: t(5),
+                },
+            )])
+        };
+        let at_seq = |ts: i64, seq: Option<u64>| {
+            let mut st = state(ts, &[]);
+            st.executions_seq = seq;
+            st
+        };
+        let settles = |b: &mut ReservationBook, st: &AccountState, fills: &HashMap<_, _>| {
+            let ev = Evidence::new(Some(st), &ended, t(6)).with_fills(fills);
+            b.reconcile(&ev, &rules);
+            b.held.is_empty()
+        };
+        // Within the booking grace (state at 5 s, fill at 5 s): only proof releases.
+        let one = part(dec!(4), 40);
+        let both = part(dec!(10), 42);
+        // The state has not processed the last execution yet: held.
+        assert!(!settles(&mut b, &at_seq(5, Some(41)), &both));
+        // Not all of the filled quantity seen on the feed yet: held.
+        assert!(!settles(&mut b, &at_seq(5, Some(99)), &one));
+        // A producer without the watermark: time rules only, held.
+        assert!(!settles(&mut b, &at_seq(5, None), &both));
+        // The state books the last execution: released at once.
+        assert!(settles(&mut b, &at_seq(5, Some(42)), &both));
     }
 
     #[test]

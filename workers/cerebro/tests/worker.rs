@@ -18,12 +18,14 @@ use mtx_runtime::process::Process;
 use mtx_schemas::ids::{derive_id, order_id};
 use mtx_schemas::market::MarketPrice;
 use mtx_schemas::order::{
-    account_state_key, AccountState, OpenOrder, OpenPosition, Order, OrderEvent,
+    account_state_key, AccountState, ExecutionConfirmation, OpenOrder, OpenPosition, Order,
+    OrderEvent,
 };
 use mtx_schemas::signal::StandardizedSignal;
 use mtx_schemas::strategy::StrategyConfig;
 use mtx_schemas::{
-    Decision, Direction, OrderStatus, OrderType, Side, SignalAction, SignalType, SizingMode,
+    Decision, Direction, ExecutionStatus, InstrumentType, OrderStatus, OrderType, Side,
+    SignalAction, SignalType, SizingMode,
 };
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::{Subjects, Topology};
@@ -194,6 +196,39 @@ impl Env {
             .unwrap()
             .await
             .unwrap();
+    }
+
+    /// The venue's execution report of a whole AAPL entry fill at 150; its
+    /// `EXECUTIONS` stream sequence.
+    async fn publish_execution(&self, order_id: &str, quantity: Decimal) -> u64 {
+        let x = ExecutionConfirmation {
+            execution_id: format!("exe_{order_id}"),
+            order_id: order_id.into(),
+            account: ACCOUNT.into(),
+            strategy_id: SPX.into(),
+            instrument: "AAPL".into(),
+            instrument_type: InstrumentType::Stock,
+            direction: Direction::Long,
+            action: SignalAction::Entry,
+            side: Side::Buy,
+            quantity,
+            price: d("150"),
+            commission: d("0.255"),
+            multiplier: Decimal::ONE,
+            status: ExecutionStatus::Filled,
+            broker_response: serde_json::Value::Null,
+            timestamp: Utc::now(),
+        };
+        self.js
+            .publish(
+                self.subjects.executions(ACCOUNT).unwrap(),
+                serde_json::to_vec(&x).unwrap().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .sequence
     }
 
     async fn publish(&self, s: &StandardizedSignal) {
@@ -631,6 +666,33 @@ async fn an_exit_goes_out_once_the_fill_event_and_the_position_are_known() {
     // (its booking is not proven yet).
     let book = c.reservation_book(ACCOUNT).await.unwrap();
     assert!(book.held.contains_key(&entry.signal_id));
+
+    // The execution report (sequence `seq` on EXECUTIONS): a state that has
+    // not processed it keeps the reservation; the first state that has
+    // releases it at once, long before any grace.
+    let seq = env.publish_execution(&oid, d("17")).await;
+    let mut before = holding_aapl("1000000");
+    before.executions_seq = Some(seq - 1);
+    env.put_state(&before).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let book = c.reservation_book(ACCOUNT).await.unwrap();
+    assert!(book.held.contains_key(&entry.signal_id), "not booked yet");
+    let mut booked = holding_aapl("1000000");
+    booked.executions_seq = Some(seq);
+    env.put_state(&booked).await;
+    let mut released = false;
+    for _ in 0..100 {
+        let book = c.reservation_book(ACCOUNT).await.unwrap();
+        if !book.held.contains_key(&entry.signal_id) {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        released,
+        "a state booking the last execution releases the entry"
+    );
     env.shutdown.cancel();
 }
 

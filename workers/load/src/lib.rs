@@ -18,7 +18,7 @@
 //!
 //! The mix: per strategy, a stream of ENTRY signals (a share of them pairs
 //! with two legs) and, after each entry, with probability `exit_ratio`, an
-//! EXIT of that entry a few signals later. Every `bad_every`-th signal is a
+//! EXIT of that entry `exit_gap` (+ 0–7) signals later. Every `bad_every`-th signal is a
 //! deliberately malformed body (no legs) the standardizer must dead-letter.
 
 pub mod measure;
@@ -65,6 +65,11 @@ pub struct LoadSpec {
     pub pairs_ratio: f64,
     /// Share of entries followed by an exit, `0.0..=1.0`.
     pub exit_ratio: f64,
+    /// An exit comes at least this many signals after its entry (plus 0–7
+    /// more): at a fixed rate, the time a position stays open. A real exit
+    /// closes a position that exists; one sent right behind its entry waits
+    /// for the entry's fill in Cerebro (a deferral, not processing latency).
+    pub exit_gap: usize,
     /// Every n-th signal is malformed (`None`: none).
     pub bad_every: Option<usize>,
     /// Sender account equity written into every signal.
@@ -83,6 +88,7 @@ impl LoadSpec {
             id_prefix: id_prefix.into(),
             pairs_ratio: 0.2,
             exit_ratio: 0.5,
+            exit_gap: 2,
             bad_every: None,
             sender_equity: 1_000_000,
             seed: 7,
@@ -220,7 +226,7 @@ pub fn generate(spec: &LoadSpec, subjects: &Subjects) -> Result<Vec<LoadSignal>,
                     }
                 }
                 if mix.unit() < spec.exit_ratio {
-                    let due = i + 2 + mix.below(8);
+                    let due = i + spec.exit_gap.max(1) + mix.below(8);
                     exits.push((due, sender_id.clone(), strategy.clone(), legs.clone()));
                 }
                 let n = legs.len();

@@ -111,6 +111,12 @@ pub struct PipelineArgs {
     /// Share of entries followed by an exit.
     #[arg(long, default_value_t = 0.5)]
     pub exit_ratio: f64,
+    /// An exit is published at least this many signals after its entry (1 s
+    /// at `--rate 1000`), so it closes a filled position as a real exit does.
+    /// Small gaps measure exits racing their entry's fill: Cerebro defers them
+    /// (`cerebro.defer_retry_ms`) until the fill is booked.
+    #[arg(long, default_value_t = 1000)]
+    pub exit_gap: usize,
     /// Seed of the signal mix.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -187,6 +193,8 @@ pub struct Settings {
     pub pairs_ratio: f64,
     /// Exit share.
     pub exit_ratio: f64,
+    /// Minimum signals between an entry and its exit.
+    pub exit_gap: usize,
     /// Seed.
     pub seed: u64,
     /// Topology prefix.
@@ -486,6 +494,7 @@ impl Bench {
         spec.environment = self.cfg.environment;
         spec.pairs_ratio = self.args.pairs_ratio;
         spec.exit_ratio = self.args.exit_ratio;
+        spec.exit_gap = self.args.exit_gap;
         spec.seed = self.args.seed;
         // Sized like the sender: one strategy's allocation over ten, so the
         // pipeline orders ~10x the sender's quantities (small, never zero).
@@ -1475,6 +1484,7 @@ fn settings(b: &Bench) -> Settings {
         accounts: b.args.accounts,
         pairs_ratio: b.args.pairs_ratio,
         exit_ratio: b.args.exit_ratio,
+        exit_gap: b.args.exit_gap,
         seed: b.args.seed,
         prefix: b.cfg.topology.prefix.clone(),
         nats_url: b.cfg.nats.url.clone(),
@@ -1596,12 +1606,13 @@ fn others_share(u: &UsageDelta) -> Option<f64> {
 fn print_table(r: &Report) {
     let s = &r.settings;
     println!(
-        "mtx bench pipeline: {} signals ({} strategies, {} accounts, {:.0}% pairs, {:.0}% exits), {}, {}, {} ({} storage, batch {}, concurrency {})",
+        "mtx bench pipeline: {} signals ({} strategies, {} accounts, {:.0}% pairs, {:.0}% exits {}+ signals after their entry), {}, {}, {} ({} storage, batch {}, concurrency {})",
         s.signals,
         s.strategies,
         s.accounts,
         s.pairs_ratio * 100.0,
         s.exit_ratio * 100.0,
+        s.exit_gap,
         s.rate
             .map(|x| format!("{x} signals/s"))
             .unwrap_or_else(|| "flat out".into()),

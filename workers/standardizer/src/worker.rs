@@ -42,7 +42,8 @@
 //!    published), `pending` → the path below;
 //! 3. publish the standardized signal with `Nats-Msg-Id` = [`dedupe_key`] and
 //!    wait for the JetStream ack;
-//! 4. `put` the key as `done`; then the consume loop acks the raw message.
+//! 4. `put` the key as `done` (in the background: the consume loop acks the
+//!    raw message without waiting for it).
 //!
 //! A `pending` key means "a publish may have happened after `at`". If `at` is
 //! younger than half the stream's duplicate window, publishing again is safe:
@@ -53,8 +54,9 @@
 //! Crash points: before 2 or between 2 and 3 → nothing was published, the
 //! redelivery publishes (pending path); between 3 and 4 → the redelivery finds
 //! `pending` and republishes into the duplicate window or finds the message by
-//! scanning; after 4 → `done`, duplicate. No point loses the signal or
-//! publishes it twice. The message id carries the environment because staging
+//! scanning (also when the raw message was acked but the background `done`
+//! write was lost: a later re-send takes the same path); after 4 → `done`,
+//! duplicate. No point loses the signal or publishes it twice. The message id carries the environment because staging
 //! and production may share one NATS: the same sender id sent to both must not
 //! be deduplicated across them.
 
@@ -285,9 +287,7 @@ impl Standardizer {
                         let secs = now.saturating_sub(t).max(0) as f64 / 1e9;
                         m.e2e_seconds.with_label_values(&[STAGE]).observe(secs);
                     }
-                    if let Some(seen) = seen {
-                        marks.push(self.mark_done(msg, key, seen));
-                    }
+                    marks.push((key, Self::marker(SeenState::Done, msg)));
                     if published.duplicate {
                         tracing::debug!(
                             seq = msg.stream_seq,
@@ -305,7 +305,22 @@ impl Standardizer {
                 }
             });
         }
-        futures::future::join_all(marks).await;
+        // `done` markers are written off the batch's path: a marker still
+        // `pending` is already safe (module docs), so the raw messages are
+        // acked and the next batch starts without waiting for these writes.
+        if let Some(seen) = seen.cloned() {
+            tokio::spawn(async move {
+                let puts = marks.into_iter().map(|(key, marker)| {
+                    let seen = &seen;
+                    async move {
+                        if let Err(e) = seen.put(&key, marker).await {
+                            tracing::warn!(error = %e, key, "could not mark signal done; a re-send will scan");
+                        }
+                    }
+                });
+                futures::future::join_all(puts).await;
+            });
+        }
         outcomes
             .into_iter()
             .map(|o| o.unwrap_or_else(|| Outcome::retry(self.settings.retry_after, "not settled")))
@@ -572,6 +587,12 @@ impl Standardizer {
 }
 
 impl Handler for Standardizer {
+    /// Batches are independent (the dedupe marker is created atomically per
+    /// signal), so the next batch is prepared while this one publishes.
+    fn batches_in_flight(&self) -> usize {
+        2
+    }
+
     async fn handle(&self, msg: &Delivery) -> Outcome {
         let step = self.prepare(msg).await;
         let mut out = self

@@ -112,6 +112,7 @@ pub fn account_state(equity: Decimal) -> AccountState {
         open_orders: vec![],
         deployed_capital: BTreeMap::new(),
         strategy_pnl_today: BTreeMap::new(),
+        executions_seq: None,
     }
 }
 
