@@ -1187,22 +1187,34 @@ impl Cerebro {
             me.load(src, &store).await?;
             tokio::spawn(Arc::clone(&me).watch(src, store, watch, shutdown.clone()));
         }
-        if me.settings.marks {
-            let (ready, mut loaded) = tokio::sync::watch::channel(false);
-            let feed = Feed {
-                stream: topology.stream_name(streams::MARKET),
-                filter: me.subjects.raw_subject("market.prices.>"),
-                deliver: consumer::DeliverPolicy::LastPerSubject,
-                what: "marks",
+        // One ordered feed per replica: `on` sees every message from `deliver`.
+        let spawn_feed =
+            |stream: &str, filter: &str, deliver, what, on: fn(&Cerebro, &jetstream::Message)| {
+                let (ready, loaded) = tokio::sync::watch::channel(false);
+                let feed = Feed {
+                    stream: topology.stream_name(stream),
+                    filter: me.subjects.raw_subject(filter),
+                    deliver,
+                    what,
+                };
+                let c = Arc::clone(&me);
+                tokio::spawn(run_feed(
+                    js.clone(),
+                    feed,
+                    shutdown.clone(),
+                    ready,
+                    move |m| on(&c, m),
+                ));
+                loaded
             };
-            let c = Arc::clone(&me);
-            tokio::spawn(run_feed(
-                js.clone(),
-                feed,
-                shutdown.clone(),
-                ready,
-                move |m| c.on_mark(m),
-            ));
+        if me.settings.marks {
+            let mut loaded = spawn_feed(
+                streams::MARKET,
+                "market.prices.>",
+                consumer::DeliverPolicy::LastPerSubject,
+                "marks",
+                Cerebro::on_mark,
+            );
             let wait = me.settings.marks_initial_wait;
             if tokio::time::timeout(wait, loaded.wait_for(|r| *r))
                 .await
@@ -1212,36 +1224,20 @@ impl Cerebro {
             }
         }
         if me.settings.order_events {
-            let (ready, _) = tokio::sync::watch::channel(false);
-            let feed = Feed {
-                stream: topology.stream_name(streams::ORDER_EVENTS),
-                filter: me.subjects.raw_subject("orders.*.events"),
-                deliver: consumer::DeliverPolicy::New,
-                what: "order events",
-            };
-            let c = Arc::clone(&me);
-            tokio::spawn(run_feed(
-                js.clone(),
-                feed,
-                shutdown.clone(),
-                ready,
-                move |m| c.on_order_event(m),
-            ));
-            let (ready, _) = tokio::sync::watch::channel(false);
-            let feed = Feed {
-                stream: topology.stream_name(streams::EXECUTIONS),
-                filter: me.subjects.raw_subject("executions.*"),
-                deliver: consumer::DeliverPolicy::New,
-                what: "executions",
-            };
-            let c = Arc::clone(&me);
-            tokio::spawn(run_feed(
-                js.clone(),
-                feed,
-                shutdown.clone(),
-                ready,
-                move |m| c.on_execution(m),
-            ));
+            spawn_feed(
+                streams::ORDER_EVENTS,
+                "orders.*.events",
+                consumer::DeliverPolicy::New,
+                "order events",
+                Cerebro::on_order_event,
+            );
+            spawn_feed(
+                streams::EXECUTIONS,
+                "executions.*",
+                consumer::DeliverPolicy::New,
+                "executions",
+                Cerebro::on_execution,
+            );
         }
         if let Some(source) = me.settings.backtests.clone() {
             tokio::spawn(Arc::clone(&me).backtest_loop(source, shutdown.clone()));
