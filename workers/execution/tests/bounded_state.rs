@@ -4,13 +4,15 @@
 //! version-1 state (finished orders inside) is migrated, and the janitor
 //! purges records older than the retention. Real nats-server throughout.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 use mtx_execution::worker::{self, finished_key, Engine, FINISHED_PREFIX, STATE_KEY};
 use mtx_execution::{order_fingerprint, FinishedOrder};
-use mtx_harness::{bus, unique, NatsServer};
+use mtx_harness::{bus, NatsServer};
 use mtx_runtime::config::Config;
 use mtx_runtime::process::Process;
 use mtx_runtime::{Outgoing, Publisher};
@@ -39,15 +41,7 @@ impl Env {
     }
 
     async fn on(nats: NatsServer, tune: impl FnOnce(&mut Config)) -> Env {
-        let mut cfg = Config::default();
-        cfg.nats.url = nats.url();
-        cfg.metrics.addr = "127.0.0.1:0".into();
-        cfg.topology.prefix = unique("t");
-        cfg.worker.heartbeat_ms = 500;
-        cfg.worker.pull_expires_ms = 2_000;
-        cfg.worker.publish_retry_delay_ms = 200;
-        cfg.execution.tick_ms = 100;
-        tune(&mut cfg);
+        let cfg = common::config(nats.url(), tune);
         let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
         let topo = Topology::build(&cfg.topology);
         mtx_subjects::apply::apply(&js, &topo).await.unwrap();

@@ -2,10 +2,12 @@
 //! reasons, expiry by the clock, stop-loss / take-profit children, and the
 //! outbox that keeps a fill whose publish failed.
 
+mod common;
+
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use mtx_execution::worker::{self, Engine};
-use mtx_harness::{unique, NatsServer};
+use mtx_harness::NatsServer;
 use mtx_runtime::config::Config;
 use mtx_runtime::process::Process;
 use mtx_schemas::headers;
@@ -33,15 +35,7 @@ struct Stage {
 }
 
 async fn start(nats: &NatsServer, tune: impl FnOnce(&mut Config)) -> Stage {
-    let mut cfg = Config::default();
-    cfg.nats.url = nats.url();
-    cfg.metrics.addr = "127.0.0.1:0".into();
-    cfg.topology.prefix = unique("t");
-    cfg.worker.heartbeat_ms = 500;
-    cfg.worker.pull_expires_ms = 2_000;
-    cfg.worker.publish_retry_delay_ms = 200;
-    cfg.execution.tick_ms = 100;
-    tune(&mut cfg);
+    let cfg = common::config(nats.url(), tune);
     let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let topo = Topology::build(&cfg.topology);
     mtx_subjects::apply::apply(&js, &topo).await.unwrap();
