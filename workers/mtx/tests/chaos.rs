@@ -696,7 +696,6 @@ async fn mongo_stopped_20s_mid_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open bug (#8): intermittently the sink's DLQ consumer keeps its dead letters ack-pending and never drains (`sink_dlq 0/24` for 150 s); the ledger checks pass when it drains"]
 async fn duplicate_storm_three_times_some_after_the_window() {
     let c = Cluster::start(Opts {
         duplicate_window_secs: Some(2),

@@ -12,14 +12,31 @@
 //!    `trading_orders.status` by rank, `raw_signals.error` of dead-lettered
 //!    raw signals). Each side first writes its own document and then looks
 //!    for the other side, so whichever of two related messages is stored
-//!    last sets the flag;
+//!    last sets the flag. A side that flags the other side's documents
+//!    either sends the guarded update blind, or first looks for the
+//!    documents still unflagged and updates only those, whichever its recent
+//!    batches found cheaper ([`HitRate`]);
 //! 4. only then does the loop ack: a message is acked when Mongo has
 //!    acknowledged its document and its follow-ups.
 //!
+//! Every follow-up filter leads with an equality or `$in` on an indexed key
+//! and has no top-level `$or`: a filter the server cannot answer from the
+//! key's index scans the whole collection once per statement (the stand-in
+//! does that for `$or`), and a batch of such statements on a large
+//! collection outlasts the operation time limit on every retry.
+//!
 //! Two batches of a consumer may be in flight at once
-//! (`worker.max_batches_in_flight`): the next batch is mapped and inserted
-//! while the previous one's follow-ups run. Nothing above depends on batch
-//! order: documents are keyed, follow-ups are guarded and set-based.
+//! (`worker.max_batches_in_flight`): the next batch is pulled and mapped
+//! while the previous one is written and acked, but the batches of one
+//! consumer take turns at MongoDB (insert and follow-ups of one batch, then
+//! the next), and at most [`WRITERS`] batches of the whole process write at
+//! once. On a CPU-bound server more concurrent commands only add latency and
+//! cost more server time than they hide (`mtx bench sink`); under a backlog
+//! on every stream that latency reaches the operation time limit, which
+//! reads as an outage and NAKs every consumer's batches (the chaos duplicate
+//! storm). The wait for a turn is bounded (then the batch goes anyway):
+//! nothing above depends on turns or batch order, documents are keyed,
+//! follow-ups are guarded and set-based.
 //!
 //! Mongo away: the readiness flag `mongo (sink)` drops, batches wait a few
 //! seconds for it and are otherwise NAKed with a delay that grows with the
@@ -38,6 +55,7 @@ use mtx_runtime::process::Process;
 use mtx_runtime::{Delivery, Handler, Outcome};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -46,6 +64,8 @@ use tokio_util::sync::CancellationToken;
 pub const POOL: &str = "sink";
 /// Stage name of the sink (metric label, `dlq.sink`).
 pub const STAGE: &str = "sink";
+/// Batches (of all the consumers of one process) writing to MongoDB at once.
+pub const WRITERS: usize = 2;
 
 /// Sink metrics on the process registry (names in `deploy/prometheus/METRICS.md`).
 #[derive(Clone)]
@@ -108,7 +128,8 @@ pub struct Timing {
     pub retry_delay: Duration,
     /// Largest NAK delay.
     pub max_retry_delay: Duration,
-    /// Time limit of one Mongo operation.
+    /// Time limit of one Mongo operation, and of the wait for a batch's
+    /// turn at Mongo ([`WRITERS`]).
     pub op_timeout: Duration,
 }
 
@@ -143,6 +164,56 @@ impl Timing {
     }
 }
 
+/// How often a guarded flag update on the other side of a link had
+/// something to flag: the share of keys (per cent) of recent batches,
+/// halved towards each new batch's share.
+///
+/// It picks how the update is sent; both ways are correct (guarded,
+/// set-based, sent after our own write):
+/// - blind: one `update_many` by key, the cheapest way when the documents
+///   are usually there (the raw signal is normally stored before its
+///   standardized signal);
+/// - look first: a `find` of the still unflagged documents, then an
+///   `update_many` by `_id` of those only, if any. A multi-update that
+///   matches nothing costs the server at least as much as the `find` (the
+///   stand-in: twice as much), so this is cheaper when the documents are
+///   usually not there yet (standardized signals replayed or stored ahead
+///   of their raw signals, `mtx bench sink`).
+#[derive(Debug)]
+pub struct HitRate(AtomicU32);
+
+impl HitRate {
+    /// Below this share (per cent) the update looks first.
+    pub const LOOK_FIRST_BELOW: u32 = 25;
+
+    /// A rate starting at `percent`.
+    pub fn new(percent: u32) -> HitRate {
+        HitRate(AtomicU32::new(percent.min(100)))
+    }
+
+    /// The current share, per cent.
+    pub fn percent(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// True when the next update should look first.
+    pub fn look_first(&self) -> bool {
+        self.percent() < Self::LOOK_FIRST_BELOW
+    }
+
+    /// One batch: `hits` of its `keys` had something to flag.
+    pub fn observe(&self, hits: usize, keys: usize) {
+        if keys == 0 {
+            return;
+        }
+        let share = (hits.min(keys) * 100 / keys) as u32;
+        // Races between batches only blur the average; no update is lost
+        // that matters for correctness.
+        let old = self.percent();
+        self.0.store((old + share) / 2, Ordering::Relaxed);
+    }
+}
+
 /// Shared state of all sink handlers of a process.
 pub struct SinkCore {
     store: Store,
@@ -152,6 +223,14 @@ pub struct SinkCore {
     down_since: Mutex<Option<Instant>>,
     metrics: SinkMetrics,
     timing: Timing,
+    /// One turn at MongoDB per consumer (kind) at a time …
+    turns: HashMap<Kind, tokio::sync::Mutex<()>>,
+    /// … and [`WRITERS`] for the process.
+    writers: tokio::sync::Semaphore,
+    /// `raw_signals.processed` set by standardized signals.
+    raw_link: HitRate,
+    /// `standardized_signals.processed_by_cerebro` set by decisions.
+    decision_link: HitRate,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -186,6 +265,13 @@ impl SinkCore {
             down_since: Mutex::new(None),
             metrics,
             timing,
+            turns: Kind::ALL
+                .iter()
+                .map(|k| (*k, tokio::sync::Mutex::new(())))
+                .collect(),
+            writers: tokio::sync::Semaphore::new(WRITERS),
+            raw_link: HitRate::new(50),
+            decision_link: HitRate::new(50),
         }
     }
 
@@ -321,6 +407,7 @@ impl SinkCore {
             } else if !self.schema_ready().await {
                 self.retry_pending(&mut slots, msgs, "databases not migrated");
             } else {
+                let _turn = self.turn(kind).await;
                 let deliveries: Vec<u64> = msgs.iter().map(|d| d.deliveries).collect();
                 self.insert(&mut slots, &deliveries).await;
                 self.follow_up(&mut slots, &deliveries, now).await;
@@ -349,6 +436,28 @@ impl SinkCore {
             .with_label_values(&[kind.stream()])
             .observe(started.elapsed().as_secs_f64());
         outcomes
+    }
+
+    /// Wait until the consumer's previous batch is written and one of the
+    /// process's [`WRITERS`] is free, at most `op_timeout` (then the batch
+    /// writes anyway: turns only save server time, correctness never
+    /// depends on them).
+    async fn turn(
+        &self,
+        kind: Kind,
+    ) -> Option<(
+        tokio::sync::MutexGuard<'_, ()>,
+        tokio::sync::SemaphorePermit<'_>,
+    )> {
+        let mine = self.turns.get(&kind)?;
+        tokio::time::timeout(self.timing.op_timeout, async {
+            let guard = mine.lock().await;
+            let permit = self.writers.acquire().await.ok()?;
+            Some((guard, permit))
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     fn retry_pending(&self, slots: &mut [Slot], msgs: &[Delivery], reason: &str) {
@@ -542,53 +651,49 @@ impl SinkCore {
         }
         let mut rejected = Vec::new();
 
-        // Phase 1, concurrently: what exists on the other side of each link
-        // (and the raw flags this batch's standardized signals set).
-        let empty = BTreeSet::new;
-        let (found_std, found_dec, dl_raw, evs, _) = futures::try_join!(
-            async {
-                if raw_sigs.is_empty() {
-                    return Ok(empty());
-                }
-                self.ids_present(names::STANDARDIZED_SIGNALS, "signal_id", &raw_sigs)
-                    .await
-            },
-            async {
-                if std_ids.is_empty() {
-                    return Ok(empty());
-                }
-                self.ids_present(names::CEREBRO_DECISIONS, "signal_id", &std_ids)
-                    .await
-            },
-            async {
-                if raw_ids.is_empty() {
-                    return Ok(vec![]);
-                }
-                self.raw_dead_letter_errors(&raw_ids).await
-            },
-            async {
-                if order_ids.is_empty() {
-                    return Ok(vec![]);
-                }
-                self.store
-                    .find_all(
-                        Db::Trading,
-                        names::ORDER_EVENTS,
-                        doc! {"order_id": {"$in": to_bson(&order_ids)}},
-                        None,
-                    )
-                    .await
-            },
-            async {
-                // raw_signals.processed ← this batch's standardized signals.
-                if std_ids.is_empty() {
-                    return Ok(0);
-                }
-                self.flag_raw_processed(&std_ids, now).await
-            },
-        )?;
+        // Phase 1: what exists on the other side of each link (and the raw
+        // flags this batch's standardized signals set). One command at a
+        // time, like the batches of a consumer (see the module doc).
+        let found_std = if raw_sigs.is_empty() {
+            BTreeSet::new()
+        } else {
+            self.ids_present(names::STANDARDIZED_SIGNALS, "signal_id", &raw_sigs)
+                .await?
+        };
+        let found_dec = if std_ids.is_empty() {
+            BTreeSet::new()
+        } else {
+            self.ids_present(names::CEREBRO_DECISIONS, "signal_id", &std_ids)
+                .await?
+        };
+        let dl_raw = if raw_ids.is_empty() {
+            vec![]
+        } else {
+            self.raw_dead_letter_errors(&raw_ids).await?
+        };
+        let evs = if order_ids.is_empty() {
+            vec![]
+        } else {
+            self.store
+                .find_all(
+                    Db::Trading,
+                    names::ORDER_EVENTS,
+                    doc! {"order_id": {"$in": to_bson(&order_ids)}},
+                    None,
+                )
+                .await?
+        };
+        // raw_signals.processed ← this batch's standardized signals.
+        self.flag_others(
+            &self.raw_link,
+            names::RAW_SIGNALS,
+            "signal_id",
+            &std_ids,
+            doc! {"processed": false},
+            doc! {"$set": {"processed": true, "processed_at": now}},
+        )
+        .await?;
         errors.extend(dl_raw.into_iter().map(|t| (usize::MAX, t)));
-        let cerebro: BTreeSet<String> = decided.into_iter().chain(found_dec).collect();
 
         // trading_orders.status ← the newest event, forward only.
         for ev in evs {
@@ -615,20 +720,16 @@ impl SinkCore {
             });
         }
 
-        // error ← dead letters.
+        // error ← dead letters: the newest error wins. `error.at` not ≥ the
+        // letter's time matches no error, a null error and an older one;
+        // the key's index answers it (a top-level `$or` would scan the
+        // collection per statement on the stand-in).
         let mut by_coll: BTreeMap<&'static str, (Vec<UpdateStmt>, Vec<usize>)> = BTreeMap::new();
         for (owner, t) in errors {
             let at = t.error.get("at").cloned().unwrap_or(Bson::DateTime(now));
             let e = by_coll.entry(t.coll).or_default();
             e.0.push(UpdateStmt {
-                q: doc! {
-                    t.key_field: &t.key,
-                    "$or": [
-                        {"error": {"$exists": false}},
-                        {"error": Bson::Null},
-                        {"error.at": {"$lt": at}},
-                    ],
-                },
+                q: error_filter(t.key_field, &t.key, at),
                 u: doc! {"$set": {"error": t.error}},
                 multi: true,
             });
@@ -636,33 +737,42 @@ impl SinkCore {
         }
         let raw_err = by_coll.remove(names::RAW_SIGNALS).unwrap_or_default();
 
-        // Phase 2, concurrently: the flags.
-        let (_, _, status_res, raw_err_res) = futures::try_join!(
-            async {
-                if found_std.is_empty() {
-                    return Ok(0);
-                }
-                self.flag_raw_processed(&found_std, now).await
-            },
-            async {
-                // standardized_signals.processed_by_cerebro ← a decision exists.
-                if cerebro.is_empty() {
-                    return Ok(0);
-                }
-                self.store
-                    .update_many(
-                        Db::Trading,
-                        names::STANDARDIZED_SIGNALS,
-                        doc! {"signal_id": {"$in": to_bson(&cerebro)}, "processed_by_cerebro": false},
-                        doc! {"$set": {"processed_by_cerebro": true, "processed_by_cerebro_at": now}},
-                    )
-                    .await
-            },
+        // Phase 2: the flags.
+        // raw_signals.processed ← the standardized signals found for this
+        // batch's raw signals (known to be there).
+        if !found_std.is_empty() {
+            self.flag_raw_processed(&found_std, now).await?;
+        }
+        let pbc_unflagged = || doc! {"processed_by_cerebro": false};
+        let pbc_set =
+            || doc! {"$set": {"processed_by_cerebro": true, "processed_by_cerebro_at": now}};
+        // standardized_signals.processed_by_cerebro ← the decisions found
+        // for this batch's standardized signals (known to be there).
+        if !found_dec.is_empty() {
+            let mut q = doc! {"signal_id": {"$in": to_bson(&found_dec)}};
+            q.extend(pbc_unflagged());
             self.store
-                .update_bulk(Db::Trading, names::TRADING_ORDERS, &status_stmts),
-            self.store
-                .update_bulk(Db::Trading, names::RAW_SIGNALS, &raw_err.0),
-        )?;
+                .update_many(Db::Trading, names::STANDARDIZED_SIGNALS, q, pbc_set())
+                .await?;
+        }
+        // standardized_signals.processed_by_cerebro ← this batch's decisions.
+        self.flag_others(
+            &self.decision_link,
+            names::STANDARDIZED_SIGNALS,
+            "signal_id",
+            &decided,
+            pbc_unflagged(),
+            pbc_set(),
+        )
+        .await?;
+        let status_res = self
+            .store
+            .update_bulk(Db::Trading, names::TRADING_ORDERS, &status_stmts)
+            .await?;
+        let raw_err_res = self
+            .store
+            .update_bulk(Db::Trading, names::RAW_SIGNALS, &raw_err.0)
+            .await?;
         check_bulk(status_res, &status_owners, &mut rejected)?;
         check_bulk(raw_err_res, &raw_err.1, &mut rejected)?;
         Ok(rejected)
@@ -682,6 +792,46 @@ impl SinkCore {
                 doc! {"$set": {"processed": true, "processed_at": now}},
             )
             .await
+    }
+
+    /// Set a flag on the trading documents of `coll` whose `key` is one of
+    /// `keys` and that still match `unflagged`: blind, or after looking for
+    /// them, as `rate` says ([`HitRate`]). Returns the documents modified.
+    async fn flag_others(
+        &self,
+        rate: &HitRate,
+        coll: &str,
+        key: &str,
+        keys: &BTreeSet<String>,
+        unflagged: Document,
+        set: Document,
+    ) -> Result<u64, SinkError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut by_key = doc! {key: {"$in": to_bson(keys)}};
+        by_key.extend(unflagged.clone());
+        if !rate.look_first() {
+            let n = self
+                .store
+                .update_many(Db::Trading, coll, by_key, set)
+                .await?;
+            rate.observe(usize::try_from(n).unwrap_or(usize::MAX), keys.len());
+            return Ok(n);
+        }
+        let found = self
+            .store
+            .find_all(Db::Trading, coll, by_key, Some(doc! {"_id": 1, key: 1}))
+            .await?;
+        let hits: BTreeSet<&str> = found.iter().filter_map(|d| d.get_str(key).ok()).collect();
+        rate.observe(hits.len(), keys.len());
+        let ids: Vec<Bson> = found.iter().filter_map(|d| d.get("_id").cloned()).collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut by_id = doc! {"_id": {"$in": ids}};
+        by_id.extend(unflagged);
+        self.store.update_many(Db::Trading, coll, by_id, set).await
     }
 
     /// Which of `ids` exist as `field` in `coll`.
@@ -754,6 +904,14 @@ fn to_bson(ids: &BTreeSet<String>) -> Vec<Bson> {
     ids.iter().map(|s| Bson::from(s.as_str())).collect()
 }
 
+/// The documents `key_field` = `key` whose `error` an error of time `at`
+/// replaces: no error, a null error, or an older one (`error.at` not ≥
+/// `at`). Equality on the indexed key and no top-level `$or`, so the key's
+/// index answers it.
+pub fn error_filter(key_field: &str, key: &str, at: Bson) -> Document {
+    doc! {key_field: key, "error.at": {"$not": {"$gte": at}}}
+}
+
 /// Statement failures: retryable ones fail the whole follow-up, permanent
 /// ones reject the message that owns the statement (if it is in this batch).
 fn check_bulk(
@@ -815,8 +973,9 @@ impl Handler for SinkHandler {
 
     /// Batches are independent (unique natural keys, guarded set-based
     /// follow-ups where each side writes before it looks for the other), so
-    /// the next batch is mapped and sent while the previous one's follow-ups
-    /// run: MongoDB always has the next write queued.
+    /// the next batch is pulled and mapped while the previous one is written
+    /// and acked, and its insert goes out the moment the previous batch's
+    /// follow-ups are done (the two take turns at MongoDB).
     fn batches_in_flight(&self) -> usize {
         2
     }
@@ -904,5 +1063,37 @@ mod tests {
         let nine: Duration = (1..10).map(|d| t.delay(d)).sum();
         assert!(nine >= Duration::from_secs(170), "{nine:?}");
         assert!(t.wait_for_mongo + 3 * t.op_timeout <= Duration::from_secs(35));
+    }
+
+    #[test]
+    fn hit_rate_looks_first_only_while_updates_keep_missing() {
+        let r = HitRate::new(50);
+        assert!(!r.look_first(), "blind until batches show misses");
+        r.observe(0, 256);
+        assert_eq!(r.percent(), 25);
+        assert!(!r.look_first());
+        r.observe(0, 256);
+        assert!(r.look_first(), "two batches that flagged nothing");
+        r.observe(3, 0);
+        assert!(r.look_first(), "an empty batch says nothing");
+        r.observe(256, 256);
+        assert!(!r.look_first(), "one batch that flagged everything");
+        r.observe(1_000, 10);
+        assert!(
+            r.percent() <= 100,
+            "modified copies beyond the keys count once"
+        );
+    }
+
+    #[test]
+    fn error_filter_leads_with_the_key_and_has_no_or() {
+        let at = Bson::DateTime(DateTime::from_millis(1_000));
+        let f = error_filter("raw_signal_id", "raw_1", at.clone());
+        assert_eq!(f.keys().next().map(String::as_str), Some("raw_signal_id"));
+        assert!(!f.contains_key("$or"));
+        assert_eq!(
+            f.get_document("error.at").unwrap(),
+            &doc! {"$not": {"$gte": at}}
+        );
     }
 }

@@ -23,7 +23,10 @@ async fn bench_writes_the_same_documents_both_ways() {
         &cfg,
         &BenchOptions {
             n,
-            rounds: 2,
+            rounds: std::env::var("SINK_BENCH_ROUNDS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
             keep: false,
             timeout: Duration::from_secs(60),
         },
@@ -31,10 +34,12 @@ async fn bench_writes_the_same_documents_both_ways() {
     .await
     .unwrap();
     eprintln!(
-        "plain {:.0} docs/s, sink {:.0} docs/s, ratio {:.2}",
+        "plain {:.0} docs/s, sink {:.0} docs/s, ratio {:.2} (median of {} rounds {:.2})",
         r.plain_rate(),
         r.sink_rate(),
-        r.ratio()
+        r.ratio(),
+        r.rounds.len(),
+        r.median_ratio()
     );
     for round in &r.rounds {
         assert_eq!(round.sink_docs, n as u64);

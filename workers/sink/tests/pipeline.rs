@@ -633,3 +633,130 @@ async fn dead_letter_time_without_the_runtime_header_is_the_stream_timestamp() {
     );
     sink.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processed_flags_whichever_way_the_flag_update_is_sent() {
+    let t = Setup::migrated().await;
+    let sink = start_sink(&t.cfg).await;
+    let env = Environment::Staging;
+    let raw_sub = t.sub.signals_raw(env, "mathematricks").unwrap();
+    let std_sub = t.sub.signals_standardized(env, "SPX_1-D_Opt").unwrap();
+    let stored = |coll: &'static str, n: u64| {
+        let t = &t;
+        async move {
+            assert!(
+                eventually(Duration::from_secs(30), || async {
+                    t.count(coll, doc! {}).await == n
+                })
+                .await,
+                "{coll}: {} of {n}",
+                t.count(coll, doc! {}).await
+            );
+        }
+    };
+    // Standardized signals 0..8 ahead of their raw signals, one batch each:
+    // their raw flag updates find nothing, so later ones look first.
+    for i in 0..8 {
+        let sid = signal_id(i);
+        publish(
+            &t.js,
+            &std_sub,
+            &format!("std-{i}"),
+            Some(&sid),
+            &standardized(i),
+        )
+        .await;
+        stored("standardized_signals", i as u64 + 1).await;
+    }
+    // Raw signals 8..16 ahead of their standardized signals: looked up and
+    // flagged by _id, then (once updates find something again) blind.
+    for i in 8..16 {
+        let sid = signal_id(i);
+        publish(
+            &t.js,
+            &raw_sub,
+            &format!("raw-{i}"),
+            Some(&sid),
+            &raw_signal(i),
+        )
+        .await;
+    }
+    stored("raw_signals", 8).await;
+    for i in 8..16 {
+        let sid = signal_id(i);
+        publish(
+            &t.js,
+            &std_sub,
+            &format!("std-{i}"),
+            Some(&sid),
+            &standardized(i),
+        )
+        .await;
+        stored("standardized_signals", i as u64 + 1).await;
+    }
+    // The raw signals of 0..8 last: they find their standardized signals.
+    for i in 0..8 {
+        let sid = signal_id(i);
+        publish(
+            &t.js,
+            &raw_sub,
+            &format!("raw-{i}"),
+            Some(&sid),
+            &raw_signal(i),
+        )
+        .await;
+    }
+    stored("raw_signals", 16).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            t.count("raw_signals", doc! {"processed": true}).await == 16
+        })
+        .await,
+        "processed: {} of 16",
+        t.count("raw_signals", doc! {"processed": true}).await
+    );
+    for raw in t.find("raw_signals", doc! {}).await {
+        is_date(&raw, "processed_at");
+    }
+    // The same both ways for standardized_signals.processed_by_cerebro:
+    // decisions 16..24 ahead of their standardized signals (one batch
+    // each, so later decisions look first), decisions 24..32 after theirs
+    // (looked up and flagged by _id, then blind), decisions 0..16 last.
+    let dec_sub = t.sub.cerebro_decisions(env, "SPX_1-D_Opt").unwrap();
+    let mut decided = 0;
+    for i in (16..24).chain(24..32).chain(0..16) {
+        if i == 24 {
+            for j in 16..32 {
+                let sid = signal_id(j);
+                publish(
+                    &t.js,
+                    &std_sub,
+                    &format!("std-{j}"),
+                    Some(&sid),
+                    &standardized(j),
+                )
+                .await;
+            }
+            stored("standardized_signals", 32).await;
+        }
+        publish(&t.js, &dec_sub, &format!("dec-{i}"), None, &decision(i)).await;
+        decided += 1;
+        stored("cerebro_decisions", decided).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            t.count("standardized_signals", doc! {"processed_by_cerebro": true})
+                .await
+                == 32
+        })
+        .await,
+        "processed_by_cerebro: {} of 32",
+        t.count("standardized_signals", doc! {"processed_by_cerebro": true})
+            .await
+    );
+    for s in t.find("standardized_signals", doc! {}).await {
+        is_date(&s, "processed_by_cerebro_at");
+    }
+    sink.assert_ready();
+    sink.stop().await;
+}
