@@ -587,12 +587,6 @@ impl Standardizer {
 }
 
 impl Handler for Standardizer {
-    /// Batches are independent (the dedupe marker is created atomically per
-    /// signal), so the next batch is prepared while this one publishes.
-    fn batches_in_flight(&self) -> usize {
-        2
-    }
-
     async fn handle(&self, msg: &Delivery) -> Outcome {
         let step = self.prepare(msg).await;
         let mut out = self
