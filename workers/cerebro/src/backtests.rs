@@ -220,22 +220,26 @@ impl BacktestReader {
         let coll = client
             .database(&self.source.database)
             .collection::<Document>(COLLECTION);
-        let read = async {
+        let database = self.source.database.clone();
+        // Polled to the end in its own task even when the wait below gives
+        // up: a driver future dropped half-way can leave the client's pool
+        // inconsistent (mongodb RUST-937).
+        let read = tokio::spawn(async move {
             let mut cursor = coll
                 .find(doc! {})
                 .projection(doc! {"_id": 1, "strategy_id": 1, "dates": 1, "daily_returns": 1})
                 .await
-                .map_err(|e| format!("{}.{COLLECTION}: {e}", self.source.database))?;
+                .map_err(|e| format!("{database}.{COLLECTION}: {e}"))?;
             let mut docs = Vec::new();
             while let Some(d) = cursor
                 .try_next()
                 .await
-                .map_err(|e| format!("{}.{COLLECTION}: {e}", self.source.database))?
+                .map_err(|e| format!("{database}.{COLLECTION}: {e}"))?
             {
                 docs.push(d);
             }
             Ok::<_, String>(docs)
-        };
+        });
         let docs = tokio::time::timeout(self.source.load_timeout, read)
             .await
             .map_err(|_| {
@@ -243,7 +247,8 @@ impl BacktestReader {
                     "{}.{COLLECTION}: not read within {:?}",
                     self.source.database, self.source.load_timeout
                 )
-            })??;
+            })?
+            .map_err(|e| format!("{}.{COLLECTION}: {e}", self.source.database))??;
         Ok(table_from_docs(&docs))
     }
 }

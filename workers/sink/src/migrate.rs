@@ -127,11 +127,12 @@ async fn existing_options(
     store: &Store,
     c: &CollectionSpec,
 ) -> Result<Option<(String, Document)>, SinkError> {
+    let db = store.db(c.db).clone();
+    let name = c.name;
     let reply = store
-        .timed("listCollections", async {
-            Ok(store
-                .db(c.db)
-                .run_command(doc! {"listCollections": 1, "filter": {"name": c.name}})
+        .timed("listCollections", async move {
+            Ok(db
+                .run_command(doc! {"listCollections": 1, "filter": {"name": name}})
                 .await?)
         })
         .await?;
@@ -152,8 +153,9 @@ async fn existing_options(
 }
 
 async fn command(store: &Store, db: Db, what: &str, cmd: Document) -> Result<Document, SinkError> {
+    let db = store.db(db).clone();
     store
-        .timed(what, async { Ok(store.db(db).run_command(cmd).await?) })
+        .timed(what, async move { Ok(db.run_command(cmd).await?) })
         .await
 }
 
@@ -507,29 +509,27 @@ async fn record_version(
         "applied_at": now,
         "changes": report.changes.len() as i64,
     };
+    let update = doc! {
+        "$set": {
+            "value": SCHEMA_VERSION,
+            "category": "system",
+            "description": format!(
+                "mtx schema version of databases {} and {} (mtx db migrate)",
+                cfg.trading_db, cfg.bot_core_db
+            ),
+            "is_active": true,
+            "updated_by": "mtx db migrate",
+            "updated_at": now,
+            "databases": {"trading": &cfg.trading_db, "bot_core": &cfg.bot_core_db},
+        },
+        "$setOnInsert": {"created_at": now},
+        "$push": {"history": history},
+    };
     store
-        .timed("record schema version", async {
-            coll.update_one(
-                doc! {"key": SCHEMA_VERSION_KEY},
-                doc! {
-                    "$set": {
-                        "value": SCHEMA_VERSION,
-                        "category": "system",
-                        "description": format!(
-                            "mtx schema version of databases {} and {} (mtx db migrate)",
-                            cfg.trading_db, cfg.bot_core_db
-                        ),
-                        "is_active": true,
-                        "updated_by": "mtx db migrate",
-                        "updated_at": now,
-                        "databases": {"trading": &cfg.trading_db, "bot_core": &cfg.bot_core_db},
-                    },
-                    "$setOnInsert": {"created_at": now},
-                    "$push": {"history": history},
-                },
-            )
-            .upsert(true)
-            .await?;
+        .timed("record schema version", async move {
+            coll.update_one(doc! {"key": SCHEMA_VERSION_KEY}, update)
+                .upsert(true)
+                .await?;
             Ok(())
         })
         .await?;

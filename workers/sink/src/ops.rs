@@ -55,7 +55,7 @@ async fn find_sorted(
 ) -> Result<Vec<Document>, SinkError> {
     let c = store.coll(db, coll);
     store
-        .timed(&format!("find in {coll}"), async {
+        .timed(&format!("find in {coll}"), async move {
             let mut f = c.find(filter).sort(sort);
             if let Some(l) = limit {
                 f = f.limit(l);
@@ -502,11 +502,12 @@ pub async fn list_dead_letters(
         q.insert("redrives.0", doc! {"$exists": false});
     }
     let c = store.coll(Db::Trading, names::DEAD_LETTERS);
+    let limit = filter.limit.max(1);
     store
-        .timed("list dead letters", async {
+        .timed("list dead letters", async move {
             Ok(c.find(q)
                 .sort(doc! {"time": -1})
-                .limit(filter.limit.max(1))
+                .limit(limit)
                 .projection(doc! {"payload": 0, "headers": 0})
                 .await?
                 .try_collect()
@@ -518,10 +519,9 @@ pub async fn list_dead_letters(
 /// One dead letter by its id (or an unambiguous prefix of it).
 pub async fn find_dead_letter(store: &Store, id: &str) -> Result<Document, SinkError> {
     let c = store.coll(Db::Trading, names::DEAD_LETTERS);
+    let q = doc! {"dead_letter_id": id};
     let exact = store
-        .timed("find dead letter", async {
-            Ok(c.find_one(doc! {"dead_letter_id": id}).await?)
-        })
+        .timed("find dead letter", async move { Ok(c.find_one(q).await?) })
         .await?;
     if let Some(d) = exact {
         return Ok(d);
@@ -640,13 +640,13 @@ pub async fn redrive(
     };
     let c = store.coll(Db::Trading, names::DEAD_LETTERS);
     store
-        .timed("record redrive", async {
-            c.update_one(
-                doc! {"dead_letter_id": &id, "redrives.msg_id": {"$ne": &msg_id}},
-                doc! {"$push": {"redrives": record}},
-            )
-            .await?;
-            Ok(())
+        .timed("record redrive", {
+            let q = doc! {"dead_letter_id": &id, "redrives.msg_id": {"$ne": &msg_id}};
+            async move {
+                c.update_one(q, doc! {"$push": {"redrives": record}})
+                    .await?;
+                Ok(())
+            }
         })
         .await?;
     Ok(Redriven {

@@ -354,12 +354,21 @@ impl SinkCore {
     }
 
     /// Ping Mongo until `shutdown`, keeping the readiness flag current.
+    /// One ping that times out on a busy server is tolerated; a second in
+    /// a row, or any other failure (refused, unreachable), turns readiness off.
     pub async fn watch_mongo(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut slow = 0u32;
         loop {
             let ok = match self.store.ping().await {
                 Ok(()) => {
+                    slow = 0;
                     self.set_mongo(true, "");
                     true
+                }
+                Err(SinkError::Timeout(_)) if slow == 0 && self.mongo_up.get() => {
+                    slow += 1;
+                    tracing::warn!("mongo ping timed out; still ready until the next ping");
+                    false
                 }
                 Err(e) => {
                     self.set_mongo(false, &e.to_string());
@@ -469,8 +478,14 @@ impl SinkCore {
         }
     }
 
+    /// Log-ready text of a failed operation; a retryable failure that says
+    /// the server cannot be reached flips readiness. A timeout does not: a
+    /// slow answer (a busy server) is not an outage, and flipping would make
+    /// every consumer NAK its batches for one slow write. The ping watcher
+    /// ([`SinkCore::watch_mongo`]) still turns readiness off within seconds
+    /// when the server stops answering at all.
     fn failed(&self, e: &SinkError) -> String {
-        if e.class() == Class::Retryable {
+        if e.class() == Class::Retryable && !matches!(e, SinkError::Timeout(_)) {
             self.set_mongo(false, &e.to_string());
         }
         e.to_string()

@@ -162,20 +162,37 @@ impl Store {
     }
 
     /// Run `fut` with the operation time limit.
+    ///
+    /// The operation runs in its own task and is always polled to the end,
+    /// even when the caller stops waiting: the driver documents that a
+    /// future dropped half-way can leave its internals inconsistent
+    /// (RUST-937), and a sink that dropped timed-out writes on a busy server
+    /// was seen with a wedged pool: every later operation, the readiness
+    /// ping included, timed out while the server answered other clients in
+    /// milliseconds. A late result is discarded; every sink write is
+    /// idempotent, so the retry of its messages is harmless.
     pub async fn timed<T, F>(&self, what: &str, fut: F) -> Result<T, SinkError>
     where
-        F: Future<Output = Result<T, SinkError>>,
+        F: Future<Output = Result<T, SinkError>> + Send + 'static,
+        T: Send + 'static,
     {
-        match tokio::time::timeout(self.op_timeout, fut).await {
-            Ok(r) => r,
+        let task = tokio::spawn(fut);
+        match tokio::time::timeout(self.op_timeout, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(SinkError::Command {
+                op: "task",
+                target: what.to_string(),
+                detail: e.to_string(),
+            }),
             Err(_) => Err(SinkError::Timeout(what.to_string())),
         }
     }
 
     /// `ping` the trading database's server.
     pub async fn ping(&self) -> Result<(), SinkError> {
-        self.timed("ping", async {
-            self.trading.run_command(doc! {"ping": 1}).await?;
+        let db = self.trading.clone();
+        self.timed("ping", async move {
+            db.run_command(doc! {"ping": 1}).await?;
             Ok(())
         })
         .await
@@ -196,7 +213,7 @@ impl Store {
         let c = self.coll(db, coll);
         let started = Instant::now();
         let r = self
-            .timed(&format!("insert into {coll}"), async {
+            .timed(&format!("insert into {coll}"), async move {
                 Ok(c.insert_many(docs).ordered(false).await)
             })
             .await?;
@@ -269,10 +286,10 @@ impl Store {
                 }
             }
         }
-        let database = self.db(db);
+        let database = self.db(db).clone();
         let started = Instant::now();
         let reply = self
-            .timed(&format!("update {coll}"), async {
+            .timed(&format!("update {coll}"), async move {
                 Ok(database.run_command(cmd).await?)
             })
             .await?;
@@ -314,7 +331,7 @@ impl Store {
     /// Number of documents in a collection.
     pub async fn count(&self, db: Db, coll: &str) -> Result<u64, SinkError> {
         let c = self.coll(db, coll);
-        self.timed(&format!("count {coll}"), async {
+        self.timed(&format!("count {coll}"), async move {
             Ok(c.count_documents(doc! {}).await?)
         })
         .await
@@ -329,7 +346,7 @@ impl Store {
         update: Document,
     ) -> Result<u64, SinkError> {
         let c = self.coll(db, coll);
-        self.timed(&format!("update {coll}"), async {
+        self.timed(&format!("update {coll}"), async move {
             Ok(c.update_many(filter, update).await?.modified_count)
         })
         .await
@@ -344,7 +361,7 @@ impl Store {
         projection: Option<Document>,
     ) -> Result<Vec<Document>, SinkError> {
         let c = self.coll(db, coll);
-        self.timed(&format!("find in {coll}"), async {
+        self.timed(&format!("find in {coll}"), async move {
             let cursor = match projection {
                 Some(p) => c.find(filter).projection(p).await?,
                 None => c.find(filter).await?,

@@ -359,3 +359,47 @@ async fn mongo_stopped_20s_mid_run_every_document_arrives_once() {
     );
     sink.stop().await;
 }
+
+/// A write that outlives the operation time limit is still carried out to
+/// its end, and the client stays usable. The driver's futures must not be
+/// dropped half-way (mongodb RUST-937): when the sink dropped timed-out
+/// writes on a busy server, its pool wedged and every later operation, the
+/// readiness ping included, timed out while the server answered other
+/// clients in milliseconds (the chaos duplicate storm, CI of session 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_out_writes_still_finish_and_the_client_stays_usable() {
+    use mtx_sink::spec::Db;
+    use mtx_sink::{SinkError, Store};
+    const WRITES: usize = 60;
+    const DOCS: usize = 100;
+    let server = MongoServer::start();
+    let mut mc = mtx_runtime::config::MongoConfig::default();
+    mc.uri = server.uri();
+    mc.trading_db = mtx_harness::unique("trading");
+    let client = mongodb::Client::with_uri_str(&mc.uri).await.unwrap();
+    let hasty = Store::from_client(client.clone(), &mc, Duration::from_micros(1));
+    let patient = Store::from_client(client.clone(), &mc, Duration::from_secs(30));
+    let writes = (0..WRITES).map(|w| {
+        let docs = (0..DOCS)
+            .map(|i| doc! {"_id": format!("{w}-{i}"), "pad": "x".repeat(200)})
+            .collect();
+        hasty.insert_unordered(Db::Trading, "probe", docs)
+    });
+    let results = futures::future::join_all(writes).await;
+    let timed_out = results
+        .iter()
+        .filter(|r| matches!(r, Err(SinkError::Timeout(_))))
+        .count();
+    assert!(timed_out > 0, "a 1 µs limit must time writes out: {results:?}");
+    patient.ping().await.expect("the client is usable after timeouts");
+    let all = (WRITES * DOCS) as u64;
+    let finished = eventually(Duration::from_secs(60), || async {
+        patient.count(Db::Trading, "probe").await.unwrap_or(0) == all
+    })
+    .await;
+    assert!(
+        finished,
+        "{timed_out} timed-out writes: only {} of {all} documents arrived",
+        patient.count(Db::Trading, "probe").await.unwrap_or(0)
+    );
+}
