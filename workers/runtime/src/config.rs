@@ -46,6 +46,8 @@ pub struct Config {
     pub accounts: AccountsConfig,
     /// The Cerebro stage: reservations, deferred exits, backtests, janitor.
     pub cerebro: CerebroConfig,
+    /// The sink stage: how hard it may press on MongoDB.
+    pub sink: SinkConfig,
 }
 
 impl Default for Config {
@@ -62,6 +64,7 @@ impl Default for Config {
             execution: ExecutionConfig::default(),
             accounts: AccountsConfig::default(),
             cerebro: CerebroConfig::default(),
+            sink: SinkConfig::default(),
         }
     }
 }
@@ -460,6 +463,7 @@ impl Config {
         self.execution.validate()?;
         self.accounts.validate()?;
         self.cerebro.validate()?;
+        self.sink.validate()?;
         Ok(())
     }
 }
@@ -592,6 +596,39 @@ impl ExecutionConfig {
             return bad("execution.paper.commission: rate and minimum must be >= 0".into());
         }
         Ok(())
+    }
+}
+
+/// The sink stage (`[sink]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SinkConfig {
+    /// At most this many batches of one sink process write to MongoDB at
+    /// once (each consumer also waits for its own previous batch). Two suit
+    /// a CPU-bound single server; a MongoDB with cores to spare takes more.
+    pub writers: usize,
+}
+
+impl SinkConfig {
+    /// Largest accepted `writers`: one per sink consumer is already more
+    /// than a server gains from.
+    pub const MAX_WRITERS: usize = 64;
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=Self::MAX_WRITERS).contains(&self.writers) {
+            return Err(ConfigError(format!(
+                "sink.writers (MTX_SINK__WRITERS): {} must be between 1 and {}",
+                self.writers,
+                Self::MAX_WRITERS
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig { writers: 2 }
     }
 }
 
@@ -981,6 +1018,30 @@ margin_per_contract = "16500"
             jail.create_file("mtx.toml", "[accounts.instruments.GC]\nmultiplier = 100\n")?;
             let e = Config::load(None).unwrap_err().to_string();
             assert!(e.contains("accounts.instruments.GC"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn sink_section_takes_env_and_names_bad_values() {
+        assert_eq!(SinkConfig::default().writers, 2);
+        Jail::expect_with(|jail| {
+            jail.create_file("mtx.toml", "[sink]\nwriters = 3\n")?;
+            assert_eq!(
+                Config::load(None).map_err(|e| e.to_string())?.sink.writers,
+                3
+            );
+            jail.set_env("MTX_SINK__WRITERS", "5");
+            assert_eq!(
+                Config::load(None).map_err(|e| e.to_string())?.sink.writers,
+                5
+            );
+            jail.set_env("MTX_SINK__WRITERS", "0");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                "config error: sink.writers (MTX_SINK__WRITERS): 0 must be between 1 and 64"
+            );
             Ok(())
         });
     }

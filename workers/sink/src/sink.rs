@@ -29,8 +29,8 @@
 //! (`worker.max_batches_in_flight`): the next batch is pulled and mapped
 //! while the previous one is written and acked, but the batches of one
 //! consumer take turns at MongoDB (insert and follow-ups of one batch, then
-//! the next), and at most [`WRITERS`] batches of the whole process write at
-//! once. On a CPU-bound server more concurrent commands only add latency and
+//! the next), and at most `sink.writers` (default 2) batches of the whole
+//! process write at once. On a CPU-bound server more concurrent commands only add latency and
 //! cost more server time than they hide (`mtx bench sink`); under a backlog
 //! on every stream that latency reaches the operation time limit, which
 //! reads as an outage and NAKs every consumer's batches (the chaos duplicate
@@ -64,8 +64,6 @@ use tokio_util::sync::CancellationToken;
 pub const POOL: &str = "sink";
 /// Stage name of the sink (metric label, `dlq.sink`).
 pub const STAGE: &str = "sink";
-/// Batches (of all the consumers of one process) writing to MongoDB at once.
-pub const WRITERS: usize = 2;
 
 /// Sink metrics on the process registry (names in `deploy/prometheus/METRICS.md`).
 #[derive(Clone)]
@@ -129,7 +127,7 @@ pub struct Timing {
     /// Largest NAK delay.
     pub max_retry_delay: Duration,
     /// Time limit of one Mongo operation, and of the wait for a batch's
-    /// turn at Mongo ([`WRITERS`]).
+    /// turn at Mongo (`sink.writers`).
     pub op_timeout: Duration,
 }
 
@@ -225,7 +223,7 @@ pub struct SinkCore {
     timing: Timing,
     /// One turn at MongoDB per consumer (kind) at a time …
     turns: HashMap<Kind, tokio::sync::Mutex<()>>,
-    /// … and [`WRITERS`] for the process.
+    /// … and `sink.writers` for the process.
     writers: tokio::sync::Semaphore,
     /// `raw_signals.processed` set by standardized signals.
     raw_link: HitRate,
@@ -269,10 +267,18 @@ impl SinkCore {
                 .iter()
                 .map(|k| (*k, tokio::sync::Mutex::new(())))
                 .collect(),
-            writers: tokio::sync::Semaphore::new(WRITERS),
+            writers: tokio::sync::Semaphore::new(
+                mtx_runtime::config::SinkConfig::default().writers,
+            ),
             raw_link: HitRate::new(50),
             decision_link: HitRate::new(50),
         }
+    }
+
+    /// At most `n` (≥ 1) batches of this process write at once (`sink.writers`; 2 by default).
+    pub fn with_writers(mut self, n: usize) -> SinkCore {
+        self.writers = tokio::sync::Semaphore::new(n.max(1));
+        self
     }
 
     /// The store.
@@ -448,7 +454,7 @@ impl SinkCore {
     }
 
     /// Wait until the consumer's previous batch is written and one of the
-    /// process's [`WRITERS`] is free, at most `op_timeout` (then the batch
+    /// process's `sink.writers` is free, at most `op_timeout` (then the batch
     /// writes anyway: turns only save server time, correctness never
     /// depends on them).
     async fn turn(
@@ -1007,14 +1013,17 @@ pub async fn spawn(process: &mut Process) -> Result<Arc<SinkCore>, SinkError> {
         .with_metrics(metrics.writes.clone());
     let flag = process.health.ready_flag("mongo (sink)");
     let schema_flag = process.health.ready_flag("mongo schema migrated (sink)");
-    let core = Arc::new(SinkCore::new(
-        store,
-        Mapper::new(process.subjects.clone()),
-        flag,
-        schema_flag,
-        metrics,
-        timing,
-    ));
+    let core = Arc::new(
+        SinkCore::new(
+            store,
+            Mapper::new(process.subjects.clone()),
+            flag,
+            schema_flag,
+            metrics,
+            timing,
+        )
+        .with_writers(process.config.sink.writers),
+    );
     // One ping up front, so readiness is right from the first batch.
     match core.store.ping().await {
         Ok(()) => {

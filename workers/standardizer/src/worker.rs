@@ -175,6 +175,19 @@ impl From<SignalError> for Fail {
     }
 }
 
+/// The [`RawSignal`] envelope in one pass over the bytes; only a failure
+/// takes a second look, to tell JSON that is no envelope (`invalid_envelope`)
+/// from bytes that are no JSON at all (`invalid_json`).
+fn decode_envelope(payload: &[u8]) -> Result<RawSignal, Fail> {
+    serde_json::from_slice(payload).map_err(|e| {
+        if serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
+            Fail::Reject("invalid_envelope", format!("raw signal envelope: {e}"))
+        } else {
+            Fail::Reject("invalid_json", format!("payload: invalid JSON: {e}"))
+        }
+    })
+}
+
 fn now_nanos() -> i128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -228,10 +241,7 @@ impl Standardizer {
     /// Steps 1–3 of the module docs and the dedupe decision for one message:
     /// what to publish, or its outcome when nothing is to be published.
     async fn prepare(&self, msg: &Delivery) -> Result<Step, Fail> {
-        let value: serde_json::Value = serde_json::from_slice(&msg.payload)
-            .map_err(|e| Fail::Reject("invalid_json", format!("payload: invalid JSON: {e}")))?;
-        let raw: RawSignal = serde_json::from_value(value)
-            .map_err(|e| Fail::Reject("invalid_envelope", format!("raw signal envelope: {e}")))?;
+        let raw = decode_envelope(&msg.payload)?;
         self.check_subject(&msg.subject, &raw)?;
         let parsed = parse_raw_signal(&raw)?;
         let config = self.strategy(parsed.strategy()).await?;
@@ -634,4 +644,34 @@ pub fn spawn(process: &mut Process) -> Result<(), WorkerError> {
     let handler = Arc::new(Standardizer::new(process)?);
     process.spawn_consumer(STAGE, DURABLE, handler)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(payload: &[u8]) -> &'static str {
+        match decode_envelope(payload) {
+            Err(Fail::Reject(r, _)) => r,
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_envelope_decodes_and_bad_bytes_are_told_apart() {
+        let raw = serde_json::json!({
+            "source": "tradingview",
+            "environment": "staging",
+            "received_at": "2026-11-21T10:00:00Z",
+            "format": "TRADINGVIEW",
+            "payload": {"strategy_name": "S1"}
+        });
+        let ok = decode_envelope(raw.to_string().as_bytes());
+        assert!(ok.is_ok(), "{ok:?}");
+        assert_eq!(reason(b"not json"), "invalid_json");
+        // Truncated JSON whose start is already no envelope: still not JSON.
+        assert_eq!(reason(br#"{"source": 5, "environment""#), "invalid_json");
+        assert_eq!(reason(br#"{"source": 5}"#), "invalid_envelope");
+        assert_eq!(reason(b"[1, 2]"), "invalid_envelope");
+    }
 }
