@@ -373,9 +373,11 @@ async fn timed_out_writes_still_finish_and_the_client_stays_usable() {
     const WRITES: usize = 60;
     const DOCS: usize = 100;
     let server = MongoServer::start();
-    let mut mc = mtx_runtime::config::MongoConfig::default();
-    mc.uri = server.uri();
-    mc.trading_db = mtx_harness::unique("trading");
+    let mc = mtx_runtime::config::MongoConfig {
+        uri: server.uri(),
+        trading_db: mtx_harness::unique("trading"),
+        ..Default::default()
+    };
     let client = mongodb::Client::with_uri_str(&mc.uri).await.unwrap();
     let hasty = Store::from_client(client.clone(), &mc, Duration::from_micros(1));
     let patient = Store::from_client(client.clone(), &mc, Duration::from_secs(30));
@@ -390,8 +392,14 @@ async fn timed_out_writes_still_finish_and_the_client_stays_usable() {
         .iter()
         .filter(|r| matches!(r, Err(SinkError::Timeout(_))))
         .count();
-    assert!(timed_out > 0, "a 1 µs limit must time writes out: {results:?}");
-    patient.ping().await.expect("the client is usable after timeouts");
+    assert!(
+        timed_out > 0,
+        "a 1 µs limit must time writes out: {results:?}"
+    );
+    patient
+        .ping()
+        .await
+        .expect("the client is usable after timeouts");
     let all = (WRITES * DOCS) as u64;
     let finished = eventually(Duration::from_secs(60), || async {
         patient.count(Db::Trading, "probe").await.unwrap_or(0) == all
