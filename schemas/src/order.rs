@@ -150,6 +150,53 @@ pub struct Order {
 }
 
 impl Order {
+    /// A new PENDING order with only its identity, size and creation time
+    /// given: a MARKET ENTRY BUY of a stock (so `direction` is LONG, as
+    /// [`position_direction`] says), leg 0, multiplier 1, and every optional
+    /// field (`price`, `stop_price`, `stop_loss`, `take_profit`, `expiry`,
+    /// `cerebro_decision`, `parent_order_id`) `None`.
+    ///
+    /// It exists so that code needing an order (tests above all) names only
+    /// what differs from this plain order, with struct update syntax:
+    /// `Order { order_type: OrderType::Limit, price: Some(px), ..Order::pending(..) }`,
+    /// instead of writing all twenty fields again. A caller that changes
+    /// `action` or `side` sets `direction` to match (it is not recomputed).
+    pub fn pending(
+        order_id: impl Into<String>,
+        signal_id: impl Into<String>,
+        strategy_id: impl Into<String>,
+        account: impl Into<String>,
+        instrument: impl Into<String>,
+        quantity: Decimal,
+        timestamp: DateTime<Utc>,
+    ) -> Order {
+        let (action, side) = (SignalAction::Entry, Side::Buy);
+        Order {
+            order_id: order_id.into(),
+            signal_id: signal_id.into(),
+            strategy_id: strategy_id.into(),
+            account: account.into(),
+            timestamp,
+            instrument: instrument.into(),
+            instrument_type: InstrumentType::Stock,
+            direction: position_direction(action, side),
+            action,
+            side,
+            order_type: OrderType::Market,
+            price: None,
+            stop_price: None,
+            quantity,
+            stop_loss: None,
+            take_profit: None,
+            expiry: None,
+            cerebro_decision: None,
+            status: OrderStatus::Pending,
+            parent_order_id: None,
+            leg: 0,
+            multiplier: Decimal::ONE,
+        }
+    }
+
     /// Direction of the position this order affects, from action + side
     /// (see [`position_direction`]).
     pub fn position_direction(&self) -> Direction {
@@ -397,6 +444,45 @@ mod tests {
         assert_eq!(v["cerebro_decision"]["margin_required"], "82500");
         let back: Order = serde_json::from_value(v).unwrap();
         assert_eq!(back, o);
+    }
+
+    #[test]
+    fn pending_is_a_plain_market_entry_buy_and_takes_overrides() {
+        let t = Utc.with_ymd_and_hms(2025, 1, 2, 15, 0, 0).unwrap();
+        let o = Order::pending(
+            "ord_1",
+            "sig_1",
+            "SPX_1-D_Opt",
+            "IBKR_Main",
+            "GC",
+            d("5"),
+            t,
+        );
+        assert_eq!(
+            (o.action, o.side, o.order_type, o.status),
+            (
+                SignalAction::Entry,
+                Side::Buy,
+                OrderType::Market,
+                OrderStatus::Pending
+            )
+        );
+        assert_eq!(o.direction, o.position_direction());
+        assert_eq!(o.instrument_type, InstrumentType::Stock);
+        assert_eq!((o.leg, o.multiplier), (0, Decimal::ONE));
+        assert!(o.price.is_none() && o.stop_price.is_none() && o.expiry.is_none());
+        assert!(o.stop_loss.is_none() && o.take_profit.is_none());
+        assert!(o.cerebro_decision.is_none() && o.parent_order_id.is_none());
+        let full = sample_order();
+        let updated = Order {
+            instrument_type: InstrumentType::Future,
+            price: full.price,
+            stop_loss: full.stop_loss,
+            cerebro_decision: full.cerebro_decision.clone(),
+            multiplier: full.multiplier,
+            ..o
+        };
+        assert_eq!(updated, full);
     }
 
     #[test]

@@ -282,6 +282,35 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+/// Poll the async check `f` every 50 ms until it holds (`true`) or
+/// `timeout` passes (`false`): the async counterpart of [`wait_for`].
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// [`eventually`] for a condition a test cannot go on without: panics,
+/// naming `what`, once `timeout` has passed without it.
+pub async fn until<F, Fut>(what: &str, timeout: Duration, f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    if !eventually(timeout, f).await {
+        panic!("timed out waiting for {what}");
+    }
+}
+
 /// The role users of `deploy/nats/auth.conf.tmpl` for tests.
 pub mod nats_auth {
     use super::repo_root;

@@ -72,6 +72,20 @@ struct Working {
     seq: u64,
 }
 
+impl Working {
+    /// A working order known so far only from `event` (its static fields
+    /// come with the next copy of the order, if any).
+    fn from_event(event: &OrderEvent) -> Working {
+        Working {
+            account: event.account.clone(),
+            order: None,
+            status: event.status,
+            filled: event.filled_quantity,
+            seq: event.seq,
+        }
+    }
+}
+
 /// A finished order: the seq of its newest event, and which expiry-queue
 /// entry is its own (`stamp`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,19 +253,9 @@ impl OpenOrders {
             if terminal {
                 f.seq = event.seq;
             } else {
-                // A newer non-terminal event reopens it (its static fields
-                // come with the next copy of the order, if any).
+                // A newer non-terminal event reopens it.
                 self.finished.remove(id);
-                self.insert_working(
-                    id,
-                    Working {
-                        account: event.account.clone(),
-                        order: None,
-                        status: event.status,
-                        filled: event.filled_quantity,
-                        seq: event.seq,
-                    },
-                );
+                self.insert_working(id, Working::from_event(event));
             }
             return true;
         }
@@ -275,16 +279,7 @@ impl OpenOrders {
         if terminal {
             self.finish(id, event.seq, event.timestamp);
         } else {
-            self.insert_working(
-                id,
-                Working {
-                    account: event.account.clone(),
-                    order: None,
-                    status: event.status,
-                    filled: event.filled_quantity,
-                    seq: event.seq,
-                },
-            );
+            self.insert_working(id, Working::from_event(event));
         }
         true
     }
@@ -309,34 +304,15 @@ impl OpenOrders {
 mod tests {
     use super::*;
     use chrono::{TimeZone, Utc};
-    use mtx_schemas::{Direction, InstrumentType, Side, SignalAction};
     use rust_decimal_macros::dec;
     use std::collections::BTreeMap;
 
     fn order(id: &str) -> Order {
+        let t = Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap();
         Order {
-            order_id: id.into(),
-            signal_id: "sig".into(),
-            strategy_id: "s".into(),
-            account: "A".into(),
-            timestamp: Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap(),
-            instrument: "AAPL".into(),
-            instrument_type: InstrumentType::Stock,
-            direction: Direction::Long,
-            action: SignalAction::Entry,
-            side: Side::Buy,
             order_type: OrderType::Limit,
             price: Some(dec!(150)),
-            stop_price: None,
-            quantity: dec!(10),
-            stop_loss: None,
-            take_profit: None,
-            expiry: None,
-            cerebro_decision: None,
-            status: OrderStatus::Pending,
-            parent_order_id: None,
-            leg: 0,
-            multiplier: Decimal::ONE,
+            ..Order::pending(id, "sig", "s", "A", "AAPL", dec!(10), t)
         }
     }
 

@@ -19,42 +19,33 @@
 //! messages and bytes, KV puts, per order) and checks that the state in KV
 //! ends equal to the book.
 
+mod common;
+
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use mtx_harness::{unique, NatsServer};
+use mtx_harness::NatsServer;
 use mtx_runtime::config::Config;
-use mtx_runtime::process::Process;
 use mtx_schemas::headers;
 use mtx_schemas::ids::execution_id;
 use mtx_schemas::market::MarketPrice;
 use mtx_schemas::order::{
     account_state_key, order_side, AccountState, ExecutionConfirmation, Order, OrderEvent,
 };
-use mtx_schemas::{
-    Direction, ExecutionStatus, InstrumentType, OrderStatus, OrderType, SignalAction,
-};
+use mtx_schemas::{Direction, ExecutionStatus, InstrumentType, OrderStatus, SignalAction};
 use mtx_subjects::topology::{buckets, streams};
-use mtx_subjects::{Subjects, Topology};
+use mtx_subjects::Subjects;
 use rust_decimal::Decimal;
-use tokio_util::sync::CancellationToken;
 
 const ACCOUNTS: usize = 4;
 const STRATEGIES: usize = 20;
 const SYMBOLS: usize = 10;
 
 fn config(nats: &NatsServer) -> Config {
-    let mut c = Config::default();
-    if let Ok(level) = std::env::var("TEST_LOG") {
-        c.log.level = level;
-        mtx_runtime::telemetry::init(&c.log);
-    }
-    c.nats.url = nats.url();
-    c.metrics.addr = "127.0.0.1:0".into();
-    c.topology.prefix = unique("b");
+    let mut c = common::base_config(nats, "b");
     for a in 0..ACCOUNTS {
         c.accounts
             .initial_balances
@@ -79,28 +70,18 @@ fn messages(
     let (action, direction) = (SignalAction::Entry, Direction::Long);
     let side = order_side(action, direction);
     let order = Order {
-        order_id: order_id.clone(),
-        signal_id: format!("sig_{i}"),
-        strategy_id: strategy.clone(),
-        account: account.clone(),
-        timestamp: at,
-        instrument: symbol.clone(),
-        instrument_type: InstrumentType::Stock,
         direction,
         action,
         side,
-        order_type: OrderType::Market,
-        price: None,
-        stop_price: None,
-        quantity: Decimal::ONE,
-        stop_loss: None,
-        take_profit: None,
-        expiry: None,
-        cerebro_decision: None,
-        status: OrderStatus::Pending,
-        parent_order_id: None,
-        leg: 0,
-        multiplier: Decimal::ONE,
+        ..Order::pending(
+            order_id.clone(),
+            format!("sig_{i}"),
+            strategy.clone(),
+            account.clone(),
+            symbol.clone(),
+            Decimal::ONE,
+            at,
+        )
     };
     let event = |status, previous, filled, seq| OrderEvent {
         order_id: order_id.clone(),
@@ -380,12 +361,7 @@ async fn accounts_throughput() {
     let mut js = jetstream::new(client);
     // A loaded 2-core box can take longer than the default 5 s to ack.
     js.set_timeout(Duration::from_secs(60));
-    let topo = Topology::build(&cfg.topology);
-    mtx_subjects::apply::apply(&js, &topo).await.expect("apply");
-    let shutdown = CancellationToken::new();
-    let mut p = Process::start(cfg.clone(), shutdown.clone())
-        .await
-        .expect("process");
+    let (topo, mut p, shutdown) = common::apply_and_start(&cfg, &js).await;
     let accounts = mtx_accounts::worker::spawn(&mut p).expect("accounts");
     let registry = p.registry.clone();
     let subjects = p.subjects.clone();

@@ -4,7 +4,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use mtx_accounts::{InstrumentSpec, Ledger, LedgerConfig, MarginModel};
 use mtx_execution::{Commission, CommissionModel, PaperConfig, PaperVenue, VenueEvent};
 use mtx_schemas::order::{order_side, ExecutionConfirmation, Order};
-use mtx_schemas::{Direction, InstrumentType, OrderStatus, OrderType, SignalAction};
+use mtx_schemas::{Direction, InstrumentType, SignalAction};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 
@@ -19,29 +19,12 @@ fn order(
     direction: Direction,
     qty: Decimal,
 ) -> Order {
+    let sig = format!("sig_{id}");
     Order {
-        order_id: id.into(),
-        signal_id: format!("sig_{id}"),
-        strategy_id: "SPX_1-D_Opt".into(),
-        account: "IBKR_Main".into(),
-        timestamp: t(0),
-        instrument: instrument.into(),
-        instrument_type: InstrumentType::Stock,
         direction,
         action,
         side: order_side(action, direction),
-        order_type: OrderType::Market,
-        price: None,
-        stop_price: None,
-        quantity: qty,
-        stop_loss: None,
-        take_profit: None,
-        expiry: None,
-        cerebro_decision: None,
-        status: OrderStatus::Pending,
-        parent_order_id: None,
-        leg: 0,
-        multiplier: Decimal::ONE,
+        ..Order::pending(id, sig, "SPX_1-D_Opt", "IBKR_Main", instrument, qty, t(0))
     }
 }
 

@@ -163,15 +163,22 @@ impl Env {
             timestamp: Utc::now(),
             source: Some("test".into()),
         };
+        self.publish_json(self.subjects.market_price(symbol).unwrap(), &m)
+            .await;
+    }
+
+    /// Publish `body` as JSON on `subject`, acked.
+    async fn publish_json(
+        &self,
+        subject: String,
+        body: &impl serde::Serialize,
+    ) -> async_nats::jetstream::publish::PublishAck {
         self.js
-            .publish(
-                self.subjects.market_price(symbol).unwrap(),
-                serde_json::to_vec(&m).unwrap().into(),
-            )
+            .publish(subject, serde_json::to_vec(body).unwrap().into())
             .await
             .unwrap()
             .await
-            .unwrap();
+            .unwrap()
     }
 
     /// The venue's terminal event of an order: FILLED with `filled`.
@@ -187,15 +194,8 @@ impl Env {
             timestamp: Utc::now(),
             seq: 9,
         };
-        self.js
-            .publish(
-                self.subjects.orders_events(ACCOUNT).unwrap(),
-                serde_json::to_vec(&e).unwrap().into(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        self.publish_json(self.subjects.orders_events(ACCOUNT).unwrap(), &e)
+            .await;
     }
 
     /// The venue's execution report of a whole AAPL entry fill at 150; its
@@ -219,15 +219,8 @@ impl Env {
             broker_response: serde_json::Value::Null,
             timestamp: Utc::now(),
         };
-        self.js
-            .publish(
-                self.subjects.executions(ACCOUNT).unwrap(),
-                serde_json::to_vec(&x).unwrap().into(),
-            )
+        self.publish_json(self.subjects.executions(ACCOUNT).unwrap(), &x)
             .await
-            .unwrap()
-            .await
-            .unwrap()
             .sequence
     }
 
@@ -288,6 +281,14 @@ impl Env {
             .await
     }
 
+    /// No decision of `signal_id` is on the stream (yet).
+    async fn undecided(&self, signal_id: &str) -> bool {
+        self.decisions()
+            .await
+            .iter()
+            .all(|r| r.signal_id != signal_id)
+    }
+
     async fn orders(&self) -> Vec<Order> {
         self.read(streams::ORDERS, "orders.*.new").await
     }
@@ -313,6 +314,24 @@ impl Env {
             }
             assert!(start.elapsed() < timeout, "consumer not drained");
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Wait until `n` decisions are on their stream; panics once 600 s have
+    /// passed since `start`.
+    async fn await_decisions(&self, n: usize, start: Instant) {
+        let st = self
+            .js
+            .get_stream(self.topo.stream_name(streams::CEREBRO_DECISIONS))
+            .await
+            .unwrap();
+        loop {
+            let mut st = st.clone();
+            if st.info().await.unwrap().state.messages >= n as u64 {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(600));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -576,10 +595,7 @@ async fn exit_before_entry_fill_is_deferred_without_blocking_then_completes() {
     assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
-        env.decisions()
-            .await
-            .iter()
-            .all(|r| r.signal_id != exit.signal_id),
+        env.undecided(&exit.signal_id).await,
         "exit must wait for the fill"
     );
     // The working order was seen: the reservation book says so.
@@ -642,10 +658,7 @@ async fn an_exit_goes_out_once_the_fill_event_and_the_position_are_known() {
     // Nothing known of the entry's order: the exit waits.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(
-        env.decisions()
-            .await
-            .iter()
-            .all(|r| r.signal_id != exit.signal_id),
+        env.undecided(&exit.signal_id).await,
         "exit must wait for the fill"
     );
     // The venue fills it; the accounts stage books the position.
@@ -1219,6 +1232,34 @@ fn fixed_aapl(n: usize, tag: &str) -> Vec<StandardizedSignal> {
         .collect()
 }
 
+/// The number in environment variable `k`, or `default` (bench sizes).
+fn env_or(k: &str, default: usize) -> usize {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A bench's world: a fresh [`Env`] whose account holds a billion, one
+/// replica (settings changed by `tune`) once it sees that account, and a
+/// stand-in accounts stage filling every order.
+async fn bench_replica(
+    tune: impl FnOnce(&mut Settings),
+) -> (Env, Arc<Cerebro>, tokio::task::JoinHandle<()>, AccountsSim) {
+    let env = Env::new().await;
+    let equity = d("1000000000");
+    env.put_state(&fresh_state(equity)).await;
+    let (c, h) = env.replica_with(tune).await;
+    assert!(
+        wait_until(T, || c
+            .account_state(ACCOUNT)
+            .is_some_and(|s| s.equity == equity))
+        .await
+    );
+    let sim = AccountsSim::start(&env, equity).await;
+    (env, c, h, sim)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_thousand_approvals_keep_the_reservation_book_bounded() {
     let env = Env::new().await;
@@ -1433,48 +1474,22 @@ async fn entry_and_exit_keys_are_deleted_when_done_or_too_old() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark; run with --release -- --ignored --nocapture"]
 async fn bench_one_replica_decisions_per_second() {
-    let env = Env::new().await;
-    let equity = d("1000000000");
-    env.put_state(&fresh_state(equity)).await;
     let grace: Option<i64> = std::env::var("MTX_BENCH_BOOKING_GRACE_MS")
         .ok()
         .and_then(|v| v.parse().ok());
-    let (c, _h) = env
-        .replica_with(|s| {
-            if let Some(ms) = grace {
-                s.booking_grace = chrono::Duration::milliseconds(ms);
-            }
-        })
-        .await;
-    assert!(
-        wait_until(T, || c
-            .account_state(ACCOUNT)
-            .is_some_and(|s| s.equity == equity))
-        .await
-    );
-    let _sim = AccountsSim::start(&env, equity).await;
+    let (env, c, _h, _sim) = bench_replica(|s| {
+        if let Some(ms) = grace {
+            s.booking_grace = chrono::Duration::milliseconds(ms);
+        }
+    })
+    .await;
     let (max_entries, _) = watch_book_size(&env);
-    let n: usize = std::env::var("MTX_BENCH_SIGNALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5000);
+    let n = env_or("MTX_BENCH_SIGNALS", 5000);
     let signals = fixed_aapl(n, "bench");
     let start = Instant::now();
     publish_all(&env, &signals).await;
     let published = start.elapsed();
-    let st = env
-        .js
-        .get_stream(env.topo.stream_name(streams::CEREBRO_DECISIONS))
-        .await
-        .unwrap();
-    loop {
-        let mut st = st.clone();
-        if st.info().await.unwrap().state.messages >= n as u64 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(600));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.await_decisions(n, start).await;
     let el = start.elapsed();
     let decisions = env.decisions().await;
     let approved = decisions
@@ -1519,24 +1534,11 @@ async fn bench_one_replica_decisions_per_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark; run with --release -- --ignored --nocapture"]
 async fn bench_exits_latency() {
-    let env = Env::new().await;
-    let equity = d("1000000000");
-    env.put_state(&fresh_state(equity)).await;
-    let (c, _h) = env.replica().await;
-    assert!(
-        wait_until(T, || c
-            .account_state(ACCOUNT)
-            .is_some_and(|s| s.equity == equity))
-        .await
+    let (env, _c, _h, _sim) = bench_replica(|_| {}).await;
+    let (n, rate) = (
+        env_or("MTX_BENCH_SIGNALS", 4000),
+        env_or("MTX_BENCH_RATE", 2000),
     );
-    let _sim = AccountsSim::start(&env, equity).await;
-    let var = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
-    let (n, rate) = (var("MTX_BENCH_SIGNALS", 4000), var("MTX_BENCH_RATE", 2000));
     let entries = fixed_aapl(n, "xb");
     let mut signals = Vec::with_capacity(2 * n);
     let lag = 5;
@@ -1563,19 +1565,7 @@ async fn bench_exits_latency() {
         publish_all(&env, chunk).await;
     }
     let published = start.elapsed();
-    let st = env
-        .js
-        .get_stream(env.topo.stream_name(streams::CEREBRO_DECISIONS))
-        .await
-        .unwrap();
-    loop {
-        let mut st = st.clone();
-        if st.info().await.unwrap().state.messages >= signals.len() as u64 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(600));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.await_decisions(signals.len(), start).await;
     let el = start.elapsed();
     let decisions = env.decisions().await;
     let latency = |exits: bool| {

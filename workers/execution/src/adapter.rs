@@ -248,7 +248,7 @@ impl BrokerAdapter for PaperAdapter {
 mod tests {
     use super::*;
     use chrono::TimeZone;
-    use mtx_schemas::{Direction, InstrumentType, OrderStatus, OrderType, Side, SignalAction};
+    use mtx_schemas::{OrderStatus, OrderType};
     use rust_decimal_macros::dec;
 
     fn t(s: i64) -> DateTime<Utc> {
@@ -257,28 +257,9 @@ mod tests {
 
     fn limit(id: &str, qty: Decimal, px: Decimal) -> Order {
         Order {
-            order_id: id.into(),
-            signal_id: "sig".into(),
-            strategy_id: "s".into(),
-            account: "A".into(),
-            timestamp: t(0),
-            instrument: "AAPL".into(),
-            instrument_type: InstrumentType::Stock,
-            direction: Direction::Long,
-            action: SignalAction::Entry,
-            side: Side::Buy,
             order_type: OrderType::Limit,
             price: Some(px),
-            stop_price: None,
-            quantity: qty,
-            stop_loss: None,
-            take_profit: None,
-            expiry: None,
-            cerebro_decision: None,
-            status: OrderStatus::Pending,
-            parent_order_id: None,
-            leg: 0,
-            multiplier: Decimal::ONE,
+            ..Order::pending(id, "sig", "s", "A", "AAPL", qty, t(0))
         }
     }
 

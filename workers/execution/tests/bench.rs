@@ -17,6 +17,8 @@
 //! Nothing here asserts on time; the assertions only check that every order
 //! was filled exactly once.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +29,7 @@ use mtx_runtime::config::Config;
 use mtx_runtime::process::Process;
 use mtx_runtime::{Delivery, Handler, Outcome, Outgoing, Publisher};
 use mtx_schemas::order::Order;
-use mtx_schemas::{Direction, InstrumentType, OrderStatus, OrderType, Side, SignalAction};
+use mtx_schemas::Side;
 use mtx_subjects::topology::streams;
 use mtx_subjects::{Subjects, Topology};
 use rust_decimal::Decimal;
@@ -136,33 +138,25 @@ async fn start(cfg: Config, js: jetstream::Context, topo: Topology, subjects: Su
 
 fn market(i: usize) -> Order {
     let account = format!("PAPER{}", i % 4);
+    let (order_id, signal_id) = (format!("ord_bench_{i:08}"), format!("sig_bench_{i:08}"));
+    let quantity = Decimal::from(1 + i % 5);
     Order {
-        order_id: format!("ord_bench_{i:08}"),
-        signal_id: format!("sig_bench_{i:08}"),
-        strategy_id: "S".into(),
-        account,
-        timestamp: chrono::Utc::now(),
-        instrument: "AAPL".into(),
-        instrument_type: InstrumentType::Stock,
-        direction: Direction::Long,
-        action: SignalAction::Entry,
+        // Every other order sells; `direction` stays LONG as `pending` sets it.
         side: if i.is_multiple_of(2) {
             Side::Buy
         } else {
             Side::Sell
         },
-        order_type: OrderType::Market,
         price: Some(Decimal::new(10_000 + (i % 100) as i64, 2)),
-        stop_price: None,
-        quantity: Decimal::from(1 + i % 5),
-        stop_loss: None,
-        take_profit: None,
-        expiry: None,
-        cerebro_decision: None,
-        status: OrderStatus::Pending,
-        parent_order_id: None,
-        leg: 0,
-        multiplier: Decimal::ONE,
+        ..Order::pending(
+            order_id,
+            signal_id,
+            "S",
+            account,
+            "AAPL",
+            quantity,
+            chrono::Utc::now(),
+        )
     }
 }
 
@@ -339,17 +333,10 @@ fn cpu_seconds() -> (f64, f64) {
     (own, server)
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "bench: run in release with --ignored --nocapture"]
 async fn throughput() {
-    let n = env_usize("BENCH_ORDERS", 20_000);
+    let n = common::env_usize("BENCH_ORDERS", 20_000);
     let nats = NatsServer::start();
     let cfg = config(&nats);
     let (js, topo, subjects) = apply(&cfg).await;
@@ -365,7 +352,7 @@ async fn throughput() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "bench: run in release with --ignored --nocapture"]
 async fn latency_at_100_per_s() {
-    let secs = env_usize("BENCH_SECONDS", 5);
+    let secs = common::env_usize("BENCH_SECONDS", 5);
     let n = secs * 100;
     let nats = NatsServer::start();
     let cfg = config(&nats);

@@ -7,18 +7,17 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use mtx_execution::worker::{self, finished_key, Engine, FINISHED_PREFIX, STATE_KEY};
 use mtx_execution::{order_fingerprint, FinishedOrder};
-use mtx_harness::{bus, NatsServer};
+use mtx_harness::{bus, until, NatsServer};
 use mtx_runtime::config::Config;
 use mtx_runtime::process::Process;
 use mtx_runtime::{Outgoing, Publisher};
-use mtx_schemas::headers;
 use mtx_schemas::order::{CancelOrder, ExecutionConfirmation, Order, OrderEvent};
-use mtx_schemas::{Direction, InstrumentType, OrderStatus, OrderType, Side, SignalAction};
+use mtx_schemas::OrderStatus;
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::{Subjects, Topology};
 use rust_decimal::Decimal;
@@ -86,6 +85,34 @@ impl Env {
         }
     }
 
+    /// Publish `orders`, each with its order id as message id.
+    async fn publish_orders(&self, orders: &[Order]) {
+        let outs = orders.iter().map(|o| self.new_order(o, &o.order_id));
+        self.publish(outs.collect()).await;
+    }
+
+    /// Wait up to `timeout` (panicking with `what`) until there are at least
+    /// `n` executions and every input is handled.
+    async fn handled(&self, what: &str, n: usize, timeout: Duration) {
+        until(what, timeout, || async {
+            self.execution_count().await >= n as u64 && self.settled().await
+        })
+        .await;
+    }
+
+    /// Wait up to `timeout` for `n` executions with every input handled,
+    /// check that each of the `n` orders filled exactly once, and return
+    /// the executions.
+    async fn filled_once_each(&self, n: usize, timeout: Duration) -> Vec<ExecutionConfirmation> {
+        self.handled("every order filled", n, timeout).await;
+        let x = self.executions().await;
+        let mut ids: Vec<&str> = x.iter().map(|x| x.order_id.as_str()).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!((x.len(), ids.len()), (n, n), "one execution per order");
+        x
+    }
+
     fn new_order(&self, o: &Order, msg_id: &str) -> Outgoing {
         Outgoing::new(
             self.subjects.orders_new(&o.account).unwrap(),
@@ -108,16 +135,18 @@ impl Env {
         )
     }
 
+    /// Every message of `stream` under the (prefixed) `subjects`.
+    async fn read(&self, stream: &str, subjects: &str) -> Vec<jetstream::Message> {
+        let stream = self.topo.stream_name(stream);
+        bus::read_all(&self.js, &stream, &self.subjects.raw_subject(subjects)).await
+    }
+
     async fn executions(&self) -> Vec<ExecutionConfirmation> {
-        bus::read_all(
-            &self.js,
-            &self.topo.stream_name(streams::EXECUTIONS),
-            &self.subjects.raw_subject("executions.>"),
-        )
-        .await
-        .iter()
-        .map(|m| serde_json::from_slice(&m.payload).unwrap())
-        .collect()
+        self.read(streams::EXECUTIONS, "executions.>")
+            .await
+            .iter()
+            .map(|m| serde_json::from_slice(&m.payload).unwrap())
+            .collect()
     }
 
     async fn execution_count(&self) -> u64 {
@@ -130,21 +159,11 @@ impl Env {
     }
 
     async fn dlq(&self) -> Vec<String> {
-        bus::read_all(
-            &self.js,
-            &self.topo.stream_name(streams::DLQ),
-            &self.subjects.raw_subject("dlq.>"),
-        )
-        .await
-        .iter()
-        .map(|m| {
-            m.headers
-                .as_ref()
-                .and_then(|h| h.get(headers::DLQ_REASON))
-                .map(|v| v.as_str().to_string())
-                .unwrap_or_default()
-        })
-        .collect()
+        self.read(streams::DLQ, "dlq.>")
+            .await
+            .iter()
+            .map(common::dlq_reason)
+            .collect()
     }
 
     /// Every input of the `execution` consumer handled and acked.
@@ -197,53 +216,12 @@ impl Stage {
     }
 }
 
-async fn until<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 fn market(id: &str, account: &str, qty: Decimal) -> Order {
+    let now = chrono::Utc::now();
     Order {
-        order_id: id.into(),
-        signal_id: format!("sig_{id}"),
-        strategy_id: "S".into(),
-        account: account.into(),
-        timestamp: chrono::Utc::now(),
-        instrument: "AAPL".into(),
-        instrument_type: InstrumentType::Stock,
-        direction: Direction::Long,
-        action: SignalAction::Entry,
-        side: Side::Buy,
-        order_type: OrderType::Market,
         price: Some(dec!(100)),
-        stop_price: None,
-        quantity: qty,
-        stop_loss: None,
-        take_profit: None,
-        expiry: None,
-        cerebro_decision: None,
-        status: OrderStatus::Pending,
-        parent_order_id: None,
-        leg: 0,
-        multiplier: Decimal::ONE,
+        ..Order::pending(id, format!("sig_{id}"), "S", account, "AAPL", qty, now)
     }
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// Far more orders than one KV value could remember (the old single-value
@@ -253,7 +231,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 /// outputs need. `MTX_TEST_ORDERS` overrides the count (default 8000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_orders_fill_once_and_the_state_stays_small() {
-    let n = env_usize("MTX_TEST_ORDERS", 8_000);
+    let n = common::env_usize("MTX_TEST_ORDERS", 8_000);
     let batch = 64;
     let env = Env::new(|c| c.worker.batch_size = batch).await;
     let orders: Vec<Order> = (0..n)
@@ -266,23 +244,8 @@ async fn thousands_of_orders_fill_once_and_the_state_stays_small() {
         })
         .collect();
     let stage = env.start().await;
-    env.publish(
-        orders
-            .iter()
-            .map(|o| env.new_order(o, &o.order_id))
-            .collect(),
-    )
-    .await;
-    until("every order filled", Duration::from_secs(120), || async {
-        env.execution_count().await >= n as u64 && env.settled().await
-    })
-    .await;
-
-    let x = env.executions().await;
-    let mut ids: Vec<&str> = x.iter().map(|x| x.order_id.as_str()).collect();
-    ids.sort();
-    ids.dedup();
-    assert_eq!((x.len(), ids.len()), (n, n), "one execution per order");
+    env.publish_orders(&orders).await;
+    let x = env.filled_once_each(n, Duration::from_secs(120)).await;
     assert!(x
         .iter()
         .all(|x| x.status == mtx_schemas::ExecutionStatus::Filled));
@@ -343,23 +306,9 @@ async fn a_batch_too_big_for_one_value_is_applied_in_chunks() {
     let orders: Vec<Order> = (0..n)
         .map(|i| market(&format!("ord_chunk_{i:05}"), "ACC0", dec!(1)))
         .collect();
-    env.publish(
-        orders
-            .iter()
-            .map(|o| env.new_order(o, &o.order_id))
-            .collect(),
-    )
-    .await;
+    env.publish_orders(&orders).await;
     let stage = env.start().await;
-    until("every order filled", Duration::from_secs(60), || async {
-        env.execution_count().await >= n as u64 && env.settled().await
-    })
-    .await;
-    let x = env.executions().await;
-    let mut ids: Vec<&str> = x.iter().map(|x| x.order_id.as_str()).collect();
-    ids.sort();
-    ids.dedup();
-    assert_eq!((x.len(), ids.len()), (n, n), "one execution per order");
+    env.filled_once_each(n, Duration::from_secs(60)).await;
     assert_eq!(env.dlq().await, Vec::<String>::new());
     let max = stage.engine.state_bytes_max();
     assert!(max <= max_payload, "largest state written: {max} bytes");
@@ -434,10 +383,7 @@ async fn known_after_restart(direct: bool) {
         env.new_order(&market("R3", "ACC2", dec!(1)), "m6"),
     ])
     .await;
-    until("all handled", Duration::from_secs(20), || async {
-        env.execution_count().await >= 3 && env.settled().await
-    })
-    .await;
+    env.handled("all handled", 3, Duration::from_secs(20)).await;
     let x = env.executions().await;
     assert_eq!(
         x.iter().map(|x| x.order_id.as_str()).collect::<Vec<_>>(),
@@ -500,10 +446,7 @@ async fn a_version_1_state_is_migrated() {
         env.new_order(&market("NEW1", "ACC0", dec!(1)), "o3"),
     ])
     .await;
-    until("all handled", Duration::from_secs(20), || async {
-        env.execution_count().await >= 1 && env.settled().await
-    })
-    .await;
+    env.handled("all handled", 1, Duration::from_secs(20)).await;
     let x = env.executions().await;
     assert_eq!(x.len(), 1);
     assert_eq!(x[0].order_id, "NEW1");

@@ -7,14 +7,14 @@ mod common;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use mtx_execution::worker::{self, Engine};
-use mtx_harness::NatsServer;
+use mtx_harness::{eventually, NatsServer};
 use mtx_runtime::config::Config;
 use mtx_runtime::process::Process;
 use mtx_schemas::headers;
 use mtx_schemas::ids::{derive_id, execution_id};
 use mtx_schemas::market::MarketPrice;
 use mtx_schemas::order::{CancelOrder, ExecutionConfirmation, Order, OrderEvent};
-use mtx_schemas::{Direction, InstrumentType, OrderStatus, OrderType, Side, SignalAction};
+use mtx_schemas::{OrderStatus, OrderType, Side, SignalAction};
 use mtx_subjects::topology::streams;
 use mtx_subjects::{Subjects, Topology};
 use rust_decimal::Decimal;
@@ -110,7 +110,7 @@ impl Stage {
             serde_json::to_vec(&m).unwrap(),
         )
         .await;
-        let seen = until(Duration::from_secs(10), || async {
+        let seen = eventually(Duration::from_secs(10), || async {
             self.engine
                 .broker_snapshot("PAPER")
                 .await
@@ -197,30 +197,9 @@ impl Stage {
         self.read(streams::DLQ, &self.subjects.raw_subject("dlq.>"))
             .await
             .iter()
-            .map(|m| {
-                m.headers
-                    .as_ref()
-                    .and_then(|h| h.get(headers::DLQ_REASON))
-                    .map(|v| v.as_str().to_string())
-                    .unwrap_or_default()
-            })
+            .map(common::dlq_reason)
             .collect()
     }
-}
-
-async fn until<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 fn order(
@@ -231,29 +210,13 @@ fn order(
     qty: Decimal,
     price: Decimal,
 ) -> Order {
+    let now = chrono::Utc::now();
+    // `direction` stays LONG whatever the side, as `pending` sets it.
     Order {
-        order_id: id.into(),
-        signal_id: format!("sig_{id}"),
-        strategy_id: "S".into(),
-        account: account.into(),
-        timestamp: chrono::Utc::now(),
-        instrument: "AAPL".into(),
-        instrument_type: InstrumentType::Stock,
-        direction: Direction::Long,
-        action: SignalAction::Entry,
         side,
         order_type,
         price: Some(price),
-        stop_price: None,
-        quantity: qty,
-        stop_loss: None,
-        take_profit: None,
-        expiry: None,
-        cerebro_decision: None,
-        status: OrderStatus::Pending,
-        parent_order_id: None,
-        leg: 0,
-        multiplier: Decimal::ONE,
+        ..Order::pending(id, format!("sig_{id}"), "S", account, "AAPL", qty, now)
     }
 }
 
@@ -471,20 +434,20 @@ async fn a_fill_whose_publish_fails_is_published_later_from_the_outbox() {
         s.js.get_stream(s.topo.stream_name(streams::ORDERS))
             .await
             .unwrap();
-    let acked = until(Duration::from_secs(10), || async {
+    let acked = eventually(Duration::from_secs(10), || async {
         let i = orders.consumer_info("execution").await.unwrap();
         i.num_ack_pending == 0 && i.num_pending == 0
     })
     .await;
     assert!(acked, "the order is acked once the fill is persisted");
-    let pending = until(Duration::from_secs(5), || async {
+    let pending = eventually(Duration::from_secs(5), || async {
         s.engine.metrics().outbox.get() >= 1
     })
     .await;
     assert!(pending, "the execution waits in the outbox");
 
     mtx_subjects::apply::apply(&s.js, &s.topo).await.unwrap();
-    let published = until(Duration::from_secs(15), || async {
+    let published = eventually(Duration::from_secs(15), || async {
         s.executions().await.len() == 1 && s.engine.metrics().outbox.get() == 0
     })
     .await;
@@ -536,7 +499,7 @@ async fn two_instances_take_turns_and_never_fill_twice() {
         )
         .await;
     }
-    let all = until(Duration::from_secs(30), || async {
+    let all = eventually(Duration::from_secs(30), || async {
         a.executions().await.len() >= n as usize
     })
     .await;
@@ -573,7 +536,7 @@ async fn a_cancel_after_the_fill_is_too_late_not_a_dead_letter() {
     s.wait_status("F1", OrderStatus::Filled).await;
     // Cerebro still saw the order working and cancels the rest: the fill won.
     s.cancel("PAPER", "F1", "c1").await;
-    let counted = until(Duration::from_secs(10), || async {
+    let counted = eventually(Duration::from_secs(10), || async {
         mtx_runtime::metrics::render(&s.registry)
             .contains("mtx_execution_cancel_rejects_total{reason=\"too_late\"} 1")
     })

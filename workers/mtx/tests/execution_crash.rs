@@ -14,13 +14,13 @@
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use mtx_harness::{unique, NatsServer};
+use mtx_harness::{unique, until, NatsServer};
 use mtx_runtime::config::Config;
 use mtx_schemas::headers;
 use mtx_schemas::ids::execution_id;
 use mtx_schemas::market::MarketPrice;
 use mtx_schemas::order::{ExecutionConfirmation, Order, OrderEvent};
-use mtx_schemas::{Direction, InstrumentType, OrderStatus, OrderType, Side, SignalAction};
+use mtx_schemas::OrderStatus;
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::{Subjects, Topology};
 use rust_decimal::Decimal;
@@ -225,45 +225,11 @@ impl Env {
 }
 
 fn market_buy(id: &str, qty: Decimal, reference: Decimal) -> Order {
+    let now = chrono::Utc::now();
     Order {
-        order_id: id.into(),
-        signal_id: format!("sig_{id}"),
-        strategy_id: "S".into(),
-        account: ACCOUNT.into(),
-        timestamp: chrono::Utc::now(),
-        instrument: "AAPL".into(),
-        instrument_type: InstrumentType::Stock,
-        direction: Direction::Long,
-        action: SignalAction::Entry,
-        side: Side::Buy,
-        order_type: OrderType::Market,
         price: Some(reference),
-        stop_price: None,
-        quantity: qty,
-        stop_loss: None,
-        take_profit: None,
-        expiry: None,
-        cerebro_decision: None,
-        status: OrderStatus::Pending,
-        parent_order_id: None,
-        leg: 0,
-        multiplier: Decimal::ONE,
+        ..Order::pending(id, format!("sig_{id}"), "S", ACCOUNT, "AAPL", qty, now)
     }
-}
-
-async fn until<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {

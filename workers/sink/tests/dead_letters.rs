@@ -31,15 +31,9 @@ const SEEDED: usize = 8_000;
 /// Bad raw signals, each dead-lettered once.
 const BAD: usize = 40;
 
-/// The dead letter the standardizer's runtime publishes for raw signal `i`
-/// (stored at raw stream sequence `seq`), dead-lettered at `time`.
-fn letter(
-    t: &Setup,
-    raw_sub: &str,
-    i: usize,
-    seq: u64,
-    time: &str,
-) -> (String, async_nats::HeaderMap, Vec<u8>) {
+/// Publish the dead letter the standardizer's runtime publishes for raw
+/// signal `i` (stored at raw stream sequence `seq`), dead-lettered at `time`.
+async fn publish_letter(t: &Setup, raw_sub: &str, i: usize, seq: u64, time: &str) {
     let mut h = async_nats::HeaderMap::new();
     h.insert(
         headers::MSG_ID,
@@ -57,7 +51,7 @@ fn letter(
     h.insert(headers::SIGNAL_ID, signal_id(i).as_str());
     h.insert(mtx_runtime::dlq::DLQ_TIME, time);
     let body = serde_json::to_vec(&raw_signal(i)).unwrap();
-    (t.sub.dlq("standardizer").unwrap(), h, body)
+    publish_with(&t.js, t.sub.dlq("standardizer").unwrap(), h, body).await;
 }
 
 /// `mtx_messages_processed_total{stage="sink",outcome=...}`.
@@ -120,15 +114,7 @@ async fn dead_letters_on_a_large_raw_collection_are_written_first_time() {
     // Half of the bad raw signals are stored before their dead letters.
     let sink = start_sink(&t.cfg).await;
     for i in 0..BAD / 2 {
-        let sid = signal_id(i);
-        publish(
-            &t.js,
-            &raw_sub,
-            &format!("raw-{i}"),
-            Some(&sid),
-            &raw_signal(i),
-        )
-        .await;
+        publish_raw(&t.js, &raw_sub, i).await;
     }
     assert!(
         eventually(Duration::from_secs(60), || async {
@@ -143,8 +129,7 @@ async fn dead_letters_on_a_large_raw_collection_are_written_first_time() {
     // All the dead letters at once (one batch for the sink's DLQ consumer),
     // then the other half of the raw signals.
     for i in 0..BAD {
-        let (subject, h, body) = letter(&t, &raw_sub, i, 1_000 + i as u64, "2025-11-20T10:00:10Z");
-        publish_with(&t.js, subject, h, body).await;
+        publish_letter(&t, &raw_sub, i, 1_000 + i as u64, "2025-11-20T10:00:10Z").await;
     }
     let sink = start_sink(&t.cfg).await;
     assert!(
@@ -156,15 +141,7 @@ async fn dead_letters_on_a_large_raw_collection_are_written_first_time() {
         t.count("dead_letters", doc! {}).await
     );
     for i in BAD / 2..BAD {
-        let sid = signal_id(i);
-        publish(
-            &t.js,
-            &raw_sub,
-            &format!("raw-{i}"),
-            Some(&sid),
-            &raw_signal(i),
-        )
-        .await;
+        publish_raw(&t.js, &raw_sub, i).await;
     }
 
     // Every error recorded, by whichever side came second.
@@ -210,10 +187,8 @@ async fn dead_letters_on_a_large_raw_collection_are_written_first_time() {
 
     // The newest error wins: an older dead letter of raw signal 0 (another
     // copy) leaves its error alone, a newer one replaces it.
-    let (subject, h, body) = letter(&t, &raw_sub, 0, 5_000, "2025-11-20T09:00:00Z");
-    publish_with(&t.js, subject, h, body).await;
-    let (subject, h, body) = letter(&t, &raw_sub, 1, 5_001, "2025-11-20T11:00:00Z");
-    publish_with(&t.js, subject, h, body).await;
+    publish_letter(&t, &raw_sub, 0, 5_000, "2025-11-20T09:00:00Z").await;
+    publish_letter(&t, &raw_sub, 1, 5_001, "2025-11-20T11:00:00Z").await;
     assert!(
         eventually(Duration::from_secs(30), || async {
             t.count("dead_letters", doc! {}).await == BAD as u64 + 2

@@ -654,59 +654,24 @@ async fn processed_flags_whichever_way_the_flag_update_is_sent() {
             );
         }
     };
-    // Standardized signals 0..8 ahead of their raw signals, one batch each:
-    // their raw flag updates find nothing, so later ones look first.
-    for i in 0..8 {
-        let sid = signal_id(i);
-        publish(
-            &t.js,
-            &std_sub,
-            &format!("std-{i}"),
-            Some(&sid),
-            &standardized(i),
-        )
-        .await;
-        stored("standardized_signals", i as u64 + 1).await;
+    // Two rounds, each: standardized signals one batch each, then raw
+    // signals all together.
+    // 1. Standardized signals 0..8 ahead of their raw signals: their raw
+    //    flag updates find nothing, so later ones look first. Raw signals
+    //    8..16 ahead of their standardized signals: looked up and flagged by
+    //    _id, then (once updates find something again) blind.
+    // 2. Standardized signals 8..16, then the raw signals of 0..8 last: they
+    //    find their standardized signals.
+    for (standardized_now, raw_now, raw_total) in [(0..8, 8..16, 8), (8..16, 0..8, 16)] {
+        for i in standardized_now {
+            publish_standardized(&t.js, &std_sub, i).await;
+            stored("standardized_signals", i as u64 + 1).await;
+        }
+        for i in raw_now {
+            publish_raw(&t.js, &raw_sub, i).await;
+        }
+        stored("raw_signals", raw_total).await;
     }
-    // Raw signals 8..16 ahead of their standardized signals: looked up and
-    // flagged by _id, then (once updates find something again) blind.
-    for i in 8..16 {
-        let sid = signal_id(i);
-        publish(
-            &t.js,
-            &raw_sub,
-            &format!("raw-{i}"),
-            Some(&sid),
-            &raw_signal(i),
-        )
-        .await;
-    }
-    stored("raw_signals", 8).await;
-    for i in 8..16 {
-        let sid = signal_id(i);
-        publish(
-            &t.js,
-            &std_sub,
-            &format!("std-{i}"),
-            Some(&sid),
-            &standardized(i),
-        )
-        .await;
-        stored("standardized_signals", i as u64 + 1).await;
-    }
-    // The raw signals of 0..8 last: they find their standardized signals.
-    for i in 0..8 {
-        let sid = signal_id(i);
-        publish(
-            &t.js,
-            &raw_sub,
-            &format!("raw-{i}"),
-            Some(&sid),
-            &raw_signal(i),
-        )
-        .await;
-    }
-    stored("raw_signals", 16).await;
     assert!(
         eventually(Duration::from_secs(30), || async {
             t.count("raw_signals", doc! {"processed": true}).await == 16
@@ -727,15 +692,7 @@ async fn processed_flags_whichever_way_the_flag_update_is_sent() {
     for i in (16..24).chain(24..32).chain(0..16) {
         if i == 24 {
             for j in 16..32 {
-                let sid = signal_id(j);
-                publish(
-                    &t.js,
-                    &std_sub,
-                    &format!("std-{j}"),
-                    Some(&sid),
-                    &standardized(j),
-                )
-                .await;
+                publish_standardized(&t.js, &std_sub, j).await;
             }
             stored("standardized_signals", 32).await;
         }

@@ -573,28 +573,9 @@ fn snapshot_lists_tracked_open_orders() {
     use mtx_schemas::{OrderStatus, OrderType};
     let mut l = Ledger::new(config(dec!(1000)));
     let order = Order {
-        order_id: "o1".into(),
-        signal_id: "s".into(),
-        strategy_id: STRAT.into(),
-        account: ACC.into(),
-        timestamp: t(0),
-        instrument: "AAPL".into(),
-        instrument_type: InstrumentType::Stock,
-        direction: Direction::Long,
-        action: Entry,
-        side: Buy,
         order_type: OrderType::Limit,
         price: Some(dec!(140)),
-        stop_price: None,
-        quantity: dec!(10),
-        stop_loss: None,
-        take_profit: None,
-        expiry: None,
-        cerebro_decision: None,
-        status: OrderStatus::Pending,
-        parent_order_id: None,
-        leg: 0,
-        multiplier: Decimal::ONE,
+        ..Order::pending("o1", "s", STRAT, ACC, "AAPL", dec!(10), t(0))
     };
     l.track_order(&order);
     l.apply_order_event(&OrderEvent {

@@ -14,7 +14,7 @@ use mtx_schemas::order::{
     account_state_key, order_side, AccountState, CancelOrder, ExecutionConfirmation, Order,
     OrderEvent,
 };
-use mtx_schemas::{Direction, InstrumentType, OrderStatus, OrderType, SignalAction};
+use mtx_schemas::{Direction, OrderStatus, OrderType, SignalAction};
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::{Subjects, Topology};
 use rust_decimal::Decimal;
@@ -22,7 +22,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-pub fn config(nats: &NatsServer) -> Config {
+/// The default config on `nats` under a fresh topology prefix starting with
+/// `prefix`, metrics on any port, logging at `TEST_LOG` when it is set.
+pub fn base_config(nats: &NatsServer, prefix: &str) -> Config {
     let mut c = Config::default();
     if let Ok(level) = std::env::var("TEST_LOG") {
         c.log.level = level;
@@ -30,7 +32,14 @@ pub fn config(nats: &NatsServer) -> Config {
     }
     c.nats.url = nats.url();
     c.metrics.addr = "127.0.0.1:0".into();
-    c.topology.prefix = unique("t");
+    c.topology.prefix = unique(prefix);
+    c
+}
+
+/// [`base_config`] with short heartbeats / retries, a 200 ms venue clock
+/// and a commission of 0.01 per share.
+pub fn config(nats: &NatsServer) -> Config {
+    let mut c = base_config(nats, "t");
     c.worker.heartbeat_ms = 500;
     c.worker.pull_expires_ms = 2_000;
     c.worker.publish_retry_delay_ms = 200;
@@ -52,16 +61,26 @@ pub struct Pipeline {
     waiter: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// Apply `cfg`'s topology through `js`, then start a process on `cfg` (no
+/// stage spawned yet) that stops when the returned token is cancelled.
+pub async fn apply_and_start(
+    cfg: &Config,
+    js: &jetstream::Context,
+) -> (Topology, Process, CancellationToken) {
+    let topo = Topology::build(&cfg.topology);
+    mtx_subjects::apply::apply(js, &topo).await.expect("apply");
+    let shutdown = CancellationToken::new();
+    let p = Process::start(cfg.clone(), shutdown.clone())
+        .await
+        .expect("process");
+    (topo, p, shutdown)
+}
+
 impl Pipeline {
     pub async fn start(cfg: Config) -> Pipeline {
         let client = async_nats::connect(&cfg.nats.url).await.expect("connect");
         let js = jetstream::new(client);
-        let topo = Topology::build(&cfg.topology);
-        mtx_subjects::apply::apply(&js, &topo).await.expect("apply");
-        let shutdown = CancellationToken::new();
-        let mut p = Process::start(cfg.clone(), shutdown.clone())
-            .await
-            .expect("process");
+        let (topo, mut p, shutdown) = apply_and_start(&cfg, &js).await;
         let execution = mtx_execution::worker::spawn(&mut p).expect("execution");
         let accounts = mtx_accounts::worker::spawn(&mut p).expect("accounts");
         let registry = p.registry.clone();
@@ -279,29 +298,22 @@ pub fn order(
     order_type: OrderType,
     price: Option<Decimal>,
 ) -> Order {
+    let now = chrono::Utc::now();
     Order {
-        order_id: id.into(),
-        signal_id: format!("sig_{id}"),
-        strategy_id: strategy.into(),
-        account: "PAPER".into(),
-        timestamp: chrono::Utc::now(),
-        instrument: instrument.into(),
-        instrument_type: InstrumentType::Stock,
         direction,
         action,
         side: order_side(action, direction),
         order_type,
         price,
-        stop_price: None,
-        quantity: qty,
-        stop_loss: None,
-        take_profit: None,
-        expiry: None,
-        cerebro_decision: None,
-        status: OrderStatus::Pending,
-        parent_order_id: None,
-        leg: 0,
-        multiplier: Decimal::ONE,
+        ..Order::pending(
+            id,
+            format!("sig_{id}"),
+            strategy,
+            "PAPER",
+            instrument,
+            qty,
+            now,
+        )
     }
 }
 

@@ -13,29 +13,12 @@ fn at(secs: i64) -> DateTime<Utc> {
 }
 
 fn order(id: &str, instrument: &str, side: Side, order_type: OrderType, qty: Decimal) -> Order {
+    let sig = format!("sig_{id}");
     Order {
-        order_id: id.into(),
-        signal_id: format!("sig_{id}"),
-        strategy_id: "SPX_1-D_Opt".into(),
-        account: "IBKR_Main".into(),
-        timestamp: t0(),
-        instrument: instrument.into(),
-        instrument_type: InstrumentType::Stock,
         direction: mtx_schemas::order::position_direction(SignalAction::Entry, side),
-        action: SignalAction::Entry,
         side,
         order_type,
-        price: None,
-        stop_price: None,
-        quantity: qty,
-        stop_loss: None,
-        take_profit: None,
-        expiry: None,
-        cerebro_decision: None,
-        status: OrderStatus::Pending,
-        parent_order_id: None,
-        leg: 0,
-        multiplier: Decimal::ONE,
+        ..Order::pending(id, sig, "SPX_1-D_Opt", "IBKR_Main", instrument, qty, t0())
     }
 }
 

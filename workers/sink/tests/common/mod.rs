@@ -184,6 +184,26 @@ pub async fn publish(
     .expect("publish ack");
 }
 
+/// Publish raw signal `i` on `subject` (msg id `raw-{i}`, its signal id).
+pub async fn publish_raw(js: &jetstream::Context, subject: &str, i: usize) {
+    let sid = signal_id(i);
+    publish(js, subject, &format!("raw-{i}"), Some(&sid), &raw_signal(i)).await;
+}
+
+/// Publish standardized signal `i` on `subject` (msg id `std-{i}`, its
+/// signal id).
+pub async fn publish_standardized(js: &jetstream::Context, subject: &str, i: usize) {
+    let sid = signal_id(i);
+    publish(
+        js,
+        subject,
+        &format!("std-{i}"),
+        Some(&sid),
+        &standardized(i),
+    )
+    .await;
+}
+
 /// Publish `body` on `subject` with exactly the headers `h`.
 pub async fn publish_with(
     js: &jetstream::Context,
