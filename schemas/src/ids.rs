@@ -37,6 +37,25 @@ pub fn execution_id(order_id: &str, fill_seq: u64) -> String {
     derive_id("exe", &[order_id, &fill_seq.to_string()])
 }
 
+/// Append `id` to `out` as a NATS KV key token: KV keys allow only
+/// `[-/_=.A-Za-z0-9]`, so ASCII letters, digits, `_` and `-` pass through and
+/// every other byte of the UTF-8 id becomes `=XX` (uppercase hex). Injective:
+/// two ids never share a token, so keys built from ids (strategy configs,
+/// finished orders) never collide. The one encoding every KV key of an id uses.
+pub fn push_kv_token(out: &mut String, id: &str) {
+    for &b in id.as_bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push('=');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xF)]));
+        }
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
 #[cfg(test)]
 mod tests {
     use super::*;

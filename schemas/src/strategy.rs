@@ -119,14 +119,7 @@ impl StrategyConfig {
     /// map to the empty string, which is not a valid key.
     pub fn kv_key(strategy_id: &str) -> String {
         let mut out = String::with_capacity(strategy_id.len());
-        for &b in strategy_id.as_bytes() {
-            if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-                out.push(b as char);
-            } else {
-                out.push('=');
-                out.push_str(&format!("{b:02X}"));
-            }
-        }
+        crate::ids::push_kv_token(&mut out, strategy_id);
         out
     }
 }

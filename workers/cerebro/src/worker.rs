@@ -2706,6 +2706,15 @@ mod tests {
         }
     }
 
+    /// `ord_a` ended: `filled` of it, at `at`, with `status`.
+    fn ended_a(
+        filled: Decimal,
+        at: DateTime<Utc>,
+        status: OrderStatus,
+    ) -> HashMap<String, EndedOrder> {
+        HashMap::from([("ord_a".to_string(), EndedOrder { filled, at, status })])
+    }
+
     fn reconcile(
         b: &mut ReservationBook,
         st: Option<&AccountState>,
@@ -2718,14 +2727,7 @@ mod tests {
     #[test]
     fn an_order_ended_unfilled_releases_at_once() {
         let mut b = book(&["a", "b"]);
-        let ended = HashMap::from([(
-            "ord_a".to_string(),
-            EndedOrder {
-                filled: Decimal::ZERO,
-                at: t(1),
-                status: OrderStatus::Cancelled,
-            },
-        )]);
+        let ended = ended_a(Decimal::ZERO, t(1), OrderStatus::Cancelled);
         assert!(reconcile(&mut b, None, &ended, 1));
         assert_eq!(b.held.keys().collect::<Vec<_>>(), ["b"]);
     }
@@ -2733,14 +2735,7 @@ mod tests {
     #[test]
     fn a_fill_releases_once_a_state_booking_grace_newer_omits_it() {
         let mut b = book(&["a"]);
-        let ended = HashMap::from([(
-            "ord_a".to_string(),
-            EndedOrder {
-                filled: dec!(10),
-                at: t(5),
-                status: OrderStatus::Filled,
-            },
-        )]);
+        let ended = ended_a(dec!(10), t(5), OrderStatus::Filled);
         assert!(!reconcile(&mut b, Some(&state(6, &[])), &ended, 6));
         // A stale state still listing it working: held (pro rata).
         assert!(reconcile(
@@ -2766,14 +2761,7 @@ mod tests {
     fn a_fill_releases_as_soon_as_a_state_books_its_last_execution() {
         let mut b = book(&["a"]);
         let rules = rules();
-        let ended = HashMap::from([(
-            "ord_a".to_string(),
-            EndedOrder {
-                filled: dec!(10),
-                at: t(5),
-                status: OrderStatus::Filled,
-            },
-        )]);
+        let ended = ended_a(dec!(10), t(5), OrderStatus::Filled);
         // Two partial fills, at stream sequences 40 and 42.
         let part = |q: Decimal, seq: u64| {
             HashMap::from([(
@@ -2859,14 +2847,7 @@ mod tests {
         assert!(c.validate().is_err());
         // A grace past the end of time never settles (and never panics).
         let mut b = book(&["a"]);
-        let ended = HashMap::from([(
-            "ord_a".to_string(),
-            EndedOrder {
-                filled: dec!(10),
-                at: t(5),
-                status: OrderStatus::Filled,
-            },
-        )]);
+        let ended = ended_a(dec!(10), t(5), OrderStatus::Filled);
         let r = SettleRules::of(&s);
         let st100 = state(100, &[]);
         let ev = Evidence::new(Some(&st100), &ended, t(100));
@@ -2927,14 +2908,7 @@ mod tests {
         );
         // The FILLED event: filled at once, no booking grace, even while a
         // stale state still lists the order working.
-        let filled = HashMap::from([(
-            "ord_a".to_string(),
-            EndedOrder {
-                filled: dec!(10),
-                at: t(1),
-                status: OrderStatus::Filled,
-            },
-        )]);
+        let filled = ended_a(dec!(10), t(1), OrderStatus::Filled);
         assert_eq!(
             leg(&filled, &state(1, &[])),
             (dec!(10), OrderStatus::Filled)
@@ -2944,14 +2918,7 @@ mod tests {
             (dec!(10), OrderStatus::Filled)
         );
         // Cancelled after a partial fill: that part, no longer working.
-        let partial = HashMap::from([(
-            "ord_a".to_string(),
-            EndedOrder {
-                filled: dec!(3),
-                at: t(1),
-                status: OrderStatus::Cancelled,
-            },
-        )]);
+        let partial = ended_a(dec!(3), t(1), OrderStatus::Cancelled);
         assert_eq!(
             leg(&partial, &state(1, &[])),
             (dec!(3), OrderStatus::Cancelled)

@@ -191,20 +191,12 @@ const FINISHED_CACHE: usize = 50_000;
 const LOOKUP_CONCURRENCY: usize = 512;
 
 /// The KV key of the finished-order record of `order_id`: [`FINISHED_PREFIX`]
-/// and the id with every byte other than ASCII letters, digits, `_` and `-`
-/// written `=XX` (two uppercase hex digits), so any id gives a valid key and
-/// different ids give different keys.
+/// and the id as a KV token ([`mtx_schemas::ids::push_kv_token`]: any id
+/// gives a valid key, different ids give different keys).
 pub fn finished_key(order_id: &str) -> String {
     let mut out = String::with_capacity(FINISHED_PREFIX.len() + order_id.len());
     out.push_str(FINISHED_PREFIX);
-    for &b in order_id.as_bytes() {
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-            out.push(b as char);
-        } else {
-            out.push('=');
-            out.push_str(&format!("{b:02X}"));
-        }
-    }
+    mtx_schemas::ids::push_kv_token(&mut out, order_id);
     out
 }
 
