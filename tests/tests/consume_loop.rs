@@ -211,6 +211,40 @@ async fn outcomes_drive_ack_delayed_redelivery_and_dlq() {
     run.stop().await;
 }
 
+/// A handler slower than the ack wait (a CPU-starved database under the
+/// sink) keeps its messages: the loop marks them in progress, so neither a
+/// second replica nor its own next batch gets a redelivery meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_the_ack_wait_keeps_its_messages() {
+    let nats = NatsServer::start();
+    let mut cfg = config(&nats);
+    cfg.topology.ack_wait_secs = 1;
+    let js = js(&nats).await;
+    let topo = apply(&js, &cfg).await;
+    let handler = Arc::new(Script {
+        delay: Duration::from_millis(3_500),
+        ..Script::new(&cfg)
+    });
+    let first = consume(&cfg, "standardizer", "standardizer", handler.clone()).await;
+    let second = consume(&cfg, "standardizer", "standardizer", handler.clone()).await;
+    publish_raw(&js, &raw_subject(&cfg), &["ok:slow"]).await;
+    let audit = topo.stream_name(streams::AUDIT);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&js, &audit, ">").await == 1
+        })
+        .await,
+        "the slow message's output"
+    );
+    // Longer than an ack wait after the ack: a redelivery would show by now.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let seen = handler.seen.lock().unwrap().clone();
+    let deliveries: Vec<u64> = seen.iter().map(|(_, d, _)| *d).collect();
+    assert_eq!(deliveries, vec![1], "handled more than once: {seen:?}");
+    first.stop().await;
+    second.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_mid_batch_and_restart_loses_nothing_and_repeats_nothing() {
     let nats = NatsServer::start();

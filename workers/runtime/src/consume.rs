@@ -28,6 +28,10 @@
 //! `worker.prefetch`, the next pull request is sent as soon as the current
 //! one is complete, while its last batch is being handled.
 //!
+//! A handler may take longer than the ack wait: while it works on a batch
+//! the loop marks the batch's messages in progress every third of the ack
+//! wait, so they are not redelivered to another replica meanwhile.
+//!
 //! On shutdown the loop issues no new pull request, handles every message of
 //! the requests in hand (until each is complete or idle), then stops.
 
@@ -549,6 +553,30 @@ fn has_suspects(ctx: &LoopContext, state: &LoopState, batch: &[jetstream::Messag
     isolate_from(ctx, state).is_some_and(|from| batch.iter().any(|m| is_suspect(state, from, m)))
 }
 
+/// Run `work` on `batch`, telling the server every third of the ack wait
+/// that the batch's messages are still in hand (`+WPI`): a handler slowed by
+/// a busy dependency (a CPU-starved database) is never raced by redeliveries
+/// of the very messages it is working on. A process that dies stops sending
+/// them, so its messages still come back one ack wait later.
+async fn in_progress<T>(
+    batch: &[jetstream::Message],
+    ack_wait: Duration,
+    work: impl Future<Output = T>,
+) -> T {
+    let period = (ack_wait / 3).max(Duration::from_millis(100));
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tokio::time::sleep(period) => {
+                for m in batch {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                }
+            }
+        }
+    }
+}
+
 async fn process_batch<H: Handler>(
     ctx: &LoopContext,
     b: &Binding,
@@ -593,9 +621,12 @@ async fn process_batch<H: Handler>(
     }
 
     let started = Instant::now();
-    let mut outcomes = handler
-        .handle_batch(&deliveries, ctx.worker.concurrency)
-        .await;
+    let mut outcomes = in_progress(
+        &batch,
+        state.ack_wait,
+        handler.handle_batch(&deliveries, ctx.worker.concurrency),
+    )
+    .await;
     let per_msg = started.elapsed().as_secs_f64() / n as f64;
     let hist = m.handler_seconds.with_label_values(&[stage]);
     for _ in 0..n {

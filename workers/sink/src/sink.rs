@@ -30,11 +30,14 @@
 //! while the previous one is written and acked, but the batches of one
 //! consumer take turns at MongoDB (insert and follow-ups of one batch, then
 //! the next), and at most `sink.writers` (default 2) batches of the whole
-//! process write at once. On a CPU-bound server more concurrent commands only add latency and
-//! cost more server time than they hide (`mtx bench sink`); under a backlog
-//! on every stream that latency reaches the operation time limit, which
-//! reads as an outage and NAKs every consumer's batches (the chaos duplicate
-//! storm). The wait for a turn is bounded (then the batch goes anyway):
+//! process write at once. On a CPU-bound server more concurrent commands
+//! only add latency and cost more server time than they hide (`mtx bench
+//! sink`). A slow write is waited for and never dropped half-way
+//! ([`Store::timed`]): the consume loop keeps the batch's messages in
+//! progress, and the operation limit is the ack wait (10–60 s). Giving up
+//! sooner only sent a busy server the same write again; a timeout is
+//! retried, but only the ping watcher and connection errors count as an
+//! outage. The wait for a turn is bounded (then the batch goes anyway):
 //! nothing above depends on turns or batch order, documents are keyed,
 //! follow-ups are guarded and set-based.
 //!
@@ -132,15 +135,22 @@ pub struct Timing {
 }
 
 impl Timing {
-    /// Defaults for a consumer with `ack_wait`: a whole batch (wait + writes)
-    /// stays well inside the ack wait, so nothing is redelivered while in hand.
+    /// Defaults for a consumer with `ack_wait`.
+    ///
+    /// The operation limit is generous (the ack wait, at least 10 s, at most
+    /// 60 s): the consume loop marks a batch's messages in progress while
+    /// the sink works on them, so a slow write keeps its messages, and a
+    /// server that is merely busy is waited for rather than given up on and
+    /// sent the same write again (which only adds to its load). The limit
+    /// still bounds a command the server accepted and never answers; an
+    /// unreachable server fails much sooner (server selection, 3 s).
     pub fn for_ack_wait(ack_wait: Duration) -> Timing {
         Timing {
             wait_for_mongo: (ack_wait / 6)
                 .clamp(Duration::from_millis(500), Duration::from_secs(5)),
             retry_delay: Duration::from_secs(1),
             max_retry_delay: Duration::from_secs(30),
-            op_timeout: (ack_wait / 3).clamp(Duration::from_secs(2), Duration::from_secs(10)),
+            op_timeout: ack_wait.clamp(Duration::from_secs(10), Duration::from_secs(60)),
         }
     }
 
@@ -1086,7 +1096,11 @@ mod tests {
         assert_eq!(t.delay(50), Duration::from_secs(30));
         let nine: Duration = (1..10).map(|d| t.delay(d)).sum();
         assert!(nine >= Duration::from_secs(170), "{nine:?}");
-        assert!(t.wait_for_mongo + 3 * t.op_timeout <= Duration::from_secs(35));
+        assert_eq!(t.op_timeout, Duration::from_secs(30));
+        assert!(t.wait_for_mongo <= Duration::from_secs(5));
+        // A short ack wait (the chaos tests' 5 s) still gives a busy server 10 s.
+        let short = Timing::for_ack_wait(Duration::from_secs(5));
+        assert_eq!(short.op_timeout, Duration::from_secs(10));
     }
 
     #[test]

@@ -18,6 +18,9 @@ use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+/// Time limit of a readiness ping.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Result of one document or statement of a bulk write.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WriteResult {
@@ -176,8 +179,17 @@ impl Store {
         F: Future<Output = Result<T, SinkError>> + Send + 'static,
         T: Send + 'static,
     {
+        self.timed_within(self.op_timeout, what, fut).await
+    }
+
+    /// [`Store::timed`] with another limit.
+    async fn timed_within<T, F>(&self, limit: Duration, what: &str, fut: F) -> Result<T, SinkError>
+    where
+        F: Future<Output = Result<T, SinkError>> + Send + 'static,
+        T: Send + 'static,
+    {
         let task = tokio::spawn(fut);
-        match tokio::time::timeout(self.op_timeout, task).await {
+        match tokio::time::timeout(limit, task).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => Err(SinkError::Command {
                 op: "task",
@@ -188,10 +200,13 @@ impl Store {
         }
     }
 
-    /// `ping` the trading database's server.
+    /// `ping` the trading database's server, within [`PING_TIMEOUT`] (or
+    /// the operation limit, if shorter): a ping is answered at once by any
+    /// server that answers at all.
     pub async fn ping(&self) -> Result<(), SinkError> {
         let db = self.trading.clone();
-        self.timed("ping", async move {
+        let limit = self.op_timeout.min(PING_TIMEOUT);
+        self.timed_within(limit, "ping", async move {
             db.run_command(doc! {"ping": 1}).await?;
             Ok(())
         })
