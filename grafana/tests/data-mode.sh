@@ -104,7 +104,10 @@ m allocations approve "$alloc" --by data-mode-test >/dev/null
 echo "approved $alloc"
 
 echo "== pipeline"
-m run gateway standardizer cerebro execution accounts sink >"$dir/pipeline.log" 2>&1 &
+# The binary itself in the background (not the `m` function, whose subshell
+# would take the kill and leave the pipeline running after the test).
+"$mtx" --config "$dir/mtx.toml" run gateway standardizer cerebro execution accounts sink \
+  >"$dir/pipeline.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 300); do
   if curl -fsS "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1; then break; fi
