@@ -2,6 +2,9 @@
 
 /// JetStream de-duplication id; always the message's deterministic id.
 pub const MSG_ID: &str = "Nats-Msg-Id";
+/// JetStream: store the message only if the last message on its subject has
+/// this stream sequence (`0`: only if the subject holds none).
+pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
 /// Unix epoch nanoseconds at which the raw signal entered mtx (gateway receive
 /// or first publish); carried on every downstream message for end-to-end latency.
 pub const RECEIVED_AT: &str = "Mtx-Received-At";

@@ -59,6 +59,27 @@ impl Subjects {
         ))
     }
 
+    /// `signals.standardized.<env>.<strategy>.<signal_id>`: where the
+    /// standardizer publishes one signal. One subject per signal lets the
+    /// publish itself say "only if this signal is not stored yet"
+    /// (`Nats-Expected-Last-Subject-Sequence: 0`), so a re-send is recognised
+    /// for as long as `SIGNALS_STANDARDIZED` keeps the signal, with no extra
+    /// record. Consumers filter on `signals.standardized.>` and so read this
+    /// and the four-token form alike.
+    pub fn signal_standardized(
+        &self,
+        env: Environment,
+        strategy: &str,
+        signal_id: &str,
+    ) -> Result<String, TokenError> {
+        Ok(format!(
+            "{}signals.standardized.{env}.{}.{}",
+            self.prefix,
+            encode(strategy)?,
+            encode(signal_id)?
+        ))
+    }
+
     /// `cerebro.decisions.<env>.<strategy>`
     pub fn cerebro_decisions(
         &self,
@@ -150,6 +171,11 @@ mod tests {
             s.signals_standardized(Environment::Production, "My Strategy")
                 .unwrap(),
             "signals.standardized.production.My~20Strategy"
+        );
+        assert_eq!(
+            s.signal_standardized(Environment::Production, "My Strategy", "tv_My Strategy_a.1")
+                .unwrap(),
+            "signals.standardized.production.My~20Strategy.tv_My~20Strategy_a~2E1"
         );
         assert_eq!(s.orders_new("IBKR_Main").unwrap(), "orders.IBKR_Main.new");
         assert_eq!(

@@ -38,8 +38,10 @@ pub struct TopologySettings {
     pub dlq_max_age_secs: u64,
     /// JetStream `Nats-Msg-Id` de-duplication window, seconds.
     pub duplicate_window_secs: u64,
-    /// How long a standardized signal id is remembered for re-send dedupe, seconds.
-    pub signals_seen_max_age_secs: u64,
+    /// Age limit of `SIGNALS_STANDARDIZED`, seconds: a signal re-sent within
+    /// this long after it was standardized is recognised and not standardized
+    /// again (the stream holds one subject per signal).
+    pub standardized_max_age_secs: u64,
     /// Consumer ack wait (the first delivery's budget), seconds.
     pub ack_wait_secs: u64,
     /// Deliveries before the consume loop dead-letters a message.
@@ -59,7 +61,7 @@ impl Default for TopologySettings {
             market_max_age_secs: 24 * 3600,
             dlq_max_age_secs: 30 * 24 * 3600,
             duplicate_window_secs: 120,
-            signals_seen_max_age_secs: 30 * 24 * 3600,
+            standardized_max_age_secs: 30 * 24 * 3600,
             ack_wait_secs: 30,
             max_deliver: 10,
             redelivery_backoff: false,
@@ -92,6 +94,12 @@ impl TopologySettings {
             return Err(format!(
                 "topology.duplicate_window_secs: {} must be > 0 and <= topology.max_age_secs ({})",
                 self.duplicate_window_secs, self.max_age_secs
+            ));
+        }
+        if self.standardized_max_age_secs < self.duplicate_window_secs {
+            return Err(format!(
+                "topology.standardized_max_age_secs: {} must be >= topology.duplicate_window_secs ({})",
+                self.standardized_max_age_secs, self.duplicate_window_secs
             ));
         }
         if self.ack_wait_secs == 0 {
@@ -228,9 +236,6 @@ pub mod buckets {
     pub const SYSTEM: &str = "system";
     /// Latest account state per account (CAS for margin reservations).
     pub const ACCOUNT_STATE: &str = "account_state";
-    /// Signal ids already standardized, so a re-send long after the stream's
-    /// duplicate window still collapses to one signal (`create` is atomic).
-    pub const SIGNALS_SEEN: &str = "signals_seen";
     /// The execution stage's venue state and output outbox (compare-and-set).
     pub const EXECUTION_STATE: &str = "execution_state";
 }
@@ -261,7 +266,12 @@ impl Topology {
         };
         let streams = vec![
             mk(SIGNALS_RAW, &["signals.raw.>"], age, -1),
-            mk(SIGNALS_STANDARDIZED, &["signals.standardized.>"], age, -1),
+            mk(
+                SIGNALS_STANDARDIZED,
+                &["signals.standardized.>"],
+                Duration::from_secs(s.standardized_max_age_secs),
+                -1,
+            ),
             mk(CEREBRO_DECISIONS, &["cerebro.decisions.>"], age, -1),
             mk(ORDERS, &["orders.*.new", "orders.*.cancel"], age, -1),
             mk(ORDER_EVENTS, &["orders.*.events"], age, -1),
@@ -393,18 +403,6 @@ impl Topology {
                 1,
                 "mtx latest account state per account",
             ),
-            KvSpec {
-                config: kv::Config {
-                    max_age: Duration::from_secs(s.signals_seen_max_age_secs),
-                    ..bucket(
-                        buckets::SIGNALS_SEEN,
-                        1,
-                        "mtx standardized signal ids, for re-send dedupe beyond the duplicate window",
-                    )
-                    .config
-                },
-                base: buckets::SIGNALS_SEEN,
-            },
             bucket(
                 buckets::EXECUTION_STATE,
                 1,
@@ -493,12 +491,14 @@ mod tests {
             "T9_SIGNALS_STANDARDIZED"
         );
         assert_eq!(t.bucket(buckets::SYSTEM), Some("t9_system"));
-        let seen =
-            t.kv.iter()
-                .find(|k| k.base == buckets::SIGNALS_SEEN)
-                .unwrap();
-        assert_eq!(seen.config.bucket, "t9_signals_seen");
-        assert_eq!(seen.config.max_age, Duration::from_secs(30 * 24 * 3600));
+        assert_eq!(
+            t.stream(streams::SIGNALS_STANDARDIZED)
+                .unwrap()
+                .config
+                .max_age,
+            Duration::from_secs(30 * 24 * 3600),
+            "re-sends are recognised for 30 days"
+        );
     }
 
     #[test]

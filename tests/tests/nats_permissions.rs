@@ -421,7 +421,8 @@ async fn kv_permissions_match_the_stages() {
         .await
         .unwrap();
 
-    // standardizer: reads strategies, creates signal ids in signals_seen.
+    // standardizer: reads strategies, publishes each standardized signal on
+    // its own subject, stored only if new (a second copy is refused).
     let std = s.connect("standardizer").await;
     let kv = std
         .js
@@ -429,18 +430,31 @@ async fn kv_permissions_match_the_stages() {
         .await
         .unwrap();
     assert!(kv.get("S1").await.unwrap().is_some());
-    let seen = std
+    let once = s
+        .subjects
+        .signal_standardized(Environment::Staging, "S1", "sig-1")
+        .unwrap();
+    let only_if_new = || {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(mtx_schemas::headers::EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        h
+    };
+    std.js
+        .publish_with_headers(once.clone(), only_if_new(), Bytes::from_static(b"{}"))
+        .await
+        .unwrap()
+        .await
+        .expect("the standardizer publishes standardized signals");
+    let again = std
         .js
-        .get_key_value(bucket(buckets::SIGNALS_SEEN))
+        .publish_with_headers(once, only_if_new(), Bytes::from_static(b"{}"))
         .await
-        .unwrap();
-    seen.create("staging.sig-1", Bytes::from_static(b"pending"))
-        .await
-        .unwrap();
-    seen.put("staging.sig-1", Bytes::from_static(b"done"))
-        .await
-        .unwrap();
-    assert!(seen.get("staging.sig-1").await.unwrap().is_some());
+        .unwrap()
+        .await;
+    assert_eq!(
+        again.map_err(|e| e.kind()).err(),
+        Some(async_nats::jetstream::context::PublishErrorKind::WrongLastSequence)
+    );
     assert!(std.violations().is_empty(), "{:?}", std.violations());
     // ... but cannot change strategy configurations.
     assert!(kv

@@ -10,7 +10,7 @@
 //!   resume token is saved; a restart resumes after the last saved token. A
 //!   crash between the two republishes that one event with the same
 //!   `Nats-Msg-Id` (dropped by JetStream within its window; beyond it the
-//!   standardizer's `signals_seen` collapses it). While idle, the stream's
+//!   standardizer collapses it: `SIGNALS_STANDARDIZED` stores a signal once). While idle, the stream's
 //!   latest token is saved every [`IDLE_SAVE`] so a quiet period cannot age
 //!   the saved token out of the oplog. The first start (no saved token)
 //!   begins at the current end of the stream. If the saved token is no longer

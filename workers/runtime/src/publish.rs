@@ -42,6 +42,15 @@ impl Outgoing {
         self.headers.insert(name, value);
         self
     }
+
+    /// Store the message only if its subject holds no message yet
+    /// (`Nats-Expected-Last-Subject-Sequence: 0`, the check KV `create` is
+    /// built on): atomic "first writer wins" on the stream itself, for
+    /// messages that have a subject of their own. A refusal comes back as a
+    /// [`PublishFailure`] with `already_stored`.
+    pub fn only_if_new_subject(self) -> Self {
+        self.header(headers::EXPECTED_LAST_SUBJECT_SEQUENCE, "0")
+    }
 }
 
 /// Why a publish did not get a JetStream ack.
@@ -54,6 +63,11 @@ pub struct PublishFailure {
     pub message: String,
     /// True for errors a retry cannot fix (payload too large, invalid subject).
     pub permanent: bool,
+    /// The stream refused the message because its subject already holds one
+    /// and the message said it expected none
+    /// ([`Outgoing::only_if_new_subject`]): for a subject of its own, the
+    /// message was stored before, so this is a duplicate, not a failure.
+    pub already_stored: bool,
 }
 
 /// Result of one publish: the stream sequence, and whether JetStream had
@@ -101,6 +115,7 @@ impl Publisher {
             let result = match r {
                 Ok(p) if p.duplicate => "duplicate",
                 Ok(_) => "ok",
+                Err(e) if e.already_stored => "duplicate",
                 Err(_) => "error",
             };
             m.published.with_label_values(&[&self.stage, result]).inc();
@@ -114,6 +129,7 @@ impl Publisher {
                 subject: String::new(),
                 message: "nothing published".into(),
                 permanent: true,
+                already_stored: false,
             })
         })
     }
@@ -143,6 +159,7 @@ impl Publisher {
                 subject: subject.clone(),
                 message,
                 permanent,
+                already_stored: false,
             };
             match sent {
                 Err(e) => {
@@ -154,7 +171,10 @@ impl Publisher {
                         sequence: a.sequence,
                         duplicate: a.duplicate,
                     }),
-                    Err(e) => Err(fail(e.to_string(), false)),
+                    Err(e) => Err(PublishFailure {
+                        already_stored: matches!(e.kind(), PublishErrorKind::WrongLastSequence),
+                        ..fail(e.to_string(), false)
+                    }),
                 },
             }
         });

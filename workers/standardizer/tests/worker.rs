@@ -16,7 +16,7 @@ use mtx_schemas::headers;
 use mtx_schemas::signal::{ContentFormat, RawSignal, StandardizedSignal};
 use mtx_schemas::strategy::StrategyConfig;
 use mtx_schemas::{Environment, SignalType, SizingMode};
-use mtx_standardizer::worker::{self, dedupe_key, SeenMarker, SeenState};
+use mtx_standardizer::worker::{self, dedupe_key};
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::{Subjects, Topology};
 use serde_json::{json, Value};
@@ -87,13 +87,6 @@ impl Stack {
         )
         .await
         .unwrap();
-    }
-
-    async fn seen(&self) -> jetstream::kv::Store {
-        self.js
-            .get_key_value(self.topo.bucket(buckets::SIGNALS_SEEN).unwrap())
-            .await
-            .unwrap()
     }
 
     fn raw(&self, source: &str, payload: Value) -> RawSignal {
@@ -225,7 +218,7 @@ async fn fixture_files_standardize_over_the_bus_with_strategy_config() {
         assert_eq!(sig.signal_id, parsed.signal_id());
         let want_subject = s
             .subjects
-            .signals_standardized(Environment::Staging, parsed.strategy())
+            .signal_standardized(Environment::Staging, parsed.strategy(), &sig.signal_id)
             .unwrap();
         assert_eq!(m.subject.as_str(), want_subject);
         assert_eq!(
@@ -399,10 +392,18 @@ async fn resends_and_redeliveries_yield_one_standardized_signal() {
     assert_eq!(out.len(), 1, "one standardized signal");
     let sig: StandardizedSignal = serde_json::from_slice(&out[0].payload).unwrap();
     assert_eq!(sig.quantity, "10".parse().unwrap());
-    let key = dedupe_key(Environment::Staging, &sig.signal_id);
-    let marker: SeenMarker =
-        serde_json::from_slice(&s.seen().await.get(&key).await.unwrap().unwrap()).unwrap();
-    assert_eq!(marker.state, SeenState::Done);
+    // On a subject of its own, which is what makes the late re-send a
+    // duplicate: the stream refuses a second message there.
+    assert_eq!(
+        out[0].subject.as_str(),
+        s.subjects
+            .signal_standardized(Environment::Staging, "SPX_1-D_Opt", &sig.signal_id)
+            .unwrap()
+    );
+    assert_eq!(
+        header(&out[0], headers::MSG_ID),
+        Some(dedupe_key(Environment::Staging, &sig.signal_id).as_str())
+    );
     // The same sender id in production is a different signal.
     let mut prod = raw.clone();
     prod.environment = Environment::Production;
@@ -424,23 +425,17 @@ async fn resends_and_redeliveries_yield_one_standardized_signal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_leftovers_neither_lose_nor_duplicate() {
     let s = Stack::start(|c| c.topology.duplicate_window_secs = 2).await;
-    let seen = s.seen().await;
-    let old = |state| SeenMarker {
-        state,
-        at: (chrono::Utc::now() - chrono::Duration::minutes(2))
-            .timestamp_nanos_opt()
-            .unwrap() as i128,
-        raw_seq: 1,
-    };
 
-    // (a) Died after publishing, before marking done, and came back after the
-    // duplicate window: the scan finds the copy, nothing is republished.
+    // (a) Died after the publish, before acking the raw message, and the raw
+    // message came back after the duplicate window (so JetStream's id check
+    // no longer helps): the stream refuses a second message on the signal's
+    // subject, nothing is republished.
     let a = s.raw("mathematricks", good());
-    let parsed = mtx_standardizer::parse_raw_signal(&a).unwrap();
-    let key_a = dedupe_key(Environment::Staging, &parsed.signal_id());
+    let id_a = mtx_standardizer::parse_raw_signal(&a).unwrap().signal_id();
+    let key_a = dedupe_key(Environment::Staging, &id_a);
     let subject = s
         .subjects
-        .signals_standardized(Environment::Staging, "SPX_1-D_Opt")
+        .signal_standardized(Environment::Staging, "SPX_1-D_Opt", &id_a)
         .unwrap();
     let mut h = async_nats::HeaderMap::new();
     h.insert(headers::MSG_ID, key_a.as_str());
@@ -449,58 +444,32 @@ async fn crash_leftovers_neither_lose_nor_duplicate() {
         .unwrap()
         .await
         .unwrap();
-    seen.put(
-        &key_a,
-        serde_json::to_vec(&old(SeenState::Pending)).unwrap().into(),
-    )
-    .await
-    .unwrap();
     tokio::time::sleep(Duration::from_millis(2_200)).await;
     s.publish(&a).await;
 
-    // (b) Died after marking pending, before publishing: the scan finds
-    // nothing, the signal is published now.
+    // (b) Died before the publish: the redelivery publishes.
     let b = s.raw("mathematricks", good());
     let key_b = dedupe_key(
         Environment::Staging,
         &mtx_standardizer::parse_raw_signal(&b).unwrap().signal_id(),
     );
-    seen.put(
-        &key_b,
-        serde_json::to_vec(&old(SeenState::Pending)).unwrap().into(),
-    )
-    .await
-    .unwrap();
     s.publish(&b).await;
 
-    // (c) A fresh pending marker (inside the window): republish, deduped.
-    let c = s.raw("mathematricks", good());
-    let key_c = dedupe_key(
-        Environment::Staging,
-        &mtx_standardizer::parse_raw_signal(&c).unwrap().signal_id(),
-    );
-    let fresh = SeenMarker {
-        at: chrono::Utc::now().timestamp_nanos_opt().unwrap() as i128,
-        ..old(SeenState::Pending)
-    };
-    seen.put(&key_c, serde_json::to_vec(&fresh).unwrap().into())
-        .await
-        .unwrap();
-    s.publish(&c).await;
-
-    let out = s.wait_count(streams::SIGNALS_STANDARDIZED, 3).await;
-    let mut ids: Vec<&str> = out
+    let out = s.wait_count(streams::SIGNALS_STANDARDIZED, 2).await;
+    let ids: Vec<&str> = out
         .iter()
         .filter_map(|m| header(m, headers::MSG_ID))
         .collect();
-    assert_eq!(ids[0], key_a, "a is the earlier copy only");
-    ids.sort_unstable();
-    let mut want = vec![key_a.as_str(), key_b.as_str(), key_c.as_str()];
-    want.sort_unstable();
-    assert_eq!(ids, want, "a, b and c exactly once each");
-    for key in [&key_a, &key_b, &key_c] {
-        let m: SeenMarker = serde_json::from_slice(&seen.get(key).await.unwrap().unwrap()).unwrap();
-        assert_eq!(m.state, SeenState::Done, "{key}");
-    }
+    assert_eq!(
+        ids,
+        vec![key_a.as_str(), key_b.as_str()],
+        "a and b exactly once each"
+    );
+    assert_eq!(
+        &out[0].payload[..],
+        b"{\"earlier\":true}",
+        "a is the earlier copy only"
+    );
+    assert!(s.messages(streams::DLQ).await.is_empty());
     s.stop().await;
 }
