@@ -46,7 +46,9 @@ impl Subjects {
         ))
     }
 
-    /// `signals.standardized.<env>.<strategy>`
+    /// `signals.standardized.<env>.<strategy>`: the strategy's part of the
+    /// standardized tree (messages of earlier versions; a filter for
+    /// `<this>.>` reads the strategy's signals).
     pub fn signals_standardized(
         &self,
         env: Environment,

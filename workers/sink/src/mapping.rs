@@ -3,7 +3,7 @@
 //! | stream | subject | collection | natural key |
 //! |---|---|---|---|
 //! | `SIGNALS_RAW` | `signals.raw.<env>.<source>` | `raw_signals` | `raw_signal_id` = hash(subject, exact bytes) |
-//! | `SIGNALS_STANDARDIZED` | `signals.standardized.<env>.<strategy>` | `standardized_signals` | `signal_id` |
+//! | `SIGNALS_STANDARDIZED` | `signals.standardized.<env>.<strategy>.<signal_id>` | `standardized_signals` | `signal_id` |
 //! | `CEREBRO_DECISIONS` | `cerebro.decisions.<env>.<strategy>` | `cerebro_decisions` | `decision_id` (else `signal_id`) |
 //! | `ORDERS` | `orders.<account>.new` | `trading_orders` | `order_id` |
 //! | `ORDERS` | `orders.<account>.cancel` | `order_cancels` | `cancel_id` = hash(subject, bytes) |
