@@ -74,6 +74,13 @@ use crate::passthrough::{self, Chain, KINDS};
 /// The pools the pipeline bench runs (the sink is benchmarked by `mtx bench sink`).
 pub const POOLS: &[&str] = &["standardizer", "cerebro", "execution", "accounts"];
 
+/// How often the bench asks the server about every pipeline consumer while
+/// it runs (progress, quiet detection). Each poll is one JetStream API
+/// request per consumer, work the server does beside the pipeline; the
+/// figures come from stored timestamps, so polling faster would only add
+/// load to what is measured.
+const POLL: Duration = Duration::from_millis(100);
+
 /// Pipeline consumers, in data-flow order (all must be quiet at the end).
 const PIPELINE_CONSUMERS: &[(&str, &str)] = &[
     (streams::SIGNALS_RAW, "standardizer"),
@@ -610,7 +617,7 @@ async fn drive(
     let mut calm_since: Option<i128> = None;
     let mut calm = 0;
     let (quiet_at, timed_out) = loop {
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(POLL).await;
         if publisher.as_ref().is_some_and(|p| p.is_finished()) {
             let (r, took) = publisher.take().context("publisher")?.await?;
             let dups = r.context("publishing the signals")?;
