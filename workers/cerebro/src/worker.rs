@@ -73,10 +73,13 @@
 //!    book since this copy was read: the copy is dropped, the book re-read
 //!    and the whole group decided again on it. Any other write error drops
 //!    the copy too (the write may or may not have happened);
-//! 5. releases the mutex, stores the entry records (below, all at once) and
-//!    only then hands each signal's outputs back; if a record cannot be
-//!    stored the whole group is retried (its reservations stay: a
-//!    redelivery finds them and does not add them again).
+//! 5. releases the mutex and hands each signal's outputs back, an approved
+//!    entry's record (below) first among them: the consume loop publishes
+//!    record, decision and orders in one pipelined round trip and acks the
+//!    signal only when all are stored; if one is not, the signal is
+//!    redelivered (its reservation stays: the redelivery finds it, does not
+//!    add it again, and publishes the same outputs). Records an exit or
+//!    cancel of the same batch reads are stored before that exit is decided.
 //!
 //! So every approval was checked against a book holding every earlier
 //! approval, of every replica: the sum of approved margin never exceeds what
@@ -139,7 +142,9 @@
 //!
 //! An exit may reach a different replica than its entry, so entry records are
 //! in KV too: `entries.<signal_id>` (the approved legs and the book revision
-//! that holds their reservation, written before the decision is published)
+//! that holds their reservation, published with the decision; the entry's
+//! signal is acked only once it is stored, and an exit or cancel that comes
+//! first defers until it is)
 //! and `exits.<entry_signal_id>` (quantities closed by each exit signal,
 //! compare-and-set, keyed by exit signal id so a redelivered exit is not
 //! counted twice). A linked exit re-reads the book when its copy is older
@@ -214,6 +219,26 @@ pub fn entry_key(signal_id: &str) -> String {
 /// Key of an entry's exit progress in the `account_state` bucket.
 pub fn exits_key(entry_signal_id: &str) -> String {
     format!("exits.{}", StrategyConfig::kv_key(entry_signal_id))
+}
+
+/// The subject a KV `put` of `key` in `store` publishes to (what
+/// `kv::Store::put` builds), or `None` when the store uses a JetStream API
+/// prefix, which the client keeps to itself.
+fn kv_put_subject(store: &kv::Store, key: &str) -> Option<String> {
+    if store.use_jetstream_prefix {
+        return None;
+    }
+    let prefix = store.put_prefix.as_deref().unwrap_or(&store.prefix);
+    Some(format!("{prefix}{key}"))
+}
+
+/// An entry record as a consume-loop output: a KV put on the bucket's
+/// subject. Its message id comes from the key and the content, so a
+/// redelivery that stores the same record again is deduplicated while a
+/// changed record (a later book revision) is stored.
+fn entry_record_output(subject: String, key: &str, body: Vec<u8>) -> Outgoing {
+    let id = derive_id("rec", &[key, &String::from_utf8_lossy(&body)]);
+    Outgoing::new(subject, id, body)
 }
 
 /// Message id of a decision.
@@ -1956,6 +1981,13 @@ impl Cerebro {
                 }
             }
         }
+        // Entries whose records round 2 reads from KV in this very batch:
+        // those are stored before round 2 starts.
+        let read_now: HashSet<&str> = linked
+            .iter()
+            .filter_map(|j| j.signal.entry_signal_id.as_deref())
+            .collect();
+        let read_now = &read_now;
         let commits = groups.into_iter().map(|(account, group)| async move {
             let r = if account.is_empty() {
                 // Unknown strategy / no account: decided without a book.
@@ -1965,7 +1997,7 @@ impl Cerebro {
                     .map(|j| self.finish(&j.signal, decide_with(&j.signal, &inputs, j.opts), j))
                     .collect()
             } else {
-                self.group_commit(&account, &group).await
+                self.group_commit(&account, &group, read_now).await
             };
             (group, r)
         });
@@ -2037,9 +2069,27 @@ impl Cerebro {
     /// replica's copy of the book, each seeing the reservations of the ones
     /// before it, and write the book with one compare-and-set if anything
     /// was reserved; on a conflict the book is re-read and the whole group
-    /// decided again. Then the entry records are stored. Same guarantees as
-    /// one transaction per signal (see the module docs).
-    async fn group_commit(&self, account: &str, jobs: &[&Job]) -> Vec<Result<Outcome, Fail>> {
+    /// decided again. Same guarantees as one transaction per signal (see the
+    /// module docs).
+    ///
+    /// Each approved entry's record (`entries.<signal_id>`) goes out as the
+    /// first output of its signal: the consume loop publishes it together
+    /// with the decision and orders (one round trip for all, instead of the
+    /// record's own before them) and acks the signal only once every one of
+    /// them is stored; if any is not, the signal is redelivered, finds its
+    /// reservation and publishes them again. An exit or cancel that meets
+    /// an entry whose record is not stored yet defers
+    /// ([`crate::DeferReason::EntryUnknown`]). Records that round 2 of this
+    /// same batch reads (`read_now`: entries with a linked signal in the
+    /// batch), and every record when the bucket's subjects cannot be built
+    /// here (a JetStream API prefix), are stored before the outcomes are
+    /// returned, as before.
+    async fn group_commit(
+        &self,
+        account: &str,
+        jobs: &[&Job],
+        read_now: &HashSet<&str>,
+    ) -> Vec<Result<Outcome, Fail>> {
         let lock = self.book_lock(account);
         let mut copy = lock.lock().await;
         let committed = self.group_commit_locked(account, &mut copy, jobs).await;
@@ -2052,11 +2102,24 @@ impl Cerebro {
             Ok(x) => x,
             Err(f) => return jobs.iter().map(|_| Err(f.clone())).collect(),
         };
-        // Entry records for later exits / cancels, before any decision is
-        // published.
-        let puts = records
-            .into_iter()
-            .map(|(key, body)| self.stores.state.put(key, body.into()));
+        let mut puts = Vec::new();
+        let mut with_outputs = Vec::with_capacity(jobs.len());
+        for (job, record) in jobs.iter().zip(records) {
+            let Some((key, body)) = record else {
+                with_outputs.push(None);
+                continue;
+            };
+            let read_in_batch = read_now.contains(job.signal.signal_id.as_str());
+            match kv_put_subject(&self.stores.state, &key) {
+                Some(subject) if !read_in_batch => {
+                    with_outputs.push(Some(entry_record_output(subject, &key, body)));
+                }
+                _ => {
+                    puts.push(self.stores.state.put(key, body.into()));
+                    with_outputs.push(None);
+                }
+            }
+        }
         for r in futures::future::join_all(puts).await {
             if let Err(e) = r {
                 let f = retry(e);
@@ -2065,7 +2128,14 @@ impl Cerebro {
         }
         jobs.iter()
             .zip(decided)
-            .map(|(job, out)| self.finish(&job.signal, out, job))
+            .zip(with_outputs)
+            .map(|((job, out), record)| {
+                let mut r = self.finish(&job.signal, out, job);
+                if let (Ok(Outcome::Ok(outs)), Some(record)) = (&mut r, record) {
+                    outs.insert(0, record);
+                }
+                r
+            })
             .collect()
     }
 
@@ -2077,7 +2147,7 @@ impl Cerebro {
         account: &str,
         copy: &mut BookCopy,
         jobs: &[&Job],
-    ) -> Result<(Vec<DecisionOutput>, Vec<(String, Vec<u8>)>), Fail> {
+    ) -> Result<(Vec<DecisionOutput>, Vec<Option<(String, Vec<u8>)>>), Fail> {
         let rules = SettleRules::of(&self.settings);
         // Set when the book could not take this batch's entries: decide
         // again with the book's size as the limit.
@@ -2201,8 +2271,9 @@ impl Cerebro {
                     continue;
                 }
             }
-            let mut records = Vec::new();
+            let mut records = Vec::with_capacity(jobs.len());
             for (job, out) in jobs.iter().zip(&decided) {
+                records.push(None);
                 let DecisionOutput::Decided(d) = out else {
                     continue;
                 };
@@ -2222,7 +2293,9 @@ impl Cerebro {
                         .then_some(copy.rev)
                         .flatten(),
                 };
-                records.push((entry_key(sid), serde_json::to_vec(&se).map_err(retry)?));
+                if let Some(slot) = records.last_mut() {
+                    *slot = Some((entry_key(sid), serde_json::to_vec(&se).map_err(retry)?));
+                }
             }
             return Ok((decided, records));
         }
