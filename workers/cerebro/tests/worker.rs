@@ -444,6 +444,73 @@ async fn aapl_fixture_decision_and_order_published_and_reserved_once() {
     env.shutdown.cancel();
 }
 
+/// An approved entry's record travels with its decision and order; the
+/// signal is acked only once the record is stored. Here the bucket refuses
+/// the record (its key already holds a value and the bucket is told to keep
+/// the first value per key): decision and order go out, the signal is not
+/// acked and comes back; once the bucket accepts writes again a redelivery
+/// stores the record, with no second decision or order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_record_the_bucket_refuses_is_stored_by_a_redelivery() {
+    let env = Env::new().await;
+    let (_c, _h) = env.replica().await;
+    let sig = aapl("rec1");
+    let key = worker::entry_key(&sig.signal_id);
+    env.state.put(&key, "placeholder".into()).await.unwrap();
+    let stream = env.state.stream_name.clone();
+    let set_refuse = |on: bool| {
+        let (js, stream) = (env.js.clone(), stream.clone());
+        async move {
+            let mut st = js.get_stream(&stream).await.unwrap();
+            let mut cfg = st.info().await.unwrap().config.clone();
+            cfg.discard_new_per_subject = on;
+            js.update_stream(&cfg).await.unwrap();
+        }
+    };
+    set_refuse(true).await;
+    env.publish(&sig).await;
+    let r = env
+        .decision_of(&sig.signal_id, T)
+        .await
+        .expect("decision published with the record");
+    assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
+    // The record's publish failed: the signal was not acked and is handled again.
+    let st = env
+        .js
+        .get_stream(env.topo.stream_name(streams::SIGNALS_STANDARDIZED))
+        .await
+        .unwrap();
+    let mut c: consumer::PullConsumer = st.get_consumer(worker::DURABLE).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let i = c.info().await.unwrap();
+        if i.num_redelivered > 0 {
+            assert_eq!(i.ack_floor.stream_sequence, 0, "not acked");
+            break;
+        }
+        assert!(start.elapsed() < T, "the signal must come back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        &env.state.get(&key).await.unwrap().unwrap()[..],
+        b"placeholder"
+    );
+
+    set_refuse(false).await;
+    env.drained().await;
+    let stored: serde_json::Value =
+        serde_json::from_slice(&env.state.get(&key).await.unwrap().unwrap()).unwrap();
+    assert_eq!(stored["account"], ACCOUNT);
+    assert_eq!(stored["strategy_id"], SPX);
+    let legs = stored["legs"].as_array().expect("legs");
+    assert_eq!(legs.len(), 1);
+    assert_eq!(env.decisions().await.len(), 1, "one decision");
+    let orders = env.orders().await;
+    assert_eq!(orders.len(), 1, "one order");
+    assert_eq!(orders[0].order_id, order_id(&sig.signal_id, 0));
+    env.shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_switch_rejects_entries_but_exits_go_through() {
     let env = Env::new().await;
