@@ -298,14 +298,19 @@ impl Env {
         self.drained_within(T).await
     }
 
-    /// [`Env::drained`] with its own timeout.
-    async fn drained_within(&self, timeout: Duration) {
+    /// The pool's durable consumer on `SIGNALS_STANDARDIZED`.
+    async fn cerebro_consumer(&self) -> consumer::PullConsumer {
         let st = self
             .js
             .get_stream(self.topo.stream_name(streams::SIGNALS_STANDARDIZED))
             .await
             .unwrap();
-        let mut c: consumer::PullConsumer = st.get_consumer(worker::DURABLE).await.unwrap();
+        st.get_consumer(worker::DURABLE).await.unwrap()
+    }
+
+    /// [`Env::drained`] with its own timeout.
+    async fn drained_within(&self, timeout: Duration) {
+        let mut c = self.cerebro_consumer().await;
         let start = Instant::now();
         loop {
             let i = c.info().await.unwrap();
@@ -475,12 +480,7 @@ async fn an_entry_record_the_bucket_refuses_is_stored_by_a_redelivery() {
         .expect("decision published with the record");
     assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
     // The record's publish failed: the signal was not acked and is handled again.
-    let st = env
-        .js
-        .get_stream(env.topo.stream_name(streams::SIGNALS_STANDARDIZED))
-        .await
-        .unwrap();
-    let mut c: consumer::PullConsumer = st.get_consumer(worker::DURABLE).await.unwrap();
+    let mut c = env.cerebro_consumer().await;
     let start = Instant::now();
     loop {
         let i = c.info().await.unwrap();

@@ -125,11 +125,15 @@ impl RoundReport {
     }
 }
 
+/// The signal id of bench message `i` of `run`.
+fn bench_signal_id(run: &str, i: usize) -> String {
+    ids::signal_id("bench", "SPX_1-D_Opt", &format!("{run}-{i}"))
+}
+
 /// One standardized signal message (as the standardizer publishes it).
 pub fn signal_message(run: &str, i: usize) -> serde_json::Value {
-    let sender = format!("{run}-{i}");
     json!({
-        "signal_id": ids::signal_id("bench", "SPX_1-D_Opt", &sender),
+        "signal_id": bench_signal_id(run, i),
         "strategy_id": "SPX_1-D_Opt",
         "timestamp": "2025-11-20T10:00:00Z",
         "instrument": "AAPL",
@@ -153,7 +157,7 @@ pub fn signal_message(run: &str, i: usize) -> serde_json::Value {
         "sender_entry_signal_id": null,
         "environment": "staging",
         "source": "bench",
-        "sender_signal_id": sender,
+        "sender_signal_id": format!("{run}-{i}"),
         "signal_sent_at": null,
         "received_at": "2025-11-20T10:00:00.250Z",
         "account_equity": "500000",
@@ -207,18 +211,26 @@ async fn round(
 
     // The messages, and the very documents the sink will write for them.
     let subjects = Subjects::new(&sink_cfg.topology.prefix);
-    let subject = subjects
-        .signals_standardized(Environment::Staging, "SPX_1-D_Opt")
-        .map_err(|e| SinkError::Config(e.to_string()))?;
     let bodies: Vec<Bytes> = (0..opts.n)
         .map(|i| Bytes::from(signal_message(&run_id, i).to_string()))
         .collect();
+    // Each on its own subject, as the standardizer publishes them.
+    let subject_of: Vec<String> = (0..opts.n)
+        .map(|i| {
+            subjects.signal_standardized(
+                Environment::Staging,
+                "SPX_1-D_Opt",
+                &bench_signal_id(&run_id, i),
+            )
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| SinkError::Config(e.to_string()))?;
     let mapper = Mapper::new(subjects.clone());
     let now = DateTime::now();
     let mut docs: Vec<Document> = Vec::with_capacity(opts.n);
     for (i, b) in bodies.iter().enumerate() {
         let d = Delivery {
-            subject: subject.clone(),
+            subject: subject_of[i].clone(),
             payload: b.clone(),
             headers: async_nats::HeaderMap::new(),
             deliveries: 1,
@@ -241,7 +253,7 @@ async fn round(
     mtx_subjects::apply::apply(&js, &topo)
         .await
         .map_err(|e| SinkError::Nats(e.to_string()))?;
-    publish_all(&js, &subject, &bodies).await?;
+    publish_all(&js, &subject_of, &bodies).await?;
 
     let mut plain_secs = if sink_first {
         None
@@ -328,16 +340,17 @@ async fn plain_loop(plain: &Store, docs: &[Document], batch: usize) -> Result<f6
 
 async fn publish_all(
     js: &jetstream::Context,
-    subject: &str,
+    subjects: &[String],
     bodies: &[Bytes],
 ) -> Result<(), SinkError> {
     for (i, chunk) in bodies.chunks(1_000).enumerate() {
         let mut acks = Vec::with_capacity(chunk.len());
         for (j, b) in chunk.iter().enumerate() {
+            let n = i * 1_000 + j;
             let mut h = async_nats::HeaderMap::new();
-            h.insert(headers::MSG_ID, format!("bench-{}", i * 1_000 + j).as_str());
+            h.insert(headers::MSG_ID, format!("bench-{n}").as_str());
             acks.push(
-                js.publish_with_headers(subject.to_string(), h, b.clone())
+                js.publish_with_headers(subjects[n].clone(), h, b.clone())
                     .await
                     .map_err(|e| SinkError::Nats(e.to_string()))?,
             );

@@ -374,7 +374,7 @@ impl Standardizer {
         let subject = self
             .subjects
             .signal_standardized(signal.environment, &signal.strategy_id, &signal.signal_id)
-            .map_err(|e| Fail::Reject("invalid_strategy_id", e.to_string()))?;
+            .map_err(|e| Fail::Reject("invalid_subject_token", e.to_string()))?;
         let body = serde_json::to_vec(signal)
             .map_err(|e| Fail::Retry(format!("serialize standardized signal: {e}")))?;
         let received_at = msg
