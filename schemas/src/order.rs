@@ -6,7 +6,9 @@
 //! - [`Order`]: one sized order (`trading_orders`), written by Cerebro and by the
 //!   venue for child stop-loss / take-profit orders.
 //! - [`CancelOrder`]: a request to cancel a working order.
-//! - [`OrderEvent`]: one status transition of an order, with its fill progress.
+//! - [`OrderEvent`]: one status transition of an order, with its fill progress;
+//!   [`decode_order_events`] reads an `orders.<account>.events` message, which
+//!   carries one event or the several events one venue step made of one order.
 //! - [`ExecutionConfirmation`]: one fill, partial fill or rejection
 //!   (`execution_confirmations`).
 //! - [`AccountState`]: a point-in-time account snapshot (`account_state`).
@@ -245,6 +247,72 @@ pub struct OrderEvent {
     pub timestamp: DateTime<Utc>,
     /// Per-order event sequence, starting at 1.
     pub seq: u64,
+}
+
+/// Why an `orders.<account>.events` payload is not a valid message.
+#[derive(Debug, thiserror::Error)]
+pub enum OrderEventsError {
+    /// Not JSON, or not the shape of an event (or a list of events).
+    #[error("not an order event or a list of order events: {0}")]
+    Json(#[from] serde_json::Error),
+    /// An empty list.
+    #[error("an order-events message holds no event")]
+    Empty,
+    /// A list naming two orders (or two accounts).
+    #[error("one order-events message holds events of {first} and {other}")]
+    MixedOrders {
+        /// `account/order_id` of the first event.
+        first: String,
+        /// `account/order_id` of the offending event.
+        other: String,
+    },
+    /// A list whose `seq` does not strictly increase.
+    #[error("order event seq {next} follows seq {prev}: a message lists events in increasing seq")]
+    OutOfSequence {
+        /// The previous event's seq.
+        prev: u64,
+        /// The offending event's seq.
+        next: u64,
+    },
+}
+
+/// The events of one `orders.<account>.events` message, in `seq` order.
+///
+/// The execution stage publishes the events one venue step made of one order
+/// (a market order's SUBMITTED, ACCEPTED and FILLED) as one message: a JSON
+/// array of [`OrderEvent`]s of the same order and account in strictly
+/// increasing `seq`, with message id `<order_id>.<first seq>-<last seq>`. A
+/// single event is a bare object, as every message was before (message id
+/// `<order_id>.<seq>`), so both shapes are read here. Consumers still apply
+/// each event idempotently by `(order_id, seq)`.
+pub fn decode_order_events(payload: &[u8]) -> Result<Vec<OrderEvent>, OrderEventsError> {
+    let is_list = payload
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'[');
+    if !is_list {
+        return Ok(vec![serde_json::from_slice::<OrderEvent>(payload)?]);
+    }
+    let events: Vec<OrderEvent> = serde_json::from_slice(payload)?;
+    let Some(first) = events.first() else {
+        return Err(OrderEventsError::Empty);
+    };
+    for pair in events.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        if b.order_id != first.order_id || b.account != first.account {
+            return Err(OrderEventsError::MixedOrders {
+                first: format!("{}/{}", first.account, first.order_id),
+                other: format!("{}/{}", b.account, b.order_id),
+            });
+        }
+        if b.seq <= a.seq {
+            return Err(OrderEventsError::OutOfSequence {
+                prev: a.seq,
+                next: b.seq,
+            });
+        }
+    }
+    Ok(events)
 }
 
 /// One fill, partial fill or rejection (`execution_confirmations`).
@@ -513,6 +581,74 @@ mod tests {
         assert_eq!(e.filled_quantity, d("3"));
         assert_eq!(e.avg_fill_price, Some(d("1.5")));
         assert_eq!(e.previous_status, None);
+    }
+
+    fn ev(order: &str, seq: u64, status: OrderStatus) -> OrderEvent {
+        OrderEvent {
+            order_id: order.into(),
+            account: "A".into(),
+            status,
+            previous_status: None,
+            filled_quantity: Decimal::ZERO,
+            avg_fill_price: None,
+            reason: None,
+            timestamp: "2025-01-02T15:00:00Z".parse().unwrap(),
+            seq,
+        }
+    }
+
+    #[test]
+    fn order_events_messages_carry_one_event_or_a_list_of_one_order() {
+        let one = ev("o", 4, OrderStatus::Cancelled);
+        let bytes = serde_json::to_vec(&one).unwrap();
+        assert_eq!(decode_order_events(&bytes).unwrap(), vec![one.clone()]);
+        let list = vec![
+            ev("o", 1, OrderStatus::Submitted),
+            ev("o", 2, OrderStatus::Accepted),
+            ev("o", 3, OrderStatus::Filled),
+        ];
+        let mut bytes = b" \n".to_vec();
+        bytes.extend(serde_json::to_vec(&list).unwrap());
+        assert_eq!(decode_order_events(&bytes).unwrap(), list);
+
+        let bad = |events: Vec<OrderEvent>| {
+            decode_order_events(&serde_json::to_vec(&events).unwrap()).unwrap_err()
+        };
+        assert!(matches!(bad(vec![]), OrderEventsError::Empty));
+        let mixed = bad(vec![
+            ev("o", 1, OrderStatus::Submitted),
+            ev("p", 2, OrderStatus::Accepted),
+        ]);
+        assert!(
+            matches!(mixed, OrderEventsError::MixedOrders { .. }),
+            "{mixed}"
+        );
+        let mut other_account = ev("o", 2, OrderStatus::Accepted);
+        other_account.account = "B".into();
+        let mixed = bad(vec![ev("o", 1, OrderStatus::Submitted), other_account]);
+        assert!(
+            matches!(mixed, OrderEventsError::MixedOrders { .. }),
+            "{mixed}"
+        );
+        for seqs in [[2, 1], [2, 2]] {
+            let e = bad(vec![
+                ev("o", seqs[0], OrderStatus::Submitted),
+                ev("o", seqs[1], OrderStatus::Accepted),
+            ]);
+            assert!(matches!(e, OrderEventsError::OutOfSequence { .. }), "{e}");
+        }
+        for junk in [
+            &b"[1]"[..],
+            b"{}",
+            b"not json",
+            b"[{\"order_id\":\"o\"}]",
+            b"",
+        ] {
+            assert!(matches!(
+                decode_order_events(junk),
+                Err(OrderEventsError::Json(_))
+            ));
+        }
     }
 
     #[test]

@@ -51,8 +51,9 @@ pub enum Input {
     Price(MarketPrice),
     /// From `orders.<account>.new`.
     Order(Order),
-    /// From `orders.<account>.events`.
-    OrderEvent(OrderEvent),
+    /// From `orders.<account>.events`: the events of one order one message
+    /// carries (one, or several a venue step made), in `seq` order.
+    OrderEvents(Vec<OrderEvent>),
 }
 
 /// What [`Book::apply`] did.
@@ -210,13 +211,19 @@ impl Book {
                     effect.duplicate = effect.changed.is_empty();
                 }
             }
-            Input::OrderEvent(e) => {
-                if self.ledger.apply_order_event(e) {
-                    self.accounts.insert(e.account.clone());
-                    effect.changed.insert(e.account.clone());
-                } else {
-                    effect.duplicate = true;
+            Input::OrderEvents(events) => {
+                // Each event applies on its own (by seq): a copy of the
+                // message, or an overlap with one applied earlier, changes
+                // nothing twice.
+                let mut applied = false;
+                for e in events {
+                    if self.ledger.apply_order_event(e) {
+                        applied = true;
+                        self.accounts.insert(e.account.clone());
+                        effect.changed.insert(e.account.clone());
+                    }
                 }
+                effect.duplicate = !applied;
             }
         }
         Ok(effect)
@@ -356,6 +363,47 @@ mod tests {
             b.apply(&price(dec!(99), 0)).unwrap().duplicate,
             "older price"
         );
+    }
+
+    fn events(id: &str, seqs: &[(u64, mtx_schemas::OrderStatus)]) -> Input {
+        Input::OrderEvents(
+            seqs.iter()
+                .map(|(seq, status)| OrderEvent {
+                    order_id: id.into(),
+                    account: "A".into(),
+                    status: *status,
+                    previous_status: None,
+                    filled_quantity: Decimal::ZERO,
+                    avg_fill_price: None,
+                    reason: None,
+                    timestamp: t(*seq as i64),
+                    seq: *seq,
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_message_of_several_events_applies_each_once() {
+        use mtx_schemas::OrderStatus::{Accepted, Filled, Submitted};
+        let mut b = Book::new(config());
+        let order = Input::Order(Order::pending("o1", "sig", "s", "A", "AAPL", dec!(5), t(0)));
+        b.apply(&order).unwrap();
+        let step = events("o1", &[(1, Submitted), (2, Accepted)]);
+        let e = b.apply(&step).unwrap();
+        assert_eq!((e.changed, e.duplicate), (["A".to_string()].into(), false));
+        assert_eq!(b.snapshot("A", t(3)).open_orders.len(), 1);
+        // The same message again (redelivered, or re-published beyond the
+        // duplicate window) changes nothing.
+        let again = b.apply(&step).unwrap();
+        assert!(again.duplicate && again.changed.is_empty());
+        // A message overlapping what is known applies what is new: here its
+        // last event, which ends the order.
+        let e = b
+            .apply(&events("o1", &[(2, Accepted), (3, Filled)]))
+            .unwrap();
+        assert!(!e.duplicate);
+        assert!(b.snapshot("A", t(4)).open_orders.is_empty());
     }
 
     proptest! {

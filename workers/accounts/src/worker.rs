@@ -6,7 +6,7 @@
 //! | `executions.<account>` | `accounts` on `EXECUTIONS` | positions, cash, realized P&L, commissions |
 //! | `market.prices.<symbol>` | `accounts_market` on `MARKET` | marks → unrealized P&L, margin |
 //! | `orders.<account>.new` | `accounts_orders` on `ORDERS` | `open_orders` |
-//! | `orders.<account>.events` | `accounts_order_events` on `ORDER_EVENTS` | `open_orders` (status, remaining quantity) |
+//! | `orders.<account>.events` | `accounts_order_events` on `ORDER_EVENTS` | `open_orders` (status, remaining quantity); a message holds one event or the events one venue step made of one order, each applied once by `seq` |
 //!
 //! Every input goes through [`Book::apply`], which marks the accounts it
 //! changed *dirty*; the batch's outcomes go back to the consume loop right
@@ -266,12 +266,14 @@ pub fn decode(
             Ok(Input::Order(o))
         }
         Source::OrderEvents => {
-            let e: mtx_schemas::order::OrderEvent = serde_json::from_slice(payload)
+            // All events of a message share order and account (checked by
+            // the decoder), so the first one speaks for all.
+            let events = mtx_schemas::order::decode_order_events(payload)
                 .map_err(|e| ("invalid_order_event", e.to_string()))?;
-            if !names(&e.account) {
+            if let Some(e) = events.iter().find(|e| !names(&e.account)) {
                 return Err(mismatch("order event", &e.account));
             }
-            Ok(Input::OrderEvent(e))
+            Ok(Input::OrderEvents(events))
         }
     }
 }
@@ -988,4 +990,50 @@ pub fn spawn(process: &mut Process) -> Result<Arc<Accounts>, WorkerError> {
             .publish_loop(process.shutdown.clone(), move || beat.beat()),
     );
     Ok(engine)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(order: &str, account: &str, seq: u64, status: &str) -> serde_json::Value {
+        json!({"order_id": order, "account": account, "status": status,
+               "filled_quantity": "0", "timestamp": "2025-01-02T15:00:00Z", "seq": seq})
+    }
+
+    #[test]
+    fn order_event_messages_decode_as_one_event_or_a_list() {
+        let subjects = Subjects::new("t1");
+        let subject = subjects.orders_events("ACC").unwrap();
+        let decode = |v: serde_json::Value| {
+            decode(
+                &subjects,
+                Source::OrderEvents,
+                &subject,
+                &serde_json::to_vec(&v).unwrap(),
+            )
+        };
+        let one = decode(event("o", "ACC", 4, "CANCELLED")).unwrap();
+        assert!(matches!(&one, Input::OrderEvents(v) if v.len() == 1 && v[0].seq == 4));
+        let list = json!([
+            event("o", "ACC", 1, "SUBMITTED"),
+            event("o", "ACC", 2, "ACCEPTED")
+        ]);
+        let Input::OrderEvents(v) = decode(list).unwrap() else {
+            panic!("not events")
+        };
+        assert_eq!(v.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+        let mixed = json!([
+            event("o", "ACC", 1, "SUBMITTED"),
+            event("p", "ACC", 2, "ACCEPTED")
+        ]);
+        assert_eq!(decode(mixed).unwrap_err().0, "invalid_order_event");
+        assert_eq!(decode(json!([])).unwrap_err().0, "invalid_order_event");
+        let elsewhere = json!([
+            event("o", "OTHER", 1, "SUBMITTED"),
+            event("o", "OTHER", 2, "ACCEPTED")
+        ]);
+        assert_eq!(decode(elsewhere).unwrap_err().0, "account_mismatch");
+    }
 }

@@ -1397,7 +1397,7 @@ impl Cerebro {
 
     /// An `orders.<account>.events` message: remember terminal ones.
     fn on_order_event(&self, m: &jetstream::Message) {
-        let Ok(AccountsInput::OrderEvent(e)) = decode_accounts_input(
+        let Ok(AccountsInput::OrderEvents(events)) = decode_accounts_input(
             &self.subjects,
             AccountsSource::OrderEvents,
             &m.subject,
@@ -1405,9 +1405,11 @@ impl Cerebro {
         ) else {
             return;
         };
-        if !e.status.is_terminal() {
+        // A terminal event is the last of its order (a message lists one
+        // order's events in seq order).
+        let Some(e) = events.into_iter().rev().find(|e| e.status.is_terminal()) else {
             return;
-        }
+        };
         let mut ended = self.ended.write().unwrap_or_else(|p| p.into_inner());
         ended.insert(
             e.order_id,

@@ -181,20 +181,31 @@ impl Env {
             .unwrap()
     }
 
-    /// The venue's terminal event of an order: FILLED with `filled`.
+    /// The venue's events of a market order filled at once, in one message as
+    /// the venue sends them: SUBMITTED, ACCEPTED, then FILLED with `filled`.
     async fn publish_filled(&self, order_id: &str, filled: Decimal) {
-        let e = OrderEvent {
+        let e = |seq, status, previous_status, filled_quantity| OrderEvent {
             order_id: order_id.into(),
             account: ACCOUNT.into(),
-            status: OrderStatus::Filled,
-            previous_status: Some(OrderStatus::Submitted),
-            filled_quantity: filled,
-            avg_fill_price: Some(d("150")),
+            status,
+            previous_status,
+            filled_quantity,
+            avg_fill_price: (status == OrderStatus::Filled).then(|| d("150")),
             reason: None,
             timestamp: Utc::now(),
-            seq: 9,
+            seq,
         };
-        self.publish_json(self.subjects.orders_events(ACCOUNT).unwrap(), &e)
+        let step = [
+            e(1, OrderStatus::Submitted, None, Decimal::ZERO),
+            e(
+                2,
+                OrderStatus::Accepted,
+                Some(OrderStatus::Submitted),
+                Decimal::ZERO,
+            ),
+            e(3, OrderStatus::Filled, Some(OrderStatus::Accepted), filled),
+        ];
+        self.publish_json(self.subjects.orders_events(ACCOUNT).unwrap(), &step)
             .await;
     }
 

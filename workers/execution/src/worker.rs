@@ -11,8 +11,10 @@
 //! | clock (`execution.tick_ms`) | — | expiries; retry of unpublished outputs; ack floors; the finished-order janitor |
 //!
 //! Every [`VenueEvent`] becomes messages with deterministic `Nats-Msg-Id`s:
-//! order status changes on `orders.<account>.events` (id
-//! `<order_id>.<seq>`), fills, partial fills and rejections on
+//! order status changes on `orders.<account>.events` (the events one input
+//! made of one order in one message: id `<order_id>.<seq>` for a single
+//! event, `<order_id>.<first seq>-<last seq>` for a list, see
+//! [`mtx_schemas::order::decode_order_events`]), fills, partial fills and rejections on
 //! `executions.<account>` (id = `execution_id` =
 //! `ids::execution_id(order_id, fill_seq)`), and child stop-loss /
 //! take-profit orders on `orders.<account>.new` (id = their order id; the
@@ -146,7 +148,7 @@ use mtx_runtime::publish::Publisher;
 use mtx_runtime::{Delivery, Handler, Outcome, Outgoing};
 use mtx_schemas::headers;
 use mtx_schemas::market::MarketPrice;
-use mtx_schemas::order::{CancelOrder, Order};
+use mtx_schemas::order::{CancelOrder, Order, OrderEvent};
 use mtx_schemas::{ExecutionStatus, OrderStatus};
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::Subjects;
@@ -1739,6 +1741,9 @@ impl Engine {
         }
         let fatal = |e: String| Fatal(format!("cannot build an output: {e}"));
         let mut out = Vec::with_capacity(events.len() + 1);
+        // The order events of each order, in the order the venue made them.
+        let mut per_order: Vec<Vec<&OrderEvent>> = Vec::new();
+        let mut group_of: HashMap<&str, usize> = HashMap::new();
         for e in events {
             if let VenueEvent::ChildOrder(o) = e {
                 out.push(Recorded {
@@ -1774,15 +1779,13 @@ impl Engine {
                     .orders
                     .with_label_values(&[&ev.status.as_str().to_ascii_lowercase()])
                     .inc();
-                out.push(Recorded {
-                    subject: self
-                        .subjects
-                        .orders_events(&ev.account)
-                        .map_err(|e| fatal(e.to_string()))?,
-                    msg_id: format!("{}.{}", ev.order_id, ev.seq),
-                    payload: to_json(ev)?,
-                    headers: hdrs.clone(),
-                });
+                match group_of.get(ev.order_id.as_str()) {
+                    Some(&i) => per_order[i].push(ev),
+                    None => {
+                        group_of.insert(&ev.order_id, per_order.len());
+                        per_order.push(vec![ev]);
+                    }
+                }
             }
             if let VenueEvent::CancelRejected {
                 order_id, reason, ..
@@ -1790,6 +1793,28 @@ impl Engine {
             {
                 tracing::warn!(%order_id, %reason, "venue refused a cancel");
             }
+        }
+        // One message per order: its events of this step travel together
+        // (see `mtx_schemas::order::decode_order_events`).
+        for group in per_order {
+            let (first, last) = (group[0], group[group.len() - 1]);
+            let (msg_id, payload) = if group.len() == 1 {
+                (format!("{}.{}", first.order_id, first.seq), to_json(first)?)
+            } else {
+                (
+                    format!("{}.{}-{}", first.order_id, first.seq, last.seq),
+                    to_json(&group)?,
+                )
+            };
+            out.push(Recorded {
+                subject: self
+                    .subjects
+                    .orders_events(&first.account)
+                    .map_err(|e| fatal(e.to_string()))?,
+                msg_id,
+                payload,
+                headers: hdrs.clone(),
+            });
         }
         Ok(out)
     }

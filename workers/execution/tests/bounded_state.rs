@@ -16,7 +16,7 @@ use mtx_harness::{bus, until, NatsServer};
 use mtx_runtime::config::Config;
 use mtx_runtime::process::Process;
 use mtx_runtime::{Outgoing, Publisher};
-use mtx_schemas::order::{CancelOrder, ExecutionConfirmation, Order, OrderEvent};
+use mtx_schemas::order::{decode_order_events, CancelOrder, ExecutionConfirmation, Order};
 use mtx_schemas::OrderStatus;
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::{Subjects, Topology};
@@ -471,7 +471,7 @@ async fn a_version_1_state_is_migrated() {
     .await;
     let old_event = events
         .iter()
-        .map(|m| serde_json::from_slice::<OrderEvent>(&m.payload).unwrap())
+        .flat_map(|m| decode_order_events(&m.payload).unwrap())
         .find(|e| e.order_id == "OLD1")
         .expect("outbox of the old state published");
     assert_eq!((old_event.seq, old_event.status), (3, OrderStatus::Filled));

@@ -13,7 +13,9 @@ use mtx_runtime::process::Process;
 use mtx_schemas::headers;
 use mtx_schemas::ids::{derive_id, execution_id};
 use mtx_schemas::market::MarketPrice;
-use mtx_schemas::order::{CancelOrder, ExecutionConfirmation, Order, OrderEvent};
+use mtx_schemas::order::{
+    decode_order_events, CancelOrder, ExecutionConfirmation, Order, OrderEvent,
+};
 use mtx_schemas::{OrderStatus, OrderType, Side, SignalAction};
 use mtx_subjects::topology::streams;
 use mtx_subjects::{Subjects, Topology};
@@ -174,7 +176,7 @@ impl Stage {
         )
         .await
         .iter()
-        .map(|m| serde_json::from_slice::<OrderEvent>(&m.payload).unwrap())
+        .flat_map(|m| decode_order_events(&m.payload).unwrap())
         .filter(|e| e.order_id == order_id)
         .collect()
     }
@@ -386,6 +388,44 @@ async fn stop_loss_and_take_profit_become_oco_children() {
         .as_deref()
         .unwrap()
         .contains("OCO"));
+    // One message per order and venue step: the entry's SUBMITTED, ACCEPTED
+    // and FILLED travel together, each child's SUBMITTED and ACCEPTED too;
+    // the TP's fill and the SL's OCO cancel are one event each.
+    let mut shapes: Vec<(String, Vec<(String, u64)>)> = s
+        .read(
+            streams::ORDER_EVENTS,
+            &s.subjects.raw_subject("orders.*.events"),
+        )
+        .await
+        .iter()
+        .map(|m| {
+            let id = m.headers.as_ref().unwrap().get("Nats-Msg-Id").unwrap();
+            let events = decode_order_events(&m.payload).unwrap();
+            let single = m.payload.first() == Some(&b'{');
+            assert_eq!(single, events.len() == 1, "a lone event is a bare object");
+            (
+                id.to_string(),
+                events.into_iter().map(|e| (e.order_id, e.seq)).collect(),
+            )
+        })
+        .collect();
+    shapes.sort();
+    let mut want = vec![
+        (
+            "BR.1-3".to_string(),
+            vec![
+                ("BR".to_string(), 1),
+                ("BR".to_string(), 2),
+                ("BR".to_string(), 3),
+            ],
+        ),
+        (format!("{sl}.1-2"), vec![(sl.clone(), 1), (sl.clone(), 2)]),
+        (format!("{sl}.3"), vec![(sl.clone(), 3)]),
+        (format!("{tp}.1-2"), vec![(tp.clone(), 1), (tp.clone(), 2)]),
+        (format!("{tp}.3"), vec![(tp.clone(), 3)]),
+    ];
+    want.sort();
+    assert_eq!(shapes, want);
     let x = s.executions().await;
     assert_eq!(
         x.iter()

@@ -19,7 +19,7 @@ use mtx_runtime::config::Config;
 use mtx_schemas::headers;
 use mtx_schemas::ids::execution_id;
 use mtx_schemas::market::MarketPrice;
-use mtx_schemas::order::{ExecutionConfirmation, Order, OrderEvent};
+use mtx_schemas::order::{decode_order_events, ExecutionConfirmation, Order, OrderEvent};
 use mtx_schemas::OrderStatus;
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::{Subjects, Topology};
@@ -190,7 +190,7 @@ impl Env {
         )
         .await
         .iter()
-        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .flat_map(|m| decode_order_events(&m.payload).unwrap())
         .collect()
     }
 

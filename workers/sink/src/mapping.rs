@@ -1,4 +1,6 @@
-//! One message → one document of its documented collection.
+//! Messages → documents of their documented collections: one document per
+//! message, except that an order-events message may carry several events of
+//! one order (one document each, see [`Mapper::prepare_all`]).
 //!
 //! | stream | subject | collection | natural key |
 //! |---|---|---|---|
@@ -7,7 +9,7 @@
 //! | `CEREBRO_DECISIONS` | `cerebro.decisions.<env>.<strategy>` | `cerebro_decisions` | `decision_id` (else `signal_id`) |
 //! | `ORDERS` | `orders.<account>.new` | `trading_orders` | `order_id` |
 //! | `ORDERS` | `orders.<account>.cancel` | `order_cancels` | `cancel_id` = hash(subject, bytes) |
-//! | `ORDER_EVENTS` | `orders.<account>.events` | `order_events` (+ `trading_orders.status`) | (`order_id`, `seq`) |
+//! | `ORDER_EVENTS` | `orders.<account>.events` (one event, or an array of events of one order: one document each) | `order_events` (+ `trading_orders.status`) | (`order_id`, `seq`) |
 //! | `EXECUTIONS` | `executions.<account>` | `execution_confirmations` | `execution_id` |
 //! | `ACCOUNTS` | `accounts.<account>.state` | `account_state` | `snapshot_id` = hash(subject, bytes) |
 //! | `AUDIT` | `audit.<stage>` | `bot_core_db.audit_logs` | `audit_id` = hash(subject, bytes) |
@@ -225,14 +227,18 @@ pub struct Mapper {
     subjects: Subjects,
 }
 
+fn json(payload: &[u8]) -> Result<Value, Rejection> {
+    serde_json::from_slice::<Value>(payload)
+        .map_err(|e| reject("invalid_payload", format!("not JSON: {e}")))
+}
+
 fn object(payload: &[u8]) -> Result<Map<String, Value>, Rejection> {
-    match serde_json::from_slice::<Value>(payload) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(other) => Err(reject(
+    match json(payload)? {
+        Value::Object(m) => Ok(m),
+        other => Err(reject(
             "invalid_payload",
             format!("expected a JSON object, got {}", kind_of(&other)),
         )),
-        Err(e) => Err(reject("invalid_payload", format!("not JSON: {e}"))),
     }
 }
 
@@ -256,6 +262,29 @@ fn key(m: &Map<String, Value>, field: &str) -> Result<String, Rejection> {
         )),
         None => Err(reject("missing_key", format!("`{field}` is missing"))),
     }
+}
+
+/// The keys of one order event: `order_id`, `status` and `seq`.
+struct EventKey {
+    order_id: String,
+    status: String,
+    seq: i64,
+}
+
+fn event_key(m: &Map<String, Value>) -> Result<EventKey, Rejection> {
+    let order_id = key(m, "order_id")?;
+    let status = key(m, "status")?;
+    let seq = match m.get("seq") {
+        Some(Value::Number(n)) => n.as_i64(),
+        _ => None,
+    }
+    .filter(|s| *s >= 0)
+    .ok_or_else(|| reject("missing_key", "`seq` must be a non-negative integer"))?;
+    Ok(EventKey {
+        order_id,
+        status,
+        seq,
+    })
 }
 
 impl Mapper {
@@ -294,8 +323,42 @@ impl Mapper {
         })
     }
 
-    /// Map one delivery of a `kind` consumer.
+    /// Map one delivery of a `kind` consumer to its documents, in message
+    /// order; never an empty list. A message maps to one document, except an
+    /// order-events message carrying an array of events of one order: one
+    /// `order_events` document per event, each exactly the document that
+    /// event alone would give. A message is mapped whole or rejected whole:
+    /// when one of its events cannot be mapped, or the events are not of one
+    /// order in strictly increasing `seq`, none is.
+    pub fn prepare_all(
+        &self,
+        kind: Kind,
+        d: &Delivery,
+        now: DateTime,
+    ) -> Result<Vec<Prepared>, Rejection> {
+        match kind {
+            Kind::OrderEvents => self.events(d, now),
+            _ => self.one(kind, d, now).map(|p| vec![p]),
+        }
+    }
+
+    /// Map one delivery of a `kind` consumer that gives one document (every
+    /// message but an order-events message with several events, which is
+    /// rejected here as `invalid_payload`: use [`Mapper::prepare_all`]).
     pub fn prepare(&self, kind: Kind, d: &Delivery, now: DateTime) -> Result<Prepared, Rejection> {
+        let mut all = self.prepare_all(kind, d, now)?;
+        match all.len() {
+            1 => Ok(all.remove(0)),
+            n => Err(reject(
+                "invalid_payload",
+                format!("the message maps to {n} documents, not one"),
+            )),
+        }
+    }
+
+    /// The one document of a message (an order-events message as a single
+    /// event object).
+    fn one(&self, kind: Kind, d: &Delivery, now: DateTime) -> Result<Prepared, Rejection> {
         let subject = self.subjects.strip(&d.subject).to_string();
         match kind {
             Kind::RawSignals => self.raw(d, &subject, now),
@@ -358,7 +421,11 @@ impl Mapper {
                     Follow::Order { order_id },
                 )
             }
-            Kind::OrderEvents => self.event(d, now),
+            Kind::OrderEvents => {
+                let m = object(&d.payload)?;
+                let k = event_key(&m)?;
+                self.event(m, k, d, now)
+            }
             Kind::Executions => {
                 let m = object(&d.payload)?;
                 key(&m, "execution_id")?;
@@ -428,16 +495,103 @@ impl Mapper {
         })
     }
 
-    fn event(&self, d: &Delivery, now: DateTime) -> Result<Prepared, Rejection> {
-        let m = object(&d.payload)?;
-        let order_id = key(&m, "order_id")?;
-        let status = key(&m, "status")?;
-        let seq = match m.get("seq") {
-            Some(Value::Number(n)) => n.as_i64(),
-            _ => None,
+    /// An order-events message: one `order_events` document per event.
+    ///
+    /// The message is one [`OrderEvent`](mtx_schemas::order::OrderEvent)
+    /// object (as every message was before the execution stage sent the
+    /// events of one step together), or a non-empty array of them, all of
+    /// one order (same `order_id` and `account`) in strictly increasing
+    /// `seq` (message id `<order_id>.<first seq>-<last seq>`). Each event
+    /// becomes exactly the document the same event alone would (the
+    /// message's `ingest`, key (`order_id`, `seq`)), with its
+    /// `trading_orders.status` follow-up. Anything else rejects the whole
+    /// message (`invalid_payload`, or the first failing event's reason, its
+    /// detail prefixed `events[i] of n`).
+    fn events(&self, d: &Delivery, now: DateTime) -> Result<Vec<Prepared>, Rejection> {
+        let list = match json(&d.payload)? {
+            Value::Object(m) => {
+                let k = event_key(&m)?;
+                return Ok(vec![self.event(m, k, d, now)?]);
+            }
+            Value::Array(list) if !list.is_empty() => list,
+            Value::Array(_) => {
+                return Err(reject(
+                    "invalid_payload",
+                    "an empty array: an order-events message carries at least one event",
+                ))
+            }
+            other => {
+                let got = kind_of(&other);
+                let detail =
+                    format!("expected an order event or a non-empty array of them, got {got}");
+                return Err(reject("invalid_payload", detail));
+            }
+        };
+        let n = list.len();
+        let mut out = Vec::with_capacity(n);
+        // The first event's order and account, and the previous event's seq.
+        let mut first: Option<(String, Option<Value>)> = None;
+        let mut prev_seq: Option<i64> = None;
+        for (i, v) in list.into_iter().enumerate() {
+            let at = |r: Rejection| Rejection {
+                reason: r.reason,
+                detail: format!("events[{i}] of {n}: {}", r.detail),
+            };
+            let Value::Object(m) = v else {
+                return Err(at(reject(
+                    "invalid_payload",
+                    format!("expected a JSON object, got {}", kind_of(&v)),
+                )));
+            };
+            let k = event_key(&m).map_err(at)?;
+            let account = m.get("account").cloned();
+            match &first {
+                None => first = Some((k.order_id.clone(), account)),
+                Some((order_id, acct)) if *order_id != k.order_id || *acct != account => {
+                    let show = |a: &Option<Value>| {
+                        a.as_ref()
+                            .map_or_else(|| "none".to_string(), Value::to_string)
+                    };
+                    return Err(at(reject(
+                        "invalid_payload",
+                        format!(
+                            "events of two orders in one message: order {} account {} after order {order_id} account {}",
+                            k.order_id,
+                            show(&account),
+                            show(acct),
+                        ),
+                    )));
+                }
+                Some(_) => {}
+            }
+            if let Some(prev) = prev_seq.filter(|p| k.seq <= *p) {
+                return Err(at(reject(
+                    "invalid_payload",
+                    format!(
+                        "seq {} follows seq {prev}: the events of a message are in strictly increasing seq",
+                        k.seq
+                    ),
+                )));
+            }
+            prev_seq = Some(k.seq);
+            out.push(self.event(m, k, d, now).map_err(at)?);
         }
-        .filter(|s| *s >= 0)
-        .ok_or_else(|| reject("missing_key", "`seq` must be a non-negative integer"))?;
+        Ok(out)
+    }
+
+    /// One order event object (keys checked): its `order_events` document.
+    fn event(
+        &self,
+        m: Map<String, Value>,
+        k: EventKey,
+        d: &Delivery,
+        now: DateTime,
+    ) -> Result<Prepared, Rejection> {
+        let EventKey {
+            order_id,
+            status,
+            seq,
+        } = k;
         let prepared = self.finish(
             names::ORDER_EVENTS,
             Db::Trading,
@@ -680,6 +834,7 @@ pub fn stream_of(subject: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::int_of;
 
     #[test]
     fn ranks() {
@@ -849,6 +1004,179 @@ mod tests {
         let mut hs = base.to_vec();
         hs.push((DLQ_TIME, "yesterday"));
         assert_eq!(time_of(&delivery("dlq.standardizer", "{}", &hs)), now);
+    }
+
+    fn event_json(order_id: &str, account: &str, seq: i64, status: &str) -> Value {
+        serde_json::json!({
+            "order_id": order_id,
+            "account": account,
+            "status": status,
+            "previous_status": null,
+            "filled_quantity": if status == "FILLED" { "12" } else { "0" },
+            "avg_fill_price": if status == "FILLED" { Value::from("150.20") } else { Value::Null },
+            "reason": null,
+            "timestamp": format!("2025-11-20T10:00:0{seq}Z"),
+            "seq": seq
+        })
+    }
+
+    fn events_delivery(body: &Value) -> Delivery {
+        delivery(
+            "orders.IBKR_Main.events",
+            &body.to_string(),
+            &[(headers::MSG_ID, "ord_1.1-3")],
+        )
+    }
+
+    #[test]
+    fn an_array_of_events_maps_to_one_document_each() {
+        let m = Mapper::new(Subjects::new(""));
+        let now = DateTime::now();
+        let events = [
+            event_json("ord_1", "IBKR_Main", 1, "SUBMITTED"),
+            event_json("ord_1", "IBKR_Main", 2, "ACCEPTED"),
+            event_json("ord_1", "IBKR_Main", 3, "FILLED"),
+        ];
+        let d = events_delivery(&Value::Array(events.to_vec()));
+        let all = m.prepare_all(Kind::OrderEvents, &d, now).unwrap();
+        assert_eq!(all.len(), 3);
+        for ((p, ev), (seq, status)) in
+            all.iter()
+                .zip(&events)
+                .zip([(1, "SUBMITTED"), (2, "ACCEPTED"), (3, "FILLED")])
+        {
+            assert_eq!(p.coll, names::ORDER_EVENTS);
+            assert_eq!(p.db, Db::Trading);
+            assert_eq!(p.doc.get_str("order_id").unwrap(), "ord_1");
+            assert_eq!(int_of(p.doc.get("seq")), Some(seq));
+            assert_eq!(p.doc.get_str("status").unwrap(), status);
+            let ingest = p.doc.get_document("ingest").unwrap();
+            assert_eq!(ingest.get_str("msg_id").unwrap(), "ord_1.1-3");
+            assert_eq!(ingest.get_i64("stream_seq").unwrap(), 7);
+            let Follow::Event {
+                order_id,
+                rank,
+                set,
+            } = &p.follow
+            else {
+                panic!("not an event follow-up: {:?}", p.follow)
+            };
+            assert_eq!(order_id, "ord_1");
+            assert_eq!(*rank, status_rank(status, seq));
+            assert_eq!(set.get_str("status").unwrap(), status);
+            // Exactly what the same event alone gives (same message headers
+            // and stream position).
+            let mut alone = d.clone();
+            alone.payload = ev.to_string().into_bytes().into();
+            let single = m.prepare(Kind::OrderEvents, &alone, now).unwrap();
+            assert_eq!(&single, p);
+            let single_all = m.prepare_all(Kind::OrderEvents, &alone, now).unwrap();
+            assert_eq!(single_all, vec![single]);
+        }
+        assert!(matches!(all[2].follow, Follow::Event { rank, .. } if rank >= TERMINAL_RANK));
+        // `prepare` takes one-document messages only; an array of one is one.
+        let e = m.prepare(Kind::OrderEvents, &d, now).unwrap_err();
+        assert_eq!(e.reason, "invalid_payload");
+        let one = events_delivery(&Value::Array(vec![events[1].clone()]));
+        let p = m.prepare(Kind::OrderEvents, &one, now).unwrap();
+        assert_eq!(int_of(p.doc.get("seq")), Some(2));
+        // Other kinds: one document, the same as `prepare`.
+        let exe = delivery(
+            "executions.A",
+            r#"{"order_id":"o","execution_id":"x","price":"1.5"}"#,
+            &[],
+        );
+        assert_eq!(
+            m.prepare_all(Kind::Executions, &exe, now).unwrap(),
+            vec![m.prepare(Kind::Executions, &exe, now).unwrap()]
+        );
+    }
+
+    #[test]
+    fn a_bad_array_of_events_is_rejected_whole() {
+        let m = Mapper::new(Subjects::new(""));
+        let now = DateTime::now();
+        let ev = |o: &str, a: &str, seq: i64| event_json(o, a, seq, "SUBMITTED");
+        let mut no_seq = ev("ord_1", "A", 2);
+        no_seq.as_object_mut().unwrap().remove("seq");
+        let mut bad_price = ev("ord_1", "A", 2);
+        bad_price["avg_fill_price"] = Value::from("abc");
+        let cases: Vec<(&str, Value, &str, &str)> = vec![
+            ("empty", serde_json::json!([]), "invalid_payload", "empty"),
+            (
+                "a non-object",
+                serde_json::json!([ev("ord_1", "A", 1), 5]),
+                "invalid_payload",
+                "events[1] of 2: expected a JSON object, got a number",
+            ),
+            (
+                "mixed order ids",
+                serde_json::json!([ev("ord_1", "A", 1), ev("ord_2", "A", 2)]),
+                "invalid_payload",
+                "two orders",
+            ),
+            (
+                "mixed accounts",
+                serde_json::json!([ev("ord_1", "A", 1), ev("ord_1", "B", 2)]),
+                "invalid_payload",
+                "two orders",
+            ),
+            (
+                "a repeated seq",
+                serde_json::json!([ev("ord_1", "A", 1), ev("ord_1", "A", 1)]),
+                "invalid_payload",
+                "seq 1 follows seq 1",
+            ),
+            (
+                "a decreasing seq",
+                serde_json::json!([
+                    ev("ord_1", "A", 2),
+                    ev("ord_1", "A", 3),
+                    ev("ord_1", "A", 1)
+                ]),
+                "invalid_payload",
+                "events[2] of 3: seq 1 follows seq 3",
+            ),
+            (
+                "an event without seq",
+                serde_json::json!([ev("ord_1", "A", 1), no_seq]),
+                "missing_key",
+                "events[1] of 2: `seq`",
+            ),
+            (
+                "an event without order_id",
+                serde_json::json!([{"status": "SUBMITTED", "seq": 1}]),
+                "missing_key",
+                "`order_id`",
+            ),
+            (
+                "an unconvertible field",
+                serde_json::json!([ev("ord_1", "A", 1), bad_price]),
+                "invalid_field",
+                "events[1] of 2",
+            ),
+            (
+                "a scalar",
+                serde_json::json!("SUBMITTED"),
+                "invalid_payload",
+                "got a string",
+            ),
+        ];
+        for (what, body, reason, detail) in cases {
+            let e = m
+                .prepare_all(Kind::OrderEvents, &events_delivery(&body), now)
+                .expect_err(what);
+            assert_eq!(e.reason, reason, "{what}: {}", e.detail);
+            assert!(e.detail.contains(detail), "{what}: {}", e.detail);
+        }
+        let e = m
+            .prepare_all(
+                Kind::OrderEvents,
+                &delivery("orders.A.events", "[{", &[]),
+                now,
+            )
+            .unwrap_err();
+        assert_eq!(e.reason, "invalid_payload");
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! Each batch the consume loop hands over (one pull request: up to
 //! `worker.batch_size` messages, or what arrived before `pull_expires_ms`) is
 //! written in one pass:
-//! 1. every message is mapped to its document ([`crate::mapping`]); one that
-//!    cannot be mapped is rejected (→ `dlq.sink`);
+//! 1. every message is mapped to its document ([`crate::mapping`]), or to
+//!    its documents: an order-events message may carry several events of one
+//!    order, one `order_events` document each. A message that cannot be
+//!    mapped is rejected whole (→ `dlq.sink`), nothing of it written;
 //! 2. documents are inserted with one unordered `insert_many` per collection;
 //!    a duplicate key means "already stored" and counts as success;
 //! 3. the lifecycle flags are set with guarded, set-based updates
@@ -17,7 +19,11 @@
 //!    documents still unflagged and updates only those, whichever its recent
 //!    batches found cheaper ([`HitRate`]);
 //! 4. only then does the loop ack: a message is acked when Mongo has
-//!    acknowledged its document and its follow-ups.
+//!    acknowledged its documents and their follow-ups. A message with
+//!    several documents gets one outcome: retried if any of its documents
+//!    must be retried, else rejected if any was refused (the others stay
+//!    stored; a redrive finds them as duplicates), else acked (duplicate
+//!    when all were already stored). Metrics count documents.
 //!
 //! Every follow-up filter leads with an equality or `$in` on an indexed key
 //! and has no top-level `$or`: a filter the server cannot answer from the
@@ -245,7 +251,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Per-message state while a batch is written.
+/// Per-document state while a batch is written (a message has one slot
+/// per document it maps to, see [`Mapper::prepare_all`]).
 enum Slot {
     Done(Outcome),
     Pending(Box<Prepared>),
@@ -253,6 +260,57 @@ enum Slot {
         prepared: Box<Prepared>,
         inserted: bool,
     },
+}
+
+/// The outcome of one message, folded from the outcomes of its documents:
+/// any retry → retry (the first one); else any rejection → reject (the
+/// first one); else every document stored → ok if at least one was
+/// inserted, duplicate if all were already there.
+#[derive(Debug, Default)]
+struct Fold {
+    retry: Option<Outcome>,
+    reject: Option<Outcome>,
+    inserted: bool,
+    stored: bool,
+}
+
+impl Fold {
+    /// A document with a final outcome.
+    fn add(&mut self, o: Outcome) {
+        match o {
+            Outcome::Retry { .. } => {
+                self.retry.get_or_insert(o);
+            }
+            Outcome::Reject { .. } => {
+                self.reject.get_or_insert(o);
+            }
+            Outcome::Duplicate => self.stored = true,
+            Outcome::Ok(_) => {
+                self.stored = true;
+                self.inserted = true;
+            }
+        }
+    }
+
+    /// A document stored by this batch (`inserted`) or found already stored.
+    fn add_stored(&mut self, inserted: bool) {
+        self.stored = true;
+        self.inserted |= inserted;
+    }
+
+    /// The message's outcome; `retry_after` if it had no document at all
+    /// (never: every message has at least one slot).
+    fn outcome(self, retry_after: Duration) -> Outcome {
+        if let Some(o) = self.retry.or(self.reject) {
+            o
+        } else if self.inserted {
+            Outcome::Ok(vec![])
+        } else if self.stored {
+            Outcome::Duplicate
+        } else {
+            Outcome::retry(retry_after, "not written")
+        }
+    }
 }
 
 impl SinkCore {
@@ -416,45 +474,72 @@ impl SinkCore {
     pub async fn write_batch(&self, kind: Kind, msgs: &[Delivery]) -> Vec<Outcome> {
         let started = Instant::now();
         let now = DateTime::now();
-        let mut slots: Vec<Slot> = msgs
-            .iter()
-            .map(|d| match self.mapper.prepare(kind, d, now) {
-                Ok(p) => Slot::Pending(Box::new(p)),
+        // One slot per document; `owners[j]` is the message of slot `j`
+        // (an order-events message may carry several documents).
+        let mut slots: Vec<Slot> = Vec::with_capacity(msgs.len());
+        let mut owners: Vec<usize> = Vec::with_capacity(msgs.len());
+        for (i, d) in msgs.iter().enumerate() {
+            match self.mapper.prepare_all(kind, d, now) {
+                Ok(ps) if !ps.is_empty() => {
+                    for p in ps {
+                        slots.push(Slot::Pending(Box::new(p)));
+                        owners.push(i);
+                    }
+                }
+                Ok(_) => {
+                    tracing::error!(seq = d.stream_seq, "message mapped to no document");
+                    slots.push(Slot::Done(Outcome::reject(
+                        "internal",
+                        "the message maps to no document",
+                    )));
+                    owners.push(i);
+                }
                 Err(r) => {
                     tracing::warn!(reason = r.reason, detail = %r.detail, seq = d.stream_seq, "unmappable message");
-                    Slot::Done(Outcome::reject(r.reason, r.detail))
+                    slots.push(Slot::Done(Outcome::reject(r.reason, r.detail)));
+                    owners.push(i);
                 }
-            })
-            .collect();
+            }
+        }
+        // The delivery count of each slot's message (its retry delay).
+        let deliveries: Vec<u64> = owners.iter().map(|&i| msgs[i].deliveries).collect();
         if slots.iter().any(|s| matches!(s, Slot::Pending(_))) {
             if !self.wait_for_mongo().await {
-                self.retry_pending(&mut slots, msgs, "mongo unavailable");
+                self.retry_pending(&mut slots, &deliveries, "mongo unavailable");
             } else if !self.schema_ready().await {
-                self.retry_pending(&mut slots, msgs, "databases not migrated");
+                self.retry_pending(&mut slots, &deliveries, "databases not migrated");
             } else {
                 let _turn = self.turn(kind).await;
-                let deliveries: Vec<u64> = msgs.iter().map(|d| d.deliveries).collect();
                 self.insert(&mut slots, &deliveries).await;
                 self.follow_up(&mut slots, &deliveries, now).await;
             }
         }
-        let outcomes: Vec<Outcome> = slots
-            .into_iter()
-            .zip(msgs)
-            .map(|(s, d)| match s {
+        let mut folds: Vec<Fold> = msgs.iter().map(|_| Fold::default()).collect();
+        for (s, &i) in slots.into_iter().zip(&owners) {
+            let d = &msgs[i];
+            let fold = &mut folds[i];
+            match s {
                 // A dead letter is never dead-lettered again (that would loop
                 // through dlq.sink): it stays in the DLQ stream and is retried.
                 Slot::Done(Outcome::Reject { reason, detail }) if kind == Kind::DeadLetters => {
                     tracing::error!(%reason, %detail, seq = d.stream_seq, "dead letter refused by MongoDB; retrying");
-                    Outcome::retry(self.timing.max_retry_delay, format!("{reason}: {detail}"))
+                    fold.add(Outcome::retry(
+                        self.timing.max_retry_delay,
+                        format!("{reason}: {detail}"),
+                    ));
                 }
-                Slot::Done(o) => o,
-                Slot::Stored { inserted: true, .. } => Outcome::Ok(vec![]),
-                Slot::Stored {
-                    inserted: false, ..
-                } => Outcome::Duplicate,
-                Slot::Pending(_) => Outcome::retry(self.timing.delay(d.deliveries), "not written"),
-            })
+                Slot::Done(o) => fold.add(o),
+                Slot::Stored { inserted, .. } => fold.add_stored(inserted),
+                Slot::Pending(_) => fold.add(Outcome::retry(
+                    self.timing.delay(d.deliveries),
+                    "not written",
+                )),
+            }
+        }
+        let outcomes: Vec<Outcome> = folds
+            .into_iter()
+            .zip(msgs)
+            .map(|(f, d)| f.outcome(self.timing.delay(d.deliveries)))
             .collect();
         self.metrics
             .batch_seconds
@@ -485,11 +570,11 @@ impl SinkCore {
         .flatten()
     }
 
-    fn retry_pending(&self, slots: &mut [Slot], msgs: &[Delivery], reason: &str) {
-        for (s, d) in slots.iter_mut().zip(msgs) {
+    fn retry_pending(&self, slots: &mut [Slot], deliveries: &[u64], reason: &str) {
+        for (s, &n) in slots.iter_mut().zip(deliveries) {
             if let Slot::Pending(p) | Slot::Stored { prepared: p, .. } = s {
                 self.count(p.coll, "error", 1);
-                *s = Slot::Done(Outcome::retry(self.timing.delay(d.deliveries), reason));
+                *s = Slot::Done(Outcome::retry(self.timing.delay(n), reason));
             }
         }
     }
@@ -1121,6 +1206,45 @@ mod tests {
             r.percent() <= 100,
             "modified copies beyond the keys count once"
         );
+    }
+
+    #[test]
+    fn a_message_outcome_folds_its_documents() {
+        let after = Duration::from_secs(4);
+        let fold = |slots: Vec<Outcome>| {
+            let mut f = Fold::default();
+            for o in slots {
+                f.add(o);
+            }
+            f.outcome(after)
+        };
+        let retry = || Outcome::retry(Duration::from_secs(9), "follow-up");
+        let reject = |r: &str| Outcome::reject(r, "refused");
+        assert!(matches!(
+            fold(vec![Outcome::Ok(vec![]), Outcome::Duplicate]),
+            Outcome::Ok(_)
+        ));
+        assert!(matches!(
+            fold(vec![Outcome::Duplicate, Outcome::Duplicate]),
+            Outcome::Duplicate
+        ));
+        assert!(matches!(
+            fold(vec![Outcome::Ok(vec![]), reject("validation_failed"), reject("write_failed")]),
+            Outcome::Reject { ref reason, .. } if reason == "validation_failed"
+        ));
+        assert!(matches!(
+            fold(vec![reject("write_failed"), Outcome::Ok(vec![]), retry()]),
+            Outcome::Retry { after, .. } if after == Duration::from_secs(9)
+        ));
+        assert!(matches!(fold(vec![]), Outcome::Retry { after: a, .. } if a == after));
+        let mut f = Fold::default();
+        f.add_stored(false);
+        f.add_stored(false);
+        assert!(matches!(f.outcome(after), Outcome::Duplicate));
+        let mut f = Fold::default();
+        f.add_stored(false);
+        f.add_stored(true);
+        assert!(matches!(f.outcome(after), Outcome::Ok(_)));
     }
 
     #[test]

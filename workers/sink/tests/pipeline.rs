@@ -717,3 +717,156 @@ async fn processed_flags_whichever_way_the_flag_update_is_sent() {
     sink.assert_ready();
     sink.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_events_array_is_one_document_per_event() {
+    let t = Setup::migrated().await;
+    let sink = start_sink(&t.cfg).await;
+    let ev_sub = t.sub.orders_events("IBKR_Main").unwrap();
+    let oid = order_id(5);
+    // What the execution stage publishes for a market order's one step:
+    // SUBMITTED, ACCEPTED and FILLED of one order as one message.
+    let events = json!([
+        order_event(5, 1, "SUBMITTED", "0"),
+        order_event(5, 2, "ACCEPTED", "0"),
+        order_event(5, 3, "FILLED", "12"),
+    ]);
+    let msg_id = format!("{oid}.1-3");
+    publish(&t.js, &ev_sub, &msg_id, None, &events).await;
+    publish(
+        &t.js,
+        &t.sub.orders_new("IBKR_Main").unwrap(),
+        "ord-5",
+        None,
+        &order(5),
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            t.count("order_events", doc! {"order_id": &oid}).await == 3
+                && t.count(
+                    "trading_orders",
+                    doc! {"order_id": &oid, "status": "FILLED"},
+                )
+                .await
+                    == 1
+        })
+        .await,
+        "order_events {} trading_orders {:?}",
+        t.count("order_events", doc! {}).await,
+        t.find("trading_orders", doc! {}).await
+    );
+    let mut evs = t.find("order_events", doc! {"order_id": &oid}).await;
+    evs.sort_by_key(|e| e.get_i64("seq").unwrap_or(-1));
+    let seqs: Vec<i64> = evs.iter().map(|e| e.get_i64("seq").unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    for (e, status) in evs.iter().zip(["SUBMITTED", "ACCEPTED", "FILLED"]) {
+        s(e, "status", status);
+        s(e, "account", "IBKR_Main");
+        s(e, "ingest.msg_id", &msg_id);
+        s(e, "ingest.subject", &ev_sub);
+        is_date(e, "timestamp");
+        is_date(e, "created_at");
+    }
+    dec(&evs[2], "filled_quantity", "12");
+    dec(&evs[2], "avg_fill_price", "150.20");
+    let o = only(t.find("trading_orders", doc! {}).await, "order");
+    s(&o, "status", "FILLED");
+    assert_eq!(o.get_i64("status_seq").unwrap(), 3);
+    dec(&o, "filled_quantity", "12");
+
+    // The same message again under another msg id (JetStream stores it):
+    // three duplicates, nothing new.
+    publish(&t.js, &ev_sub, &format!("{msg_id}-again"), None, &events).await;
+    let events_stream = t.topo.stream_name(streams::ORDER_EVENTS);
+    assert_eq!(stream_count(&t.js, &events_stream, &ev_sub).await, 2);
+    let duplicates =
+        "mtx_mongo_documents_total{collection=\"order_events\",result=\"duplicate\"} 3";
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            mtx_runtime::metrics::render(&sink.registry).contains(duplicates)
+        })
+        .await,
+        "{}",
+        mtx_runtime::metrics::render(&sink.registry)
+    );
+    assert_eq!(t.count("order_events", doc! {}).await, 3);
+    assert_eq!(t.count("trading_orders", doc! {}).await, 1);
+    assert_eq!(
+        t.count(
+            "trading_orders",
+            doc! {"status": "FILLED", "status_seq": 3_i64}
+        )
+        .await,
+        1
+    );
+
+    // Events of two orders in one message: dead-lettered whole, nothing of
+    // it written.
+    let mixed = json!([
+        order_event(6, 1, "SUBMITTED", "0"),
+        order_event(7, 2, "ACCEPTED", "0"),
+    ]);
+    publish(&t.js, &ev_sub, "mixed-6-7", None, &mixed).await;
+    let dlq_stream = t.topo.stream_name(streams::DLQ);
+    let dlq_sink = t.sub.dlq("sink").unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            t.count("dead_letters", doc! {"stage": "sink"}).await == 1
+        })
+        .await,
+        "dead letters {:?}",
+        t.find("dead_letters", doc! {}).await
+    );
+    let dl = only(
+        t.find("dead_letters", doc! {"stage": "sink"}).await,
+        "dead letter",
+    );
+    s(&dl, "reason", "invalid_payload");
+    s(&dl, "original_subject", &ev_sub);
+    s(&dl, "original_stream", streams::ORDER_EVENTS);
+    assert!(
+        dl.get_str("detail").unwrap().contains("two orders"),
+        "{dl:?}"
+    );
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(dl.get_str("payload").unwrap()).unwrap(),
+        mixed
+    );
+    assert_eq!(stream_count(&t.js, &dlq_stream, &dlq_sink).await, 1);
+    assert_eq!(
+        t.count(
+            "order_events",
+            doc! {"order_id": {"$in": [order_id(6), order_id(7)]}}
+        )
+        .await,
+        0
+    );
+    assert_eq!(t.count("order_events", doc! {}).await, 3);
+
+    // Every message acked (the array once, its copy as duplicates, the
+    // mixed one dead-lettered), none retried.
+    for c in t.topo.pool_consumers("sink") {
+        let st = t.js.get_stream(&c.stream).await.unwrap();
+        let ok = eventually(Duration::from_secs(10), || {
+            let st = st.clone();
+            let d = c.durable().to_string();
+            async move {
+                let i = st.consumer_info(&d).await.unwrap();
+                i.num_ack_pending == 0 && i.num_pending == 0
+            }
+        })
+        .await;
+        assert!(ok, "{} not drained", c.durable());
+    }
+    let text = mtx_runtime::metrics::render(&sink.registry);
+    for want in [
+        "mtx_mongo_documents_total{collection=\"order_events\",result=\"ok\"} 3",
+        duplicates,
+        "mtx_redeliveries_total{stage=\"sink\"} 0",
+    ] {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
+    sink.assert_ready();
+    sink.stop().await;
+}

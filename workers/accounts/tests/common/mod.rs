@@ -11,8 +11,8 @@ use mtx_runtime::process::Process;
 use mtx_schemas::headers;
 use mtx_schemas::market::MarketPrice;
 use mtx_schemas::order::{
-    account_state_key, order_side, AccountState, CancelOrder, ExecutionConfirmation, Order,
-    OrderEvent,
+    account_state_key, decode_order_events, order_side, AccountState, CancelOrder,
+    ExecutionConfirmation, Order, OrderEvent,
 };
 use mtx_schemas::{Direction, OrderStatus, OrderType, SignalAction};
 use mtx_subjects::topology::{buckets, streams};
@@ -217,7 +217,7 @@ impl Pipeline {
         )
         .await
         .iter()
-        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .flat_map(|m| decode_order_events(&m.payload).unwrap())
         .collect()
     }
 
