@@ -6,7 +6,7 @@
 //! | item | what |
 //! |---|---|
 //! | [`Summary`] | count, min, mean, p50 / p95 / p99 (nearest rank), max of a set of durations, in ms |
-//! | [`Usage`] / [`UsageDelta`] | `getrusage(RUSAGE_SELF)`, `/proc/stat` and `/proc/<server>/stat` at two instants |
+//! | [`Usage`] / [`UsageDelta`] | `getrusage(RUSAGE_SELF)` (CPU, context switches), `/proc/stat`, `/proc/<server>/stat` and its threads' `status` at two instants |
 //! | [`peak_rss_bytes`] / [`reset_peak_rss`] | `VmHWM` of `/proc/self/status`; reset through `/proc/self/clear_refs` |
 //! | [`pid_listening_on`] | the local process listening on a loopback TCP port (the nats-server) |
 //! | [`read_stream`] | every message of a stream from a sequence on, with its store time |
@@ -83,6 +83,8 @@ pub struct Usage {
     system: Duration,
     host: Option<(Duration, Duration)>,
     server: Option<Duration>,
+    switches: u64,
+    server_switches: Option<u64>,
 }
 
 /// What happened between two [`Usage`] snapshots.
@@ -111,6 +113,13 @@ pub struct UsageDelta {
     /// Peak resident set size of this process during the interval, bytes
     /// (`VmHWM`, reset at the start of the interval when the kernel allows it).
     pub peak_rss_bytes: Option<u64>,
+    /// This process, context switches (voluntary and not, all threads): how
+    /// often its threads slept and were woken, the cost that grows with
+    /// round trips and wake-ups rather than with bytes.
+    pub context_switches: u64,
+    /// The nats-server, context switches of its threads, when it runs
+    /// locally and was found.
+    pub server_context_switches: Option<u64>,
 }
 
 fn clock_ticks() -> f64 {
@@ -145,6 +154,33 @@ fn host_cpu() -> Option<(Duration, Duration)> {
     Some((ticks(total - idle), ticks(total)))
 }
 
+/// Context switches (voluntary + involuntary) of every thread of another
+/// process, summed from `/proc/<pid>/task/*/status`.
+fn process_switches(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0;
+    for t in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue; // the thread exited meanwhile
+        };
+        total += switches_in_status(&status);
+    }
+    Some(total)
+}
+
+/// `voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of a
+/// `/proc/.../status` text.
+fn switches_in_status(status: &str) -> u64 {
+    status
+        .lines()
+        .filter(|l| {
+            l.starts_with("voluntary_ctxt_switches:")
+                || l.starts_with("nonvoluntary_ctxt_switches:")
+        })
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
 /// User + system CPU time of another process.
 fn process_cpu(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -167,10 +203,15 @@ impl Usage {
         // SAFETY: getrusage writes into the zeroed struct we own.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } == 0;
-        let (user, system) = if ok {
-            (timeval(ru.ru_utime), timeval(ru.ru_stime))
+        let (user, system, switches) = if ok {
+            let n = |x: libc::c_long| u64::try_from(x).unwrap_or(0);
+            (
+                timeval(ru.ru_utime),
+                timeval(ru.ru_stime),
+                n(ru.ru_nvcsw) + n(ru.ru_nivcsw),
+            )
         } else {
-            (Duration::ZERO, Duration::ZERO)
+            (Duration::ZERO, Duration::ZERO, 0)
         };
         Usage {
             at: Instant::now(),
@@ -178,6 +219,8 @@ impl Usage {
             system,
             host: host_cpu(),
             server: server.and_then(process_cpu),
+            switches,
+            server_switches: server.and_then(process_switches),
         }
     }
 
@@ -212,6 +255,11 @@ impl Usage {
             other_busy_secs: host_busy_secs
                 .map(|h| (h - user - system - server_cpu_secs.unwrap_or(0.0)).max(0.0)),
             peak_rss_bytes: peak_rss_bytes(),
+            context_switches: later.switches.saturating_sub(self.switches),
+            server_context_switches: match (self.server_switches, later.server_switches) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                _ => None,
+            },
         }
     }
 }
@@ -406,6 +454,24 @@ pub fn mean_sizes<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn context_switches_are_counted_for_this_process_and_another() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t12\nnonvoluntary_ctxt_switches:\t3\n";
+        assert_eq!(switches_in_status(status), 15);
+        assert_eq!(switches_in_status("Name:\tx\n"), 0);
+        // Every sleep gives the CPU up: a voluntary switch. Our own pid
+        // stands in for the server.
+        let me = std::process::id();
+        let before = Usage::now(Some(me));
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let d = before.delta(&Usage::now(Some(me)));
+        assert!(d.context_switches >= 5, "{d:?}");
+        assert!(d.server_context_switches.is_some_and(|n| n >= 5), "{d:?}");
+        assert_eq!(process_switches(u32::MAX), None);
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

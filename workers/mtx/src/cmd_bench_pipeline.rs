@@ -1575,9 +1575,10 @@ fn method() -> BTreeMap<&'static str, &'static str> {
         ),
         (
             "usage",
-            "getrusage(RUSAGE_SELF) user+sys, /proc/self/status VmHWM (reset per phase via \
-             /proc/self/clear_refs), /proc/stat busy time of the host, /proc/<pid>/stat of a \
-             local nats-server",
+            "getrusage(RUSAGE_SELF) user+sys and context switches, /proc/self/status VmHWM \
+             (reset per phase via /proc/self/clear_refs), /proc/stat busy time of the host, \
+             /proc/<pid>/stat and /proc/<pid>/task/*/status context switches of a local \
+             nats-server",
         ),
     ])
 }
@@ -1686,6 +1687,21 @@ fn print_table(r: &Report) {
                 t.out_messages_per_signal
             ))
             .unwrap_or_else(|| "-".into()))
+    );
+    println!(
+        "{:<40} {}",
+        "context switches per signal (us, server)",
+        col(&|x| {
+            let n = x.completed.max(1) as f64;
+            format!(
+                "{:.1}, {}",
+                x.usage.context_switches as f64 / n,
+                x.usage
+                    .server_context_switches
+                    .map(|s| format!("{:.1}", s as f64 / n))
+                    .unwrap_or_else(|| "-".into())
+            )
+        })
     );
     if let Some(ratio) = r.ratio {
         println!("{:<40} {ratio:.3}", "pipeline / pass-through");
