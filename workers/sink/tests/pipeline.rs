@@ -95,6 +95,23 @@ fn dead_letter_headers(
     h
 }
 
+/// Every sink consumer has nothing pending and nothing unacked (within 10 s).
+async fn assert_sink_drained(t: &Setup) {
+    for c in t.topo.pool_consumers("sink") {
+        let st = t.js.get_stream(&c.stream).await.unwrap();
+        let ok = eventually(Duration::from_secs(10), || {
+            let st = st.clone();
+            let d = c.durable().to_string();
+            async move {
+                let i = st.consumer_info(&d).await.unwrap();
+                i.num_ack_pending == 0 && i.num_pending == 0
+            }
+        })
+        .await;
+        assert!(ok, "{} not drained", c.durable());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_stage_lands_with_seed_fields_and_types() {
     let t = Setup::migrated().await;
@@ -440,19 +457,7 @@ async fn every_stage_lands_with_seed_fields_and_types() {
     date(&au, "timestamp", "2025-11-20T10:00:06Z");
 
     // Everything acked: nothing pending on any sink consumer.
-    for c in t.topo.pool_consumers("sink") {
-        let st = t.js.get_stream(&c.stream).await.unwrap();
-        let ok = eventually(Duration::from_secs(10), || {
-            let st = st.clone();
-            let d = c.durable().to_string();
-            async move {
-                let i = st.consumer_info(&d).await.unwrap();
-                i.num_ack_pending == 0 && i.num_pending == 0
-            }
-        })
-        .await;
-        assert!(ok, "{} not drained", c.durable());
-    }
+    assert_sink_drained(&t).await;
     assert_eq!(
         stream_count(
             &t.js,
@@ -846,19 +851,7 @@ async fn an_order_events_array_is_one_document_per_event() {
 
     // Every message acked (the array once, its copy as duplicates, the
     // mixed one dead-lettered), none retried.
-    for c in t.topo.pool_consumers("sink") {
-        let st = t.js.get_stream(&c.stream).await.unwrap();
-        let ok = eventually(Duration::from_secs(10), || {
-            let st = st.clone();
-            let d = c.durable().to_string();
-            async move {
-                let i = st.consumer_info(&d).await.unwrap();
-                i.num_ack_pending == 0 && i.num_pending == 0
-            }
-        })
-        .await;
-        assert!(ok, "{} not drained", c.durable());
-    }
+    assert_sink_drained(&t).await;
     let text = mtx_runtime::metrics::render(&sink.registry);
     for want in [
         "mtx_mongo_documents_total{collection=\"order_events\",result=\"ok\"} 3",
