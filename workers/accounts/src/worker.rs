@@ -270,7 +270,7 @@ pub fn decode(
             // the decoder), so the first one speaks for all.
             let events = mtx_schemas::order::decode_order_events(payload)
                 .map_err(|e| ("invalid_order_event", e.to_string()))?;
-            if let Some(e) = events.iter().find(|e| !names(&e.account)) {
+            if let Some(e) = events.first().filter(|e| !names(&e.account)) {
                 return Err(mismatch("order event", &e.account));
             }
             Ok(Input::OrderEvents(events))
