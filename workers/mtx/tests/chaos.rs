@@ -69,6 +69,13 @@ struct Opts {
     role_credentials: bool,
 }
 
+/// The chaos tests run one at a time. Each spawns a dozen worker processes,
+/// a nats-server and a Mongo stand-in; two at once on a 2-core CI machine
+/// starved the stand-ins until the sink's writes outlasted their operation
+/// limit and its retries backed off past the quiescence deadline. Alone,
+/// each finishes well inside it.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The test's own unrestricted NATS user under `role_credentials`.
 const OBSERVER: &str = "observer";
 
@@ -85,6 +92,9 @@ struct Cluster {
     /// Under `role_credentials`: the load's connection (`provider`).
     provider: Option<jetstream::Context>,
     role_credentials: bool,
+    /// Held for the test's whole life (dropped last, after every process
+    /// and server): see [`SERIAL`].
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 /// `MTX_NATS__USER` / `MTX_NATS__PASSWORD` for `role` on `cmd`.
@@ -95,6 +105,8 @@ fn as_role(cmd: &mut Command, role: &str) {
 
 impl Cluster {
     async fn start(opts: Opts) -> Cluster {
+        // A test that failed while holding it poisons it; the next one runs.
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let prefix = unique("x");
         let auth = if opts.role_credentials {
             mtx_harness::nats_auth::config(&prefix, Some(OBSERVER))
@@ -225,6 +237,7 @@ publish_interval_secs = 2
             trading,
             provider,
             role_credentials: opts.role_credentials,
+            _serial: serial,
         };
         for pool in POOLS {
             for _ in 0..opts.replicas.get(pool).copied().unwrap_or(1) {
