@@ -74,7 +74,7 @@ struct Opts {
 /// starved the stand-ins until the sink's writes outlasted their operation
 /// limit and its retries backed off past the quiescence deadline. Alone,
 /// each finishes well inside it.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The test's own unrestricted NATS user under `role_credentials`.
 const OBSERVER: &str = "observer";
@@ -94,7 +94,7 @@ struct Cluster {
     role_credentials: bool,
     /// Held for the test's whole life (dropped last, after every process
     /// and server): see [`SERIAL`].
-    _serial: std::sync::MutexGuard<'static, ()>,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
 /// `MTX_NATS__USER` / `MTX_NATS__PASSWORD` for `role` on `cmd`.
@@ -105,8 +105,8 @@ fn as_role(cmd: &mut Command, role: &str) {
 
 impl Cluster {
     async fn start(opts: Opts) -> Cluster {
-        // A test that failed while holding it poisons it; the next one runs.
-        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        // (A tokio mutex: no poisoning, a failed test frees it for the next.)
+        let serial = SERIAL.lock().await;
         let prefix = unique("x");
         let auth = if opts.role_credentials {
             mtx_harness::nats_auth::config(&prefix, Some(OBSERVER))
