@@ -1307,6 +1307,9 @@ impl Cerebro {
     /// Apply a watched input; returns the account of an applied account
     /// state.
     fn apply(&self, src: Source, key: &str, rev: u64, value: Option<&[u8]>) -> Option<String> {
+        if let (Source::AccountState, Some(bytes)) = (src, value) {
+            return self.apply_account_state(key, rev, bytes);
+        }
         let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
         live.apply(src, key, rev, value);
         match src {
@@ -1315,11 +1318,36 @@ impl Cerebro {
                 self.metrics.trading_enabled.set(i64::from(on));
                 None
             }
-            Source::AccountState if value.is_some() => {
-                live.accounts.get(key).map(|(_, s)| s.account.clone())
-            }
             _ => None,
         }
+    }
+
+    /// An account state put: decoded before the live inputs are locked
+    /// (states are large, tens of KB with hundreds of positions, and
+    /// deciding batches read the live inputs meanwhile), stored if no newer
+    /// revision arrived in between. Returns the state's account.
+    fn apply_account_state(&self, key: &str, rev: u64, bytes: &[u8]) -> Option<String> {
+        let stale = |live: &Live| {
+            key.contains('.') || live.accounts.get(key).is_some_and(|(r, _)| *r > rev)
+        };
+        if stale(&self.live.read().unwrap_or_else(|p| p.into_inner())) {
+            return None;
+        }
+        let state = match serde_json::from_slice::<AccountState>(bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "account state unreadable");
+                return None;
+            }
+        };
+        let account = state.account.clone();
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        if stale(&live) {
+            return None;
+        }
+        live.accounts
+            .insert(key.to_string(), (rev, Arc::new(state)));
+        Some(account)
     }
 
     async fn watch(

@@ -582,7 +582,7 @@ async fn process_batch<H: Handler>(
     b: &Binding,
     handler: &H,
     state: &LoopState,
-    batch: Vec<jetstream::Message>,
+    mut batch: Vec<jetstream::Message>,
 ) {
     let max_deliver = state.max_deliver;
     let m = &ctx.metrics;
@@ -591,7 +591,7 @@ async fn process_batch<H: Handler>(
     m.received.with_label_values(&[stage]).inc_by(n as u64);
     m.in_flight.with_label_values(&[stage]).add(n as i64);
     let deliveries: Vec<Delivery> = batch
-        .iter()
+        .iter_mut()
         .map(|msg| {
             let (deliveries, stream_seq, pending) = msg
                 .info()
@@ -600,7 +600,9 @@ async fn process_batch<H: Handler>(
             Delivery {
                 subject: msg.subject.to_string(),
                 payload: msg.payload.clone(),
-                headers: msg.headers.clone().unwrap_or_default(),
+                // Moved, not cloned (a map of owned strings per message):
+                // settling the message needs only its reply subject.
+                headers: msg.message.headers.take().unwrap_or_default(),
                 deliveries,
                 stream_seq,
                 pending,
@@ -783,16 +785,16 @@ async fn dead_letter(
 /// (`$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<nanos>.<pending>`,
 /// or the 11/12-token form with domain and account hash).
 pub fn published_at(reply: &str) -> Option<chrono::DateTime<chrono::Utc>> {
-    let t: Vec<&str> = reply.split('.').collect();
-    if t.len() < 9 || t[0] != "$JS" || t[1] != "ACK" {
+    // Counted and indexed without collecting the tokens: once per message.
+    let tokens = reply.split('.').count();
+    if tokens < 9 || !reply.starts_with("$JS.ACK.") {
         return None;
     }
-    let nanos: i64 = match t.len() {
-        9 => t[7],
-        _ => t[9],
-    }
-    .parse()
-    .ok()?;
+    let nanos: i64 = reply
+        .split('.')
+        .nth(if tokens == 9 { 7 } else { 9 })?
+        .parse()
+        .ok()?;
     Some(chrono::DateTime::from_timestamp_nanos(nanos))
 }
 
