@@ -150,6 +150,11 @@ pull_expires_ms = 2000
 shutdown_grace_secs = 5
 [accounts]
 publish_interval_secs = 2
+# The stand-in is single-threaded: under a dozen processes' load a sink
+# write can outlast the default limit (10 s with this ack wait), and its
+# retries back off past the quiescence deadline.
+[sink]
+op_timeout_secs = 60
 [accounts.initial_balances]
 {balances}
 "#,
@@ -631,7 +636,9 @@ publish_interval_secs = 2
 
 fn mtx(config: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mtx"));
-    c.arg("--config").arg(config).env("MTX_LOG__LEVEL", "error");
+    // `CHAOS_LOG` (a `tracing` filter) shows the workers' logs on stderr.
+    let level = std::env::var("CHAOS_LOG").unwrap_or_else(|_| "error".into());
+    c.arg("--config").arg(config).env("MTX_LOG__LEVEL", level);
     c
 }
 

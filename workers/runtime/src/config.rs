@@ -607,6 +607,11 @@ pub struct SinkConfig {
     /// once (each consumer also waits for its own previous batch). Two suit
     /// a CPU-bound single server; a MongoDB with cores to spare takes more.
     pub writers: usize,
+    /// Time limit of one MongoDB operation, seconds. Unset: the ack wait
+    /// clamped to 10–60 s. A batch's messages stay in progress meanwhile, so
+    /// a longer limit only lets a slow server finish instead of being sent
+    /// the same write again (the local stand-in under load needs it).
+    pub op_timeout_secs: Option<u64>,
 }
 
 impl SinkConfig {
@@ -622,13 +627,21 @@ impl SinkConfig {
                 Self::MAX_WRITERS
             )));
         }
+        if let Some(t) = self.op_timeout_secs.filter(|t| !(1..=600).contains(t)) {
+            return Err(ConfigError(format!(
+                "sink.op_timeout_secs (MTX_SINK__OP_TIMEOUT_SECS): {t} must be between 1 and 600"
+            )));
+        }
         Ok(())
     }
 }
 
 impl Default for SinkConfig {
     fn default() -> Self {
-        SinkConfig { writers: 2 }
+        SinkConfig {
+            writers: 2,
+            op_timeout_secs: None,
+        }
     }
 }
 
@@ -1041,6 +1054,22 @@ margin_per_contract = "16500"
             assert_eq!(
                 e,
                 "config error: sink.writers (MTX_SINK__WRITERS): 0 must be between 1 and 64"
+            );
+            jail.set_env("MTX_SINK__WRITERS", "2");
+            assert_eq!(SinkConfig::default().op_timeout_secs, None);
+            jail.set_env("MTX_SINK__OP_TIMEOUT_SECS", "90");
+            assert_eq!(
+                Config::load(None)
+                    .map_err(|e| e.to_string())?
+                    .sink
+                    .op_timeout_secs,
+                Some(90)
+            );
+            jail.set_env("MTX_SINK__OP_TIMEOUT_SECS", "0");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                "config error: sink.op_timeout_secs (MTX_SINK__OP_TIMEOUT_SECS): 0 must be between 1 and 600"
             );
             Ok(())
         });

@@ -1101,7 +1101,11 @@ impl Handler for SinkHandler {
 /// `mongo (sink)` readiness flag and metrics, watch Mongo, and bind every
 /// `sink_*` consumer of the topology.
 pub async fn spawn(process: &mut Process) -> Result<Arc<SinkCore>, SinkError> {
-    let timing = Timing::for_ack_wait(Duration::from_secs(process.config.topology.ack_wait_secs));
+    let mut timing =
+        Timing::for_ack_wait(Duration::from_secs(process.config.topology.ack_wait_secs));
+    if let Some(secs) = process.config.sink.op_timeout_secs {
+        timing.op_timeout = Duration::from_secs(secs);
+    }
     let metrics = SinkMetrics::new(&process.registry)?;
     let store = Store::connect(&process.config.mongo, timing.op_timeout)
         .await?
