@@ -959,21 +959,11 @@ impl Live {
                 }
                 _ => {}
             },
+            // Puts are decoded outside the lock ([`Cerebro::apply_account_state`]);
+            // only a delete or purge reaches here.
             Source::AccountState => {
-                if key.contains('.') {
-                    return;
-                }
-                if self.accounts.get(key).is_some_and(|(r, _)| *r > rev) {
-                    return;
-                }
-                match value.map(serde_json::from_slice::<AccountState>) {
-                    Some(Ok(s)) => {
-                        self.accounts.insert(key.to_string(), (rev, Arc::new(s)));
-                    }
-                    Some(Err(e)) => tracing::warn!(key, error = %e, "account state unreadable"),
-                    None => {
-                        self.accounts.remove(key);
-                    }
+                if value.is_none() && self.accounts.get(key).is_some_and(|(r, _)| *r <= rev) {
+                    self.accounts.remove(key);
                 }
             }
         }
