@@ -21,7 +21,12 @@
 //! one state taken when the window ends, so the latest state always goes out
 //! (a burst of any length ends with a state equal to the book) and a busy
 //! account costs at most one snapshot + JSON encoding + KV put + publish per
-//! window instead of one per batch. States of one account go out one at a
+//! window instead of one per batch. A large state stretches its account's
+//! window: after a state of `B` encoded bytes the next one waits at least
+//! `B / accounts.publish_bytes_per_sec` (default 1 MB/s, at most 10 s), so a
+//! book of hundreds of positions and working orders is not re-encoded,
+//! stored and sent every 25 ms under load (the latest state still goes out
+//! when the stretched window ends). States of one account go out one at a
 //! time, in order, so KV never goes back to an older one. Every account is
 //! also re-published every `accounts.publish_interval_secs`, and once right
 //! after start (configured accounts included, so Cerebro sees their initial
@@ -496,9 +501,26 @@ struct Live {
     book: Book,
     /// Accounts whose latest state is not stored + published yet.
     dirty: BTreeSet<String>,
-    /// When each account's state was last taken for publishing (its
-    /// coalescing window runs from there).
-    sent: HashMap<String, Instant>,
+    /// When each account's next state may be taken: the coalescing window
+    /// after the last one was taken, stretched by its size
+    /// ([`spacing`]) once it is sent.
+    opens: HashMap<String, Instant>,
+}
+
+/// The longest an account's next state waits because of its size.
+const MAX_SPACING: Duration = Duration::from_secs(10);
+
+/// How long after taking a state of `bytes` encoded bytes the account's next
+/// state may be taken: the coalescing `window`, or longer when the state is
+/// large enough that `bytes_per_sec` would be exceeded (0 = no limit), but
+/// never more than [`MAX_SPACING`].
+fn spacing(window: Duration, bytes: usize, bytes_per_sec: u64) -> Duration {
+    if bytes_per_sec == 0 {
+        return window;
+    }
+    let nanos = (bytes as u128 * 1_000_000_000) / u128::from(bytes_per_sec);
+    let by_size = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+    window.max(by_size.min(MAX_SPACING))
 }
 
 /// What one round of the publisher did.
@@ -530,6 +552,8 @@ pub struct Accounts {
     metrics: AccountsMetrics,
     interval: Duration,
     window: Duration,
+    /// `accounts.publish_bytes_per_sec` (0 = no limit).
+    bytes_per_sec: u64,
     retry_after: Duration,
     shutdown: CancellationToken,
 }
@@ -567,6 +591,7 @@ impl Accounts {
             metrics: AccountsMetrics::new(&process.registry)?,
             interval: Duration::from_secs(cfg.publish_interval_secs.max(1)),
             window: Duration::from_millis(cfg.publish_coalesce_ms),
+            bytes_per_sec: cfg.publish_bytes_per_sec,
             retry_after: Duration::from_millis(process.config.worker.publish_retry_delay_ms),
             shutdown: process.shutdown.clone(),
         })
@@ -634,7 +659,7 @@ impl Accounts {
             *guard = Some(Live {
                 book,
                 dirty,
-                sent: HashMap::new(),
+                opens: HashMap::new(),
             });
             self.wake.notify_one();
         }
@@ -647,7 +672,7 @@ impl Accounts {
     /// the round trips run without it. Failures stay dirty.
     async fn flush(&self, force: bool) -> Flushed {
         let _turn = self.flushing.lock().await;
-        let (states, next, stamp) = {
+        let (states, next, stamp, started) = {
             let mut guard = self.live.lock().await;
             let live = match self.ensure(&mut guard).await {
                 Ok(live) => live,
@@ -661,10 +686,9 @@ impl Accounts {
             let window = self.window;
             let mut next: Option<Instant> = None;
             let mut due = Vec::new();
-            let sent = &live.sent;
-            live.dirty.retain(|account| {
-                let opens = sent.get(account).map(|t| *t + window);
-                match opens {
+            let opens = &live.opens;
+            live.dirty
+                .retain(|account| match opens.get(account).copied() {
                     Some(at) if !force && at > started => {
                         next = Some(next.map_or(at, |n| n.min(at)));
                         true
@@ -673,37 +697,53 @@ impl Accounts {
                         due.push(account.clone());
                         false
                     }
-                }
-            });
+                });
             let states: Vec<AccountState> = due
                 .iter()
                 .map(|account| live.book.snapshot(account, stamp))
                 .collect();
             for account in due {
-                live.sent.insert(account, started);
+                live.opens.insert(account, started + window);
             }
-            (states, next, stamp)
+            (states, next, stamp, started)
         };
         if states.is_empty() {
             return Flushed::Done(next);
         }
-        let failed = self.send(states, stamp).await;
-        if failed.is_empty() {
+        let (sent, failed) = self.send(states, stamp).await;
+        let stretch = self.bytes_per_sec > 0
+            && sent
+                .iter()
+                .any(|(_, b)| spacing(self.window, *b, self.bytes_per_sec) > self.window);
+        if failed.is_empty() && !stretch {
             return Flushed::Done(next);
         }
         if let Some(live) = self.live.lock().await.as_mut() {
+            for (account, bytes) in sent {
+                let at = started + spacing(self.window, bytes, self.bytes_per_sec);
+                let opens = live.opens.entry(account).or_insert(at);
+                *opens = (*opens).max(at);
+            }
+            if failed.is_empty() {
+                return Flushed::Done(next);
+            }
             live.dirty.extend(failed);
         }
         Flushed::Failed
     }
 
-    /// Store (KV) and publish `states`; returns the accounts that failed.
-    async fn send(&self, states: Vec<AccountState>, stamp: chrono::DateTime<Utc>) -> Vec<String> {
+    /// Store (KV) and publish `states`; returns the accounts sent (with the
+    /// size of their encoded state) and the accounts that failed.
+    async fn send(
+        &self,
+        states: Vec<AccountState>,
+        stamp: chrono::DateTime<Utc>,
+    ) -> (Vec<(String, usize)>, Vec<String>) {
         let kv = match self.kv().await {
             Ok(kv) => kv,
             Err(e) => {
                 tracing::warn!(error = %e, "account states not stored; will retry");
-                return states.into_iter().map(|s| s.account).collect();
+                return (Vec::new(), states.into_iter().map(|s| s.account).collect());
             }
         };
         let mut encoded = Vec::with_capacity(states.len());
@@ -746,13 +786,15 @@ impl Accounts {
             ));
             owners.push(account);
         }
-        let sizes: Vec<u64> = outs.iter().map(|o| o.payload.len() as u64).collect();
+        let sizes: Vec<usize> = outs.iter().map(|o| o.payload.len()).collect();
         let results = self.publisher.publish_all(outs).await;
+        let mut sent = Vec::with_capacity(owners.len());
         for ((account, r), size) in owners.into_iter().zip(results).zip(sizes) {
             match r {
                 Ok(_) => {
                     self.metrics.states.with_label_values(&["ok"]).inc();
-                    self.metrics.state_bytes.inc_by(size);
+                    self.metrics.state_bytes.inc_by(size as u64);
+                    sent.push((account, size));
                 }
                 Err(e) => {
                     self.metrics.states.with_label_values(&["error"]).inc();
@@ -761,7 +803,7 @@ impl Accounts {
                 }
             }
         }
-        failed
+        (sent, failed)
     }
 
     /// Gauges of a configured account's latest state (f64 is fine for a
@@ -1000,6 +1042,24 @@ mod tests {
     fn event(order: &str, account: &str, seq: u64, status: &str) -> serde_json::Value {
         json!({"order_id": order, "account": account, "status": status,
                "filled_quantity": "0", "timestamp": "2025-01-02T15:00:00Z", "seq": seq})
+    }
+
+    #[test]
+    fn a_large_state_stretches_the_window_up_to_a_cap() {
+        let w = Duration::from_millis(25);
+        // No limit, or a small state: the coalescing window.
+        assert_eq!(spacing(w, 5_000_000, 0), w);
+        assert_eq!(spacing(w, 2_000, 1_000_000), w);
+        // 77 KB at 1 MB/s: 77 ms.
+        assert_eq!(spacing(w, 77_000, 1_000_000), Duration::from_millis(77));
+        // A window longer than the size's share stays.
+        assert_eq!(
+            spacing(Duration::from_millis(400), 77_000, 1_000_000),
+            Duration::from_millis(400)
+        );
+        // Never longer than the cap, even for absurd sizes.
+        assert_eq!(spacing(w, 50_000_000, 10_000), MAX_SPACING);
+        assert_eq!(spacing(w, usize::MAX, 10_000), MAX_SPACING);
     }
 
     #[test]

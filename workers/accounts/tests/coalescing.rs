@@ -207,3 +207,86 @@ async fn finished_orders_leave_the_tracker() {
     );
     p.stop().await;
 }
+
+/// With `publish_bytes_per_sec` a large state waits longer than the
+/// coalescing window: after a state of `B` bytes, the account's next state
+/// is taken no sooner than `B / publish_bytes_per_sec` later (here there is
+/// no window at all, so only the size spaces them). The last state still
+/// equals the book.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_state_is_spaced_by_its_size() {
+    const BYTES_PER_SEC: u64 = 20_000;
+    let nats = NatsServer::start();
+    let mut cfg = config(&nats);
+    cfg.accounts
+        .initial_balances
+        .insert(A.to_string(), dec!(100000));
+    cfg.accounts.publish_coalesce_ms = 0;
+    cfg.accounts.publish_bytes_per_sec = BYTES_PER_SEC;
+    let p = Pipeline::start(cfg).await;
+    p.state_where(A, |_| true).await;
+
+    // 40 strategies × 3 symbols: a state of a few KB, i.e. a spacing of
+    // tens to hundreds of milliseconds.
+    let n = 240;
+    let t0 = chrono::Utc::now();
+    let symbols = ["AAPL", "MSFT", "NVDA"];
+    for i in 0..n {
+        let x = fill(
+            i,
+            &format!("S{}", i % 40),
+            symbols[i % 3],
+            t0 + chrono::Duration::milliseconds(i as i64),
+        );
+        p.publish(
+            p.subjects.executions(A).unwrap(),
+            x.execution_id.clone(),
+            serde_json::to_vec(&x).unwrap(),
+        )
+        .await;
+    }
+    let ok = eventually(Duration::from_secs(20), || async {
+        p.accounts.snapshot(A).await.is_ok_and(|s| {
+            s.open_positions.iter().map(|x| x.quantity).sum::<Decimal>() == Decimal::from(n)
+        })
+    })
+    .await;
+    assert!(ok, "the book never had every fill");
+    let book = p.accounts.snapshot(A).await.unwrap();
+    let kv = p.state_where(A, |s| same(&book, s)).await;
+    assert_eq!(kv.open_positions.len(), 120);
+
+    let stored = read_all(
+        &p.js,
+        &p.topo.stream_name(streams::ACCOUNTS),
+        &p.subjects.account_state(A).unwrap(),
+    )
+    .await;
+    let states: Vec<(AccountState, usize)> = stored
+        .iter()
+        .map(|m| (serde_json::from_slice(&m.payload).unwrap(), m.payload.len()))
+        .collect();
+    assert!(
+        same(&book, &states.last().unwrap().0),
+        "the last state is the book's"
+    );
+    let mut stretched = 0;
+    for pair in states.windows(2) {
+        let ((a, bytes), (b, _)) = (&pair[0], &pair[1]);
+        let wait = Duration::from_nanos(*bytes as u64 * 1_000_000_000 / BYTES_PER_SEC);
+        let gap = (b.timestamp - a.timestamp).to_std().unwrap_or_default();
+        // 1 ms: the state's timestamp is read just after the instant the
+        // spacing runs from.
+        assert!(
+            gap + Duration::from_millis(1) >= wait,
+            "a state of {bytes} B at {} was followed after only {gap:?} (≥ {wait:?} expected)",
+            a.timestamp
+        );
+        stretched += usize::from(wait > Duration::from_millis(50));
+    }
+    assert!(
+        stretched > 0,
+        "no state was large enough to be spaced: {states:?}"
+    );
+    p.stop().await;
+}

@@ -132,7 +132,8 @@
 //! accounts stage is not confirming fills, so margin cannot be checked.
 //! Each single-leg entry is about 210 bytes of JSON. A filled order is
 //! released by the first account state that books its last execution
-//! (typically one `accounts.publish_coalesce_ms` window after the fill), so
+//! (typically one `accounts.publish_coalesce_ms` window after the fill,
+//! longer for a large state: `accounts.publish_bytes_per_sec`), so
 //! the book holds only orders in flight and fills not yet booked, and a fill
 //! is never counted both in the book and in `margin_used` for longer than
 //! the state takes to arrive. Known limit: the book is written whole on

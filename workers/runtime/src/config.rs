@@ -663,6 +663,12 @@ pub struct AccountsConfig {
     /// many milliseconds; changes within the window are coalesced and the
     /// latest state goes out when it ends (0 = as fast as publishing goes).
     pub publish_coalesce_ms: u64,
+    /// Encoded state an account may publish per second, bytes (0 = no
+    /// limit). After a state of `B` bytes the account's next state waits at
+    /// least `B / publish_bytes_per_sec` (at least the coalescing window, at
+    /// most 10 s), so a large book (hundreds of positions and working
+    /// orders) is not re-encoded, stored and sent every window under load.
+    pub publish_bytes_per_sec: u64,
     /// A finished order is remembered (so a late copy cannot reopen it) until
     /// events this many seconds newer than its end have been seen.
     pub finished_order_retention_secs: u64,
@@ -678,6 +684,7 @@ impl Default for AccountsConfig {
             instruments: BTreeMap::new(),
             publish_interval_secs: 60,
             publish_coalesce_ms: 25,
+            publish_bytes_per_sec: 1_000_000,
             finished_order_retention_secs: 300,
             finished_orders_max: 200_000,
         }
@@ -717,6 +724,12 @@ impl AccountsConfig {
             return bad(format!(
                 "accounts.publish_coalesce_ms: {} must be <= 10000 (Cerebro sizes from this state)",
                 self.publish_coalesce_ms
+            ));
+        }
+        if (1..10_000).contains(&self.publish_bytes_per_sec) {
+            return bad(format!(
+                "accounts.publish_bytes_per_sec (MTX_ACCOUNTS__PUBLISH_BYTES_PER_SEC): {} must be 0 (no limit) or >= 10000",
+                self.publish_bytes_per_sec
             ));
         }
         if self.finished_order_retention_secs == 0 {
@@ -1070,6 +1083,26 @@ margin_per_contract = "16500"
             assert_eq!(
                 e,
                 "config error: sink.op_timeout_secs (MTX_SINK__OP_TIMEOUT_SECS): 0 must be between 1 and 600"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn accounts_publish_bytes_per_sec_defaults_and_is_checked() {
+        assert_eq!(AccountsConfig::default().publish_bytes_per_sec, 1_000_000);
+        Jail::expect_with(|jail| {
+            jail.set_env("MTX_ACCOUNTS__PUBLISH_BYTES_PER_SEC", "0");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.accounts.publish_bytes_per_sec, 0);
+            jail.set_env("MTX_ACCOUNTS__PUBLISH_BYTES_PER_SEC", "250000");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.accounts.publish_bytes_per_sec, 250_000);
+            jail.set_env("MTX_ACCOUNTS__PUBLISH_BYTES_PER_SEC", "999");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                "config error: accounts.publish_bytes_per_sec (MTX_ACCOUNTS__PUBLISH_BYTES_PER_SEC): 999 must be 0 (no limit) or >= 10000"
             );
             Ok(())
         });
