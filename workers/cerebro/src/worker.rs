@@ -40,8 +40,9 @@
 //! decided in two rounds. First every signal without an entry link
 //! (entries, unlinked exits) is grouped by account, and each account's group
 //! is one **group commit** (below), the accounts side by side. Then the
-//! linked exits and cancels read their entry and exit-progress records (so
-//! an entry of the same batch is found) and are decided per account under
+//! linked exits and cancels read their entry and exit-progress records, all
+//! of the batch's in one batched direct get ([`multiget`]; so an entry of
+//! the same batch is found), and are decided per account under
 //! the account's lock, in arrival order, against one reconciliation of the
 //! book; their exit-progress compare-and-sets go out together (one per
 //! entry at a time). Each signal still gets its own outcome.
@@ -162,7 +163,7 @@
 //! deletes those of finished entries after `entry_done_retention` and all
 //! of them after `entry_max_age` ([`crate::janitor`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -174,6 +175,7 @@ use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
 use mtx_accounts::book::Input as AccountsInput;
 use mtx_accounts::worker::{decode as decode_accounts_input, Source as AccountsSource};
+use mtx_runtime::multiget;
 use mtx_runtime::process::{Process, ProcessError};
 use mtx_runtime::{Delivery, Handler, Outcome, Outgoing};
 use mtx_schemas::ids::derive_id;
@@ -1017,6 +1019,23 @@ struct Stores {
     state: kv::Store,
 }
 
+/// How long one batched read of entry and exit records may take.
+const KV_BATCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A record of the state bucket as read (revision, JSON), decoded; an
+/// undecodable one refuses the signal (`corrupt_state`).
+fn decode_record<T: for<'de> Deserialize<'de>>(
+    key: &str,
+    read: Option<&(u64, Bytes)>,
+) -> Result<Option<(u64, T)>, Fail> {
+    let Some((revision, value)) = read else {
+        return Ok(None);
+    };
+    let v = serde_json::from_slice(value)
+        .map_err(|err| Fail::Reject("corrupt_state", format!("{key}: {err}")))?;
+    Ok(Some((*revision, v)))
+}
+
 /// What one janitor pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct JanitorReport {
@@ -1713,12 +1732,54 @@ impl Cerebro {
     ) -> Result<Option<(u64, T)>, Fail> {
         match self.stores.state.entry(key).await.map_err(retry)? {
             Some(e) if e.operation == kv::Operation::Put => {
-                let v = serde_json::from_slice(&e.value)
-                    .map_err(|err| Fail::Reject("corrupt_state", format!("{key}: {err}")))?;
-                Ok(Some((e.revision, v)))
+                decode_record(key, Some(&(e.revision, e.value)))
             }
             _ => Ok(None),
         }
+    }
+
+    /// The current value and revision of each of `keys` in the state bucket
+    /// that holds one (deleted and missing keys are absent), read with one
+    /// batched direct get per 1,000 keys — exactly what `kv.entry` reads
+    /// key by key on a bucket that allows direct gets. `None` when the
+    /// bucket does not allow them (then read key by key from the leader).
+    async fn read_many(
+        &self,
+        keys: &[String],
+    ) -> Option<Result<HashMap<String, (u64, Bytes)>, Fail>> {
+        let store = &self.stores.state;
+        if !store.stream.cached_info().config.allow_direct {
+            return None;
+        }
+        if keys.is_empty() {
+            return Some(Ok(HashMap::new()));
+        }
+        let subjects: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{}{k}", store.prefix))
+            .collect();
+        let found = match multiget::last_messages(
+            &self.js.client(),
+            &store.stream_name,
+            &subjects,
+            KV_BATCH_TIMEOUT,
+        )
+        .await
+        {
+            Ok(found) => found,
+            Err(e) => return Some(Err(retry(e))),
+        };
+        let mut out = HashMap::with_capacity(found.len());
+        for (subject, m) in found {
+            let put = m
+                .headers
+                .get("KV-Operation")
+                .is_none_or(|op| op.as_str() == "PUT");
+            if let (true, Some(key)) = (put, subject.strip_prefix(store.prefix.as_str())) {
+                out.insert(key.to_string(), (m.sequence, m.payload));
+            }
+        }
+        Some(Ok(out))
     }
 
     /// Compare-and-set write: the new revision, `None` on a revision conflict.
@@ -2028,13 +2089,30 @@ impl Cerebro {
             }
         }
         // Round 2: linked exits and cancels, after round 1's entry records.
+        // Every record round 2 needs, in one batched read where possible.
+        let keys: Vec<String> = linked
+            .iter()
+            .filter_map(|j| j.signal.entry_signal_id.as_deref())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .flat_map(|id| [entry_key(id), exits_key(id)])
+            .collect();
+        let batch = self.read_many(&keys).await;
+        let batch = &batch;
         let reads = linked.into_iter().map(|job| async move {
             let entry_id = job.signal.entry_signal_id.as_deref().unwrap_or_default();
             let (ek, xk) = (entry_key(entry_id), exits_key(entry_id));
-            let (entry, exits) = futures::join!(
-                self.read_json::<StoredEntry>(&ek),
-                self.read_json::<ExitProgress>(&xk),
-            );
+            let (entry, exits) = match batch {
+                Some(Ok(found)) => (
+                    decode_record::<StoredEntry>(&ek, found.get(&ek)),
+                    decode_record::<ExitProgress>(&xk, found.get(&xk)),
+                ),
+                Some(Err(f)) => (Err(f.clone()), Err(f.clone())),
+                None => futures::join!(
+                    self.read_json::<StoredEntry>(&ek),
+                    self.read_json::<ExitProgress>(&xk),
+                ),
+            };
             let read = match (entry, exits) {
                 (Ok(e), Ok(x)) => Ok((e.map(|(_, s)| s), x)),
                 (Err(f), _) | (_, Err(f)) => Err(f),

@@ -55,7 +55,8 @@
 //! 1. load the state from KV if not in memory; drop applied sequences at or
 //!    below the consumer's ack floor (read by the clock: those can never be
 //!    redelivered);
-//! 2. read, in one concurrent round, the `fin.` keys of the order ids the
+//! 2. read, in one batched direct get (one request per 1,000 keys; a
+//!    replicated bucket: one leader read per key), the `fin.` keys of the order ids the
 //!    batch names that memory does not know (a new order, or a re-send /
 //!    cancel of an order that finished earlier);
 //! 3. for each input: an applied sequence is a redelivery → duplicate (ack);
@@ -138,11 +139,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::message::StreamMessage;
-use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind};
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, kv};
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
 use mtx_runtime::config::{CommissionKind, Config};
+use mtx_runtime::multiget;
 use mtx_runtime::process::{Process, ProcessError};
 use mtx_runtime::publish::Publisher;
 use mtx_runtime::{Delivery, Handler, Outcome, Outgoing};
@@ -191,6 +193,8 @@ const PERSIST_ATTEMPTS: u32 = 5;
 const FINISHED_CACHE: usize = 50_000;
 /// Concurrent `fin.` key reads of one batch.
 const LOOKUP_CONCURRENCY: usize = 512;
+/// How long one batched read of `fin.` keys may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The KV key of the finished-order record of `order_id`: [`FINISHED_PREFIX`]
 /// and the id as a KV token ([`mtx_schemas::ids::push_kv_token`]: any id
@@ -1370,28 +1374,53 @@ impl Engine {
         let kv = self.kv().await?;
         let stream = &kv.stream;
         let direct = self.direct_reads.load(Ordering::Relaxed);
-        let results: Vec<Result<Option<FinishedOrder>, String>> = futures::stream::iter(ids)
-            .map(|id| async move {
-                let subject = format!("{}{}", self.kv_prefix, finished_key(&id));
-                let Some(m) = read_last(stream, &subject, direct).await? else {
-                    return Ok(None);
-                };
-                if m.headers
-                    .get("KV-Operation")
-                    .is_some_and(|v| v.as_str() != "PUT")
-                {
-                    return Ok(None);
-                }
-                let f: FinishedOrder = serde_json::from_slice(&m.payload)
-                    .map_err(|e| format!("finished order {subject} unreadable: {e}"))?;
-                if f.order_id != id {
-                    return Err(format!("{subject} holds order {}", f.order_id));
-                }
-                Ok(Some(f))
-            })
-            .buffer_unordered(LOOKUP_CONCURRENCY)
-            .collect()
-            .await;
+        let subject_of = |id: &str| format!("{}{}", self.kv_prefix, finished_key(id));
+        let read = |id: &str, m: Option<StreamMessage>| -> Result<Option<FinishedOrder>, String> {
+            let Some(m) = m else {
+                return Ok(None);
+            };
+            if m.headers
+                .get("KV-Operation")
+                .is_some_and(|v| v.as_str() != "PUT")
+            {
+                return Ok(None);
+            }
+            let f: FinishedOrder = serde_json::from_slice(&m.payload)
+                .map_err(|e| format!("finished order {} unreadable: {e}", m.subject))?;
+            if f.order_id != id {
+                return Err(format!("{} holds order {}", m.subject, f.order_id));
+            }
+            Ok(Some(f))
+        };
+        let results: Vec<Result<Option<FinishedOrder>, String>> = if direct {
+            // One batched direct get for the whole chunk.
+            let ids: Vec<String> = ids.into_iter().collect();
+            let subjects: Vec<String> = ids.iter().map(|id| subject_of(id)).collect();
+            match multiget::last_messages(
+                &self.js.client(),
+                &kv.stream_name,
+                &subjects,
+                LOOKUP_TIMEOUT,
+            )
+            .await
+            {
+                Ok(mut found) => ids
+                    .iter()
+                    .zip(&subjects)
+                    .map(|(id, subject)| read(id, found.remove(subject)))
+                    .collect(),
+                Err(e) => vec![Err(e.to_string())],
+            }
+        } else {
+            futures::stream::iter(ids)
+                .map(|id| async move {
+                    let m = read_last(stream, &subject_of(&id)).await?;
+                    read(&id, m)
+                })
+                .buffer_unordered(LOOKUP_CONCURRENCY)
+                .collect()
+                .await
+        };
         for r in results {
             let label = match &r {
                 Ok(Some(_)) => "found",
@@ -1820,28 +1849,18 @@ impl Engine {
     }
 }
 
-/// The last message of `subject` in the bucket's stream, if any: from the
-/// stream leader (a follower may not have the latest write yet), or by
-/// direct get when `direct` (a single-replica bucket: the one server is the
-/// leader), which costs the server less.
+/// The last message of `subject` in the bucket's stream, if any, from the
+/// stream leader (a follower may not have the latest write yet). Buckets
+/// that allow direct gets and have one replica are read in batches instead
+/// ([`multiget`]), which costs the server less.
 async fn read_last(
     stream: &jetstream::stream::Stream,
     subject: &str,
-    direct: bool,
 ) -> Result<Option<StreamMessage>, String> {
-    let failed = |e: &dyn std::fmt::Display| format!("reading {subject}: {e}");
-    if direct {
-        match stream.direct_get_last_for_subject(subject).await {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(failed(&e)),
-        }
-    } else {
-        match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(failed(&e)),
-        }
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(format!("reading {subject}: {e}")),
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`health`]: liveness / readiness and the `/healthz` `/readyz` `/metrics` server.
 //! - [`nats`]: connecting (reconnect forever, credentials from config).
 //! - [`publish`]: publishing with `Nats-Msg-Id` and batched acks.
+//! - [`multiget`]: the last message of many subjects in one batched direct get.
 //! - [`pull`]: one bounded pull request with idle heartbeats.
 //! - [`consume`]: the one consume loop (ack / NAK with delay / DLQ).
 //! - [`dlq`]: dead letters, and the max-deliveries advisory listener.
@@ -17,6 +18,7 @@ pub mod consume;
 pub mod dlq;
 pub mod health;
 pub mod metrics;
+pub mod multiget;
 pub mod nats;
 pub mod process;
 pub mod publish;
