@@ -10,7 +10,8 @@
 //!   (the topology's consumers, with the test prefix) and only its own, hear
 //!   their max-deliveries advisories and read their streams by sequence
 //!   (the runtime's dead-lettering of messages the server gave up on);
-//! - the KV permissions match what the stages do (create / put / get);
+//! - the KV permissions match what the stages do (create / put / get, and
+//!   the batched reads of Cerebro's and execution's records);
 //! - the pipeline runs end to end with the role credentials: the setup
 //!   credential (`admin`) applies the topology, a provider publishes raw
 //!   signals, and the `echo_worker` fixture (the shared runtime's consume loop
@@ -30,6 +31,7 @@ use common::{count, eventually};
 use futures::StreamExt;
 use mtx_harness::nats_auth::{password, render_auth};
 use mtx_harness::{repo_root, unique, NatsServer};
+use mtx_runtime::multiget::last_messages;
 use mtx_schemas::{headers, Environment};
 use mtx_subjects::topology::{buckets, streams};
 use mtx_subjects::{Subjects, Topology, TopologySettings};
@@ -473,12 +475,44 @@ async fn kv_permissions_match_the_stages() {
     acct.put("ACC1", Bytes::from_static(b"{}")).await.unwrap();
     let system = cer.js.get_key_value(bucket(buckets::SYSTEM)).await.unwrap();
     assert!(system.get("kill_switch").await.unwrap().is_none());
+    // Cerebro reads a batch's entry and exit records in one batched get.
+    let got = last_messages(
+        &cer.client,
+        &acct.stream_name,
+        &[format!("{}ACC1", acct.prefix)],
+        Duration::from_secs(3),
+    )
+    .await
+    .expect("cerebro reads account_state keys in a batch");
+    assert_eq!(got.len(), 1);
     assert!(cer.violations().is_empty(), "{:?}", cer.violations());
 
     // execution may read the kill switch but not write account state.
     let exe = s.connect("execution").await;
     let sys = exe.js.get_key_value(bucket(buckets::SYSTEM)).await.unwrap();
     assert!(sys.get("kill_switch").await.unwrap().is_none());
+    // ... and writes its own state, whose `fin.` keys it reads in batches.
+    let state = exe
+        .js
+        .get_key_value(bucket(buckets::EXECUTION_STATE))
+        .await
+        .unwrap();
+    state
+        .put("fin.o1", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    let got = last_messages(
+        &exe.client,
+        &state.stream_name,
+        &[
+            format!("{}fin.o1", state.prefix),
+            format!("{}fin.o2", state.prefix),
+        ],
+        Duration::from_secs(3),
+    )
+    .await
+    .expect("execution reads its fin. keys in a batch");
+    assert_eq!(got.len(), 1);
     assert!(exe.violations().is_empty(), "{:?}", exe.violations());
     assert!(exe
         .js

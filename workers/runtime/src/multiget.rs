@@ -43,8 +43,9 @@ pub enum MultiGetError {
         reason: String,
     },
     /// The answer did not end within the timeout (also: a server without
-    /// batched direct gets, which never sends the end marker).
-    #[error("batched direct get on {stream}: no end of batch within {timeout:?} ({received} messages received; nats-server 2.11+ is required)")]
+    /// batched direct gets, which never sends the end marker, or a request
+    /// the user's permissions refuse, whose error goes to the connection).
+    #[error("batched direct get on {stream}: no end of batch within {timeout:?} ({received} messages received): the server is older than 2.11, or this user may not publish to $JS.API.DIRECT.GET.{stream}")]
     Timeout {
         /// Stream read.
         stream: String,
