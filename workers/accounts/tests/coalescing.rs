@@ -44,8 +44,39 @@ fn fill(
     }
 }
 
-/// Every state on `accounts.PAPER.state`, in order.
-async fn published(p: &Pipeline) -> Vec<AccountState> {
+const SYMBOLS: [&str; 3] = ["AAPL", "MSFT", "NVDA"];
+
+/// Publishes fill `i` of a burst: one share of `SYMBOLS[i % 3]` for
+/// strategy `S<i % strategies>`.
+async fn publish_fill(
+    p: &Pipeline,
+    i: usize,
+    strategies: usize,
+    t0: chrono::DateTime<chrono::Utc>,
+) {
+    let x = fill(
+        i,
+        &format!("S{}", i % strategies),
+        SYMBOLS[i % 3],
+        t0 + chrono::Duration::milliseconds(i as i64),
+    );
+    p.publish(
+        p.subjects.executions(A).unwrap(),
+        x.execution_id.clone(),
+        serde_json::to_vec(&x).unwrap(),
+    )
+    .await;
+}
+
+/// True once the book holds `n` shares in all.
+async fn book_holds(p: &Pipeline, n: usize) -> bool {
+    p.accounts.snapshot(A).await.is_ok_and(|s| {
+        s.open_positions.iter().map(|x| x.quantity).sum::<Decimal>() == Decimal::from(n)
+    })
+}
+
+/// Every state on `accounts.PAPER.state`, in order, with its encoded size.
+async fn published_sized(p: &Pipeline) -> Vec<(AccountState, usize)> {
     read_all(
         &p.js,
         &p.topo.stream_name(streams::ACCOUNTS),
@@ -53,8 +84,17 @@ async fn published(p: &Pipeline) -> Vec<AccountState> {
     )
     .await
     .iter()
-    .map(|m| serde_json::from_slice(&m.payload).unwrap())
+    .map(|m| (serde_json::from_slice(&m.payload).unwrap(), m.payload.len()))
     .collect()
+}
+
+/// Every state on `accounts.PAPER.state`, in order.
+async fn published(p: &Pipeline) -> Vec<AccountState> {
+    published_sized(p)
+        .await
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect()
 }
 
 fn same(a: &AccountState, b: &AccountState) -> bool {
@@ -82,22 +122,10 @@ async fn a_burst_ends_with_the_exact_state() {
 
     let n = 300;
     let t0 = chrono::Utc::now();
-    let symbols = ["AAPL", "MSFT", "NVDA"];
     for i in 0..n {
-        let x = fill(
-            i,
-            &format!("S{}", i % 4),
-            symbols[i % 3],
-            t0 + chrono::Duration::milliseconds(i as i64),
-        );
-        p.publish(
-            p.subjects.executions(A).unwrap(),
-            x.execution_id.clone(),
-            serde_json::to_vec(&x).unwrap(),
-        )
-        .await;
+        publish_fill(&p, i, 4, t0).await;
         if i % 50 == 49 {
-            let symbol = symbols[(i / 50) % 3];
+            let symbol = SYMBOLS[(i / 50) % 3];
             let px = MarketPrice {
                 symbol: symbol.into(),
                 price: Decimal::from(101 + (i / 50) as i64),
@@ -121,9 +149,7 @@ async fn a_burst_ends_with_the_exact_state() {
         ("NVDA", dec!(106)),
     ];
     let ok = eventually(Duration::from_secs(20), || async {
-        let mut all = p.accounts.snapshot(A).await.is_ok_and(|s| {
-            s.open_positions.iter().map(|x| x.quantity).sum::<Decimal>() == Decimal::from(n)
-        });
+        let mut all = book_holds(&p, n).await;
         for (symbol, px) in marks {
             all &= p.accounts.mark_of(symbol).await.map(|m| m.price) == Some(px);
         }
@@ -230,42 +256,16 @@ async fn a_large_state_is_spaced_by_its_size() {
     // tens to hundreds of milliseconds.
     let n = 240;
     let t0 = chrono::Utc::now();
-    let symbols = ["AAPL", "MSFT", "NVDA"];
     for i in 0..n {
-        let x = fill(
-            i,
-            &format!("S{}", i % 40),
-            symbols[i % 3],
-            t0 + chrono::Duration::milliseconds(i as i64),
-        );
-        p.publish(
-            p.subjects.executions(A).unwrap(),
-            x.execution_id.clone(),
-            serde_json::to_vec(&x).unwrap(),
-        )
-        .await;
+        publish_fill(&p, i, 40, t0).await;
     }
-    let ok = eventually(Duration::from_secs(20), || async {
-        p.accounts.snapshot(A).await.is_ok_and(|s| {
-            s.open_positions.iter().map(|x| x.quantity).sum::<Decimal>() == Decimal::from(n)
-        })
-    })
-    .await;
+    let ok = eventually(Duration::from_secs(20), || book_holds(&p, n)).await;
     assert!(ok, "the book never had every fill");
     let book = p.accounts.snapshot(A).await.unwrap();
     let kv = p.state_where(A, |s| same(&book, s)).await;
     assert_eq!(kv.open_positions.len(), 120);
 
-    let stored = read_all(
-        &p.js,
-        &p.topo.stream_name(streams::ACCOUNTS),
-        &p.subjects.account_state(A).unwrap(),
-    )
-    .await;
-    let states: Vec<(AccountState, usize)> = stored
-        .iter()
-        .map(|m| (serde_json::from_slice(&m.payload).unwrap(), m.payload.len()))
-        .collect();
+    let states = published_sized(&p).await;
     assert!(
         same(&book, &states.last().unwrap().0),
         "the last state is the book's"
