@@ -7,7 +7,7 @@ mod common;
 use async_nats::jetstream::kv;
 use common::*;
 use mtx_harness::{unique, NatsServer};
-use mtx_runtime::multiget::{last_messages, MultiGetError, MAX_SUBJECTS};
+use mtx_runtime::multiget::{is_kv_marker, last_messages, MultiGetError, MAX_SUBJECTS};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(5);
@@ -56,6 +56,7 @@ async fn the_batch_matches_one_direct_get_per_key() {
             .headers
             .get("KV-Operation")
             .map(|v| v.as_str().to_string());
+        assert_eq!(is_kv_marker(m), op.is_some(), "{key}");
         match one {
             Some(e) if e.operation == kv::Operation::Put => {
                 assert_eq!(m.payload, e.value, "{key}");

@@ -1771,11 +1771,10 @@ impl Cerebro {
         };
         let mut out = HashMap::with_capacity(found.len());
         for (subject, m) in found {
-            let put = m
-                .headers
-                .get("KV-Operation")
-                .is_none_or(|op| op.as_str() == "PUT");
-            if let (true, Some(key)) = (put, subject.strip_prefix(store.prefix.as_str())) {
+            if multiget::is_kv_marker(&m) {
+                continue;
+            }
+            if let Some(key) = subject.strip_prefix(store.prefix.as_str()) {
                 out.insert(key.to_string(), (m.sequence, m.payload));
             }
         }

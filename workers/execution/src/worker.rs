@@ -1379,10 +1379,7 @@ impl Engine {
             let Some(m) = m else {
                 return Ok(None);
             };
-            if m.headers
-                .get("KV-Operation")
-                .is_some_and(|v| v.as_str() != "PUT")
-            {
+            if multiget::is_kv_marker(&m) {
                 return Ok(None);
             }
             let f: FinishedOrder = serde_json::from_slice(&m.payload)

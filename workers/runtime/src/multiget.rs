@@ -81,6 +81,14 @@ pub enum MultiGetError {
     },
 }
 
+/// True when `m` is a KV delete or purge marker (header `KV-Operation` other
+/// than `PUT`), which readers treat as "no value", as `kv.entry` does.
+pub fn is_kv_marker(m: &StreamMessage) -> bool {
+    m.headers
+        .get("KV-Operation")
+        .is_some_and(|op| op.as_str() != "PUT")
+}
+
 #[derive(Serialize)]
 struct Request<'a> {
     multi_last: &'a [String],
