@@ -173,6 +173,12 @@ pub struct Report {
     pub passthrough: Option<PhaseReport>,
     /// Pipeline throughput / pass-through throughput.
     pub ratio: Option<f64>,
+    /// Host CPU seconds per completed signal, pass-through over pipeline:
+    /// the share of the pipeline's CPU cost (its process and the server)
+    /// that the broker hops alone take. When both phases keep the host
+    /// equally busy (flat out, CPU bound), `ratio` follows it, so it says
+    /// how much cheaper per signal the pipeline must get to reach a ratio.
+    pub cpu_ratio: Option<f64>,
     /// The broker's own round trips, one at a time, before the run.
     pub broker_round_trips: BTreeMap<String, Summary>,
     /// The goals, checked against this run.
@@ -1418,6 +1424,7 @@ pub async fn run(args: PipelineArgs, base: &Config) -> Result<ExitCode> {
         .as_ref()
         .filter(|p| p.throughput_per_sec > 0.0)
         .map(|p| pipeline.throughput_per_sec / p.throughput_per_sec);
+    let cpu_ratio = pt.as_ref().and_then(|t| cpu_ratio(&pipeline, t));
     let report = Report {
         bench: "pipeline",
         started_at: started_at.to_rfc3339(),
@@ -1431,6 +1438,7 @@ pub async fn run(args: PipelineArgs, base: &Config) -> Result<ExitCode> {
         pipeline,
         passthrough: pt,
         ratio,
+        cpu_ratio,
         broker_round_trips: rtt,
         method: method(),
     };
@@ -1604,6 +1612,20 @@ fn usage_line(u: &UsageDelta) -> String {
     )
 }
 
+/// Busy CPU seconds of the whole host per completed signal of a phase
+/// (`None` without `/proc/stat` or with nothing completed).
+fn host_cpu_per_signal(x: &PhaseReport) -> Option<f64> {
+    let busy = x.usage.host_busy_secs?;
+    (x.completed > 0).then(|| busy / x.completed as f64)
+}
+
+/// [`Report::cpu_ratio`]: host CPU per signal, pass-through over pipeline.
+fn cpu_ratio(pipeline: &PhaseReport, passthrough: &PhaseReport) -> Option<f64> {
+    let p = host_cpu_per_signal(pipeline)?;
+    let t = host_cpu_per_signal(passthrough)?;
+    (p > 0.0).then(|| t / p)
+}
+
 /// Share of the host's CPU other processes took during a phase.
 fn others_share(u: &UsageDelta) -> Option<f64> {
     let o = u.other_busy_secs?;
@@ -1668,6 +1690,13 @@ fn print_table(r: &Report) {
     );
     println!(
         "{:<40} {}",
+        "host CPU per signal (us, all processes)",
+        col(&|x| host_cpu_per_signal(x)
+            .map(|c| format!("{:.0}", c * 1e6))
+            .unwrap_or_else(|| "-".into()))
+    );
+    println!(
+        "{:<40} {}",
         "peak RSS (MiB)",
         col(&|x| x
             .usage
@@ -1705,6 +1734,9 @@ fn print_table(r: &Report) {
     );
     if let Some(ratio) = r.ratio {
         println!("{:<40} {ratio:.3}", "pipeline / pass-through");
+    }
+    if let Some(c) = r.cpu_ratio {
+        println!("{:<40} {c:.3}", "pass-through / pipeline host CPU");
     }
     for (name, ph) in [("pipeline", Some(p)), ("pass-through", t)] {
         if let Some(share) = ph.and_then(|x| others_share(&x.usage)) {

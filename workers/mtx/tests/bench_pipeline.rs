@@ -75,6 +75,21 @@ fn small_run_writes_a_complete_report() {
         "runtime counters in the report"
     );
     assert!(r["ratio"].as_f64().unwrap() > 0.0);
+    // Both phases' host CPU per signal, and their quotient.
+    let per_signal = |phase: &str| {
+        r[phase]["usage"]["host_busy_secs"].as_f64().unwrap()
+            / r[phase]["completed"].as_f64().unwrap()
+    };
+    let cpu_ratio = r["cpu_ratio"].as_f64().unwrap();
+    let expected = per_signal("passthrough") / per_signal("pipeline");
+    assert!(
+        (cpu_ratio - expected).abs() < 1e-9 && cpu_ratio > 0.0,
+        "cpu_ratio {cpu_ratio}, expected {expected}"
+    );
+    assert!(
+        stdout.contains("pass-through / pipeline host CPU"),
+        "{stdout}"
+    );
     // A run cleans up after itself: no stream of its prefix is left.
     let prefix = r["settings"]["prefix"]
         .as_str()
