@@ -16,6 +16,16 @@ use std::time::Duration;
 
 const A: &str = "PAPER";
 
+/// The tests' configuration with account [`A`] funded (100,000), so it has
+/// a state before the first fill.
+fn funded_config(nats: &NatsServer) -> mtx_runtime::config::Config {
+    let mut cfg = config(nats);
+    cfg.accounts
+        .initial_balances
+        .insert(A.to_string(), dec!(100000));
+    cfg
+}
+
 fn fill(
     i: usize,
     strategy: &str,
@@ -111,10 +121,7 @@ fn same(a: &AccountState, b: &AccountState) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_ends_with_the_exact_state() {
     let nats = NatsServer::start();
-    let mut cfg = config(&nats);
-    cfg.accounts
-        .initial_balances
-        .insert(A.to_string(), dec!(100000));
+    let mut cfg = funded_config(&nats);
     cfg.accounts.publish_coalesce_ms = 400;
     let p = Pipeline::start(cfg).await;
     p.state_where(A, |_| true).await;
@@ -192,10 +199,7 @@ async fn a_burst_ends_with_the_exact_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_orders_leave_the_tracker() {
     let nats = NatsServer::start();
-    let mut cfg = config(&nats);
-    cfg.accounts
-        .initial_balances
-        .insert(A.to_string(), dec!(100000));
+    let mut cfg = funded_config(&nats);
     cfg.accounts.finished_orders_max = 2;
     let p = Pipeline::start(cfg).await;
     p.price("AAPL", dec!(150)).await;
@@ -243,10 +247,7 @@ async fn finished_orders_leave_the_tracker() {
 async fn a_large_state_is_spaced_by_its_size() {
     const BYTES_PER_SEC: u64 = 20_000;
     let nats = NatsServer::start();
-    let mut cfg = config(&nats);
-    cfg.accounts
-        .initial_balances
-        .insert(A.to_string(), dec!(100000));
+    let mut cfg = funded_config(&nats);
     cfg.accounts.publish_coalesce_ms = 0;
     cfg.accounts.publish_bytes_per_sec = BYTES_PER_SEC;
     let p = Pipeline::start(cfg).await;

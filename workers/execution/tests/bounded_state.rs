@@ -327,7 +327,7 @@ async fn a_batch_too_big_for_one_value_is_applied_in_chunks() {
         .unwrap();
     // Every output is persisted in the outbox of a state write before it is
     // published, and no write exceeds `max_payload`: so the writes must be
-    // at least the published outputs' bytes over `max_payload` (about 25
+    // at least the published outputs' bytes over `max_payload` (about 18
     // here, against the 4 batches of 256 orders an unsplit run would write).
     let mut output_bytes = 0;
     for (stream, filter) in [
