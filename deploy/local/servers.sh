@@ -8,7 +8,8 @@
 #   deploy/local/servers.sh status    # show what runs where (exit 1 if not both up)
 #   deploy/local/servers.sh env       # print the MTX_ variables pointing at them
 #
-# Ports: MTX_LOCAL_NATS_PORT (4222), MTX_LOCAL_MONGO_PORT (27017).
+# Ports: MTX_LOCAL_NATS_PORT (4222), MTX_LOCAL_MONGO_PORT (27017). nats-server's
+# Go GC: MTX_LOCAL_NATS_GOGC (1000), MTX_LOCAL_NATS_GOMEMLIMIT (2GiB).
 # Folder: DEPLOY_LOCAL_DIR (<repo>/.local). A real mongod or NATS cluster is used
 # instead whenever MTX_MONGO__URI / MTX_NATS__URL are set: start then skips that server.
 set -euo pipefail
@@ -60,7 +61,11 @@ start() {
   elif alive "$dir/run/nats.pid"; then
     log "nats-server already running (pid $(cat "$dir/run/nats.pid"), port $nats_port)"
   else
-    nohup "$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -sd "$dir/data/nats" \
+    # Go's garbage collector tuned as in production (deploy/nats/helm-values.yaml):
+    # with the default GOGC=100 its collections make the latency tail of a
+    # steady load (README, `mtx bench pipeline`).
+    GOGC=${MTX_LOCAL_NATS_GOGC:-1000} GOMEMLIMIT=${MTX_LOCAL_NATS_GOMEMLIMIT:-2GiB} \
+      nohup "$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -sd "$dir/data/nats" \
       -n mtx-local >"$dir/log/nats.log" 2>&1 &
     echo $! >"$dir/run/nats.pid"
     wait_port "$nats_port" 10 || { log "nats-server did not start; see $dir/log/nats.log"; exit 1; }

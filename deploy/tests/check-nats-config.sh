@@ -8,7 +8,8 @@
 #     set, and refuses it when one is missing (nothing silently empty);
 #   - deploy/nats/helm-values.yaml: JetStream file storage, 3-node cluster,
 #     sync_interval always, the auth include, and one env var from the Secret
-#     for every $MTX_NATS_PW_* the auth config references.
+#     for every $MTX_NATS_PW_* the auth config references, and a raised GOGC
+#     only with a GOMEMLIMIT below the container's memory limit.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 ops_env=${DEPLOY_LOCAL_DIR:-$repo/.local}/ops/env
@@ -80,12 +81,26 @@ for name in want:
     ref = (env.get(name) or {}).get("valueFrom", {}).get("secretKeyRef", {}) if isinstance(env.get(name), dict) else {}
     if ref.get("name") != "mtx-nats-auth":
         problems.append(f"container.env.{name} must come from Secret mtx-nats-auth")
+def size(x):
+    # Kubernetes quantities (4Gi, 512Mi) and Go's GOMEMLIMIT (3GiB, 512MiB, bytes)
+    x, units = str(x).strip(), {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    for suffix in ("iB", "i", "B"):
+        if x.endswith(suffix) and x[: -len(suffix)][-1:] in units:
+            return int(float(x[: -len(suffix) - 1]) * units[x[-len(suffix) - 1]])
+    return int(x)
+gogc = str(env.get("GOGC", "100"))
+limit = v["container"].get("merge", {}).get("resources", {}).get("limits", {}).get("memory")
+if gogc != "100":
+    if "GOMEMLIMIT" not in env:
+        problems.append(f"container.env.GOGC={gogc} needs GOMEMLIMIT, or the heap may outgrow the container")
+    elif limit is None or size(env["GOMEMLIMIT"]) >= size(limit):
+        problems.append(f"container.env.GOMEMLIMIT ({env['GOMEMLIMIT']}) must be below the memory limit ({limit})")
 if not v.get("promExporter", {}).get("enabled"):
     problems.append("promExporter must be enabled (Grafana mtx-nats dashboard)")
 for p in problems:
     print("FAIL  helm-values.yaml:", p)
 if not problems:
-    print(f"ok    helm-values.yaml: R3 cluster, file storage, sync_interval always, auth include, {len(want)} password env vars")
+    print(f"ok    helm-values.yaml: R3 cluster, file storage, sync_interval always, auth include, {len(want)} password env vars, GOGC={gogc} under GOMEMLIMIT")
 sys.exit(1 if problems else 0)
 EOF
 exit $fail

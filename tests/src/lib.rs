@@ -113,6 +113,7 @@ pub struct NatsServer {
     dir: TempDir,
     extra: String,
     js_fields: String,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -125,11 +126,25 @@ impl NatsServer {
     /// Start with extra top-level config text (e.g. `authorization {...}`) and
     /// extra fields inside the `jetstream {}` block (e.g. `sync_interval: always`).
     pub fn start_with(extra: &str, js_fields: &str) -> NatsServer {
+        Self::start_full(extra, js_fields, &[])
+    }
+
+    /// Start with default settings and extra environment variables (e.g.
+    /// the Go runtime's `GOGC`), kept across [`Self::restart`].
+    pub fn start_with_env(env: &[(&str, &str)]) -> NatsServer {
+        Self::start_full("", "", env)
+    }
+
+    fn start_full(extra: &str, js_fields: &str, env: &[(&str, &str)]) -> NatsServer {
         let mut s = NatsServer {
             port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
             extra: extra.to_string(),
             js_fields: js_fields.to_string(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         s.launch();
@@ -151,6 +166,7 @@ impl NatsServer {
         let log = self.dir.path().join("nats.log");
         let mut cmd = Command::new(server_bin("nats-server", "NATS_SERVER_BIN"));
         cmd.arg("-c").arg(&conf_path);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.child = Some(spawn_child(&mut cmd, &log));
         wait_port(self.port, Duration::from_secs(15), "nats-server", &log);
     }

@@ -228,6 +228,11 @@ pub struct Settings {
     pub host_cpus: usize,
     /// nats-server pid, when found locally.
     pub server_pid: Option<u32>,
+    /// The Go runtime variables (`GOGC`, `GOMEMLIMIT`, `GOMAXPROCS`,
+    /// `GODEBUG`) the local nats-server runs with: empty = Go's defaults,
+    /// `None` = not known (remote server). Its garbage collector makes the
+    /// latency tail at a steady rate, so a report must say how it was tuned.
+    pub server_go_env: Option<BTreeMap<String, String>>,
 }
 
 /// Figures of one phase (pipeline or pass-through).
@@ -1514,6 +1519,7 @@ fn settings(b: &Bench) -> Settings {
             .map(|n| n.get())
             .unwrap_or(1),
         server_pid: b.server_pid,
+        server_go_env: b.server_pid.and_then(measure::go_runtime_env),
     }
 }
 
@@ -1588,6 +1594,11 @@ fn method() -> BTreeMap<&'static str, &'static str> {
              /proc/<pid>/stat and /proc/<pid>/task/*/status context switches of a local \
              nats-server",
         ),
+        (
+            "server_go_env",
+            "GOGC, GOMEMLIMIT, GOMAXPROCS, GODEBUG from /proc/<pid>/environ of the local \
+             nats-server (empty: Go defaults)",
+        ),
     ])
 }
 
@@ -1633,6 +1644,19 @@ fn others_share(u: &UsageDelta) -> Option<f64> {
     (cap > 0.0).then(|| o / cap)
 }
 
+/// How the report's table names the server's Go runtime settings.
+fn go_env_line(env: Option<&BTreeMap<String, String>>) -> String {
+    match env {
+        None => "unknown (not a local process this user can read)".into(),
+        Some(e) if e.is_empty() => "Go defaults (GOGC=100, no GOMEMLIMIT)".into(),
+        Some(e) => e
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
 fn print_table(r: &Report) {
     let s = &r.settings;
     println!(
@@ -1651,6 +1675,10 @@ fn print_table(r: &Report) {
         s.storage,
         s.batch_size,
         s.concurrency
+    );
+    println!(
+        "nats-server Go runtime: {}",
+        go_env_line(s.server_go_env.as_ref())
     );
     let p = &r.pipeline;
     let t = r.passthrough.as_ref();
@@ -1801,5 +1829,13 @@ fn print_table(r: &Report) {
         if let Some(ok) = v {
             println!("goal {g}: {}", if *ok { "met" } else { "NOT met" });
         }
+    }
+    if s.rate.is_some() && s.server_go_env.as_ref().is_some_and(measure::default_go_gc) {
+        println!(
+            "note: the nats-server collects garbage at Go's default pace (GOGC=100); at a steady \
+             rate each collection takes both cores for ~20 ms and makes the latency tail. \
+             Production runs it with GOGC=1000 under GOMEMLIMIT (deploy/nats/helm-values.yaml, \
+             deploy/local/servers.sh)"
+        );
     }
 }

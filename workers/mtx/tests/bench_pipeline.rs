@@ -13,7 +13,8 @@ use std::process::Command;
 
 #[test]
 fn small_run_writes_a_complete_report() {
-    let nats = NatsServer::start();
+    // A Go runtime setting of the server, to see it in the report.
+    let nats = NatsServer::start_with_env(&[("GOGC", "1234")]);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.json");
     let run = Command::new(env!("CARGO_BIN_EXE_mtx"))
@@ -40,6 +41,15 @@ fn small_run_writes_a_complete_report() {
     assert_eq!(r["mode"], "in_process");
     assert_eq!(r["settings"]["signals"], 300);
     assert_eq!(r["settings"]["storage"], "file");
+    assert_eq!(
+        r["settings"]["server_go_env"]["GOGC"], "1234",
+        "{:#}",
+        r["settings"]
+    );
+    assert!(
+        stdout.contains("nats-server Go runtime: ") && stdout.contains("GOGC=1234"),
+        "{stdout}"
+    );
     for phase in ["pipeline", "passthrough"] {
         let p = &r[phase];
         assert_eq!(p["expected"], 300, "{phase}");
