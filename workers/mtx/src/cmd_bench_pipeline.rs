@@ -69,7 +69,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::passthrough::{self, Chain, KINDS};
+use crate::passthrough::{self, Chain};
 
 /// The pools the pipeline bench runs (the sink is benchmarked by `mtx bench sink`).
 pub const POOLS: &[&str] = &["standardizer", "cerebro", "execution", "accounts"];
@@ -143,6 +143,12 @@ pub struct PipelineArgs {
     /// Skip the pass-through chain (no broker ceiling, no ratio).
     #[arg(long)]
     pub no_passthrough: bool,
+    /// Consumer hops of the pass-through chain: 5 (the default) are the
+    /// pipeline's stages; more insert fill-sized hops before the state, to
+    /// measure the broker's ceiling for as many messages per signal as the
+    /// pipeline sends (e.g. 8). The ratio is then against that chain.
+    #[arg(long, default_value_t = passthrough::HOPS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(passthrough::HOPS as u64..=passthrough::MAX_HOPS as u64))]
+    pub passthrough_hops: usize,
     /// Keep the streams and buckets of the run.
     #[arg(long)]
     pub keep: bool,
@@ -228,6 +234,8 @@ pub struct Settings {
     pub host_cpus: usize,
     /// nats-server pid, when found locally.
     pub server_pid: Option<u32>,
+    /// Consumer hops of the pass-through chain (5: the pipeline's stages).
+    pub passthrough_hops: usize,
     /// The Go runtime variables (`GOGC`, `GOMEMLIMIT`, `GOMAXPROCS`,
     /// `GODEBUG`) the local nats-server runs with: empty = Go's defaults,
     /// `None` = not known (remote server). Its garbage collector makes the
@@ -1135,11 +1143,11 @@ async fn analyze_chain(
             m_at.entry(id).or_insert(m.stored_at);
             kept.push(m);
         }
-        messages.insert(format!("{h}_{}", KINDS[h]), kept.len());
-        sizes.insert(format!("{h}_{}", KINDS[h]), mean_size(&kept));
+        messages.insert(format!("{h}_{}", chain.kinds[h]), kept.len());
+        sizes.insert(format!("{h}_{}", chain.kinds[h]), mean_size(&kept));
         at.push(m_at);
     }
-    let last = passthrough::HOPS;
+    let last = chain.hops();
     let completed = at[last].len();
     let t0 = recv.values().copied().min().unwrap_or(0);
     let t_end = at[last].values().copied().max().unwrap_or(t0);
@@ -1155,7 +1163,7 @@ async fn analyze_chain(
     let latency = BTreeMap::from([
         ("raw_to_order".to_string(), lat_at(3)),
         ("raw_to_fill".to_string(), lat_at(4)),
-        ("raw_to_complete".to_string(), lat_at(5)),
+        ("raw_to_complete".to_string(), lat_at(last)),
     ]);
     let mut stages = BTreeMap::new();
     stages.insert(
@@ -1169,7 +1177,7 @@ async fn analyze_chain(
     );
     for h in 0..last {
         stages.insert(
-            format!("{}_{}_to_{}", h + 1, KINDS[h], KINDS[h + 1]),
+            format!("{}_{}_to_{}", h + 1, chain.kinds[h], chain.kinds[h + 1]),
             Summary::of_nanos(
                 at[h + 1]
                     .iter()
@@ -1383,7 +1391,9 @@ pub async fn run(args: PipelineArgs, base: &Config) -> Result<ExitCode> {
             size("fill").unwrap_or(700),
             size("state_per_signal").unwrap_or(700),
         ];
-        let c = Chain::new(&b.topo, sizes).context("topology lacks SIGNALS_RAW / standardizer")?;
+        let c = Chain::new(&b.topo, sizes)
+            .context("topology lacks SIGNALS_RAW / standardizer")?
+            .with_extra_hops(b.args.passthrough_hops);
         c.create(&b.js).await.map_err(anyhow::Error::msg)?;
         let token = CancellationToken::new();
         let mut p = Process::start(b.cfg.clone(), token.clone())
@@ -1406,7 +1416,7 @@ pub async fn run(args: PipelineArgs, base: &Config) -> Result<ExitCode> {
             pt_signals.clone(),
             b.pace(),
             &c.consumers(),
-            (passthrough::HOPS - 1, 1),
+            (c.hops() - 1, 1),
             Duration::from_secs(b.args.timeout_secs),
             b.server_pid,
             "pass-through",
@@ -1519,6 +1529,7 @@ fn settings(b: &Bench) -> Settings {
             .map(|n| n.get())
             .unwrap_or(1),
         server_pid: b.server_pid,
+        passthrough_hops: b.args.passthrough_hops,
         server_go_env: b.server_pid.and_then(measure::go_runtime_env),
     }
 }
@@ -1584,8 +1595,9 @@ fn method() -> BTreeMap<&'static str, &'static str> {
         (
             "passthrough",
             "same signals through 6 streams / 5 consume-loop hops (raw, standardized, \
-             decision, order, fill, state) forwarding bytes resized to the pipeline's mean \
-             sizes (state: bytes per signal), same stream, consumer and [worker] settings",
+             decision, order, fill, state; --passthrough-hops adds fill-sized extra hops \
+             before state) forwarding bytes resized to the pipeline's mean sizes (state: \
+             bytes per signal), same stream, consumer and [worker] settings",
         ),
         (
             "usage",

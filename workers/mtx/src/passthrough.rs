@@ -2,7 +2,9 @@
 //! with the pipeline's shape and none of its work.
 //!
 //! Six streams (`raw → standardized → decision → order → fill → state`, the
-//! message kinds of the pipeline) joined by five durable pull consumers,
+//! message kinds of the pipeline) joined by five durable pull consumers
+//! (more with [`Chain::with_extra_hops`]: `extra<i>` hops of fill-sized
+//! messages between `fill` and `state`),
 //! each run by the runtime's own consume loop ([`mtx_runtime::consume`])
 //! with a [`Forward`] handler that only republishes the bytes it got, resized
 //! to the average size the pipeline's message of the next kind had. Streams
@@ -26,10 +28,13 @@ use mtx_runtime::{Delivery, Handler, Outcome, Outgoing};
 use mtx_subjects::topology::streams;
 use mtx_subjects::{Subjects, Topology};
 
-/// Message kinds along the chain (hop `h` carries `KINDS[h]`).
+/// Message kinds along the default chain (hop `h` carries `KINDS[h]`).
 pub const KINDS: [&str; 6] = ["raw", "standardized", "decision", "order", "fill", "state"];
-/// Hops with a consumer: `KINDS.len() - 1`.
+/// Hops with a consumer in the default chain: `KINDS.len() - 1`, the
+/// pipeline's own stages.
 pub const HOPS: usize = KINDS.len() - 1;
+/// Most hops a chain may have.
+pub const MAX_HOPS: usize = 16;
 
 /// The pass-through chain under one topology prefix.
 #[derive(Debug, Clone)]
@@ -38,8 +43,11 @@ pub struct Chain {
     pub streams: Vec<String>,
     /// Subject messages of each kind are published on.
     pub subjects: Vec<String>,
+    /// Message kind per stream ([`KINDS`], with `extra<i>` kinds before
+    /// `state` when there are extra hops).
+    pub kinds: Vec<String>,
     /// Body size per kind, bytes.
-    pub sizes: [usize; 6],
+    pub sizes: Vec<usize>,
     template_stream: jetstream::stream::Config,
     template_consumer: jetstream::consumer::pull::Config,
 }
@@ -67,10 +75,49 @@ impl Chain {
             subjects: (0..KINDS.len())
                 .map(|h| subjects.raw_subject(&format!("benchpt.{h}.x")))
                 .collect(),
-            sizes,
+            kinds: KINDS.iter().map(|k| k.to_string()).collect(),
+            sizes: sizes.to_vec(),
             template_stream: topo.stream(streams::SIGNALS_RAW)?.config.clone(),
             template_consumer: topo.consumer("standardizer")?.config.clone(),
         })
+    }
+
+    /// The chain with `hops` consumer hops in all (at least [`HOPS`], at
+    /// most [`MAX_HOPS`]): the extra ones, `extra1`, `extra2`, ..., carry
+    /// fill-sized messages between `fill` and `state`. A chain with as many
+    /// JetStream hops as the pipeline's messages per signal (orders and
+    /// fills of pairs, order events, Cerebro's and execution's records)
+    /// measures what the broker alone allows for the pipeline's traffic.
+    pub fn with_extra_hops(mut self, hops: usize) -> Chain {
+        let hops = hops.clamp(HOPS, MAX_HOPS);
+        let prefix = {
+            let s = &self.streams[0];
+            s[..s.len() - 1].to_string()
+        };
+        let subject = {
+            let s = &self.subjects[0];
+            s[..s.len() - "0.x".len()].to_string()
+        };
+        let state_size = self.sizes[HOPS];
+        let fill_size = self.sizes[HOPS - 1];
+        let mut kinds: Vec<String> = KINDS[..HOPS].iter().map(|k| k.to_string()).collect();
+        let mut sizes = self.sizes[..HOPS].to_vec();
+        for i in 1..=hops - HOPS {
+            kinds.push(format!("extra{i}"));
+            sizes.push(fill_size);
+        }
+        kinds.push("state".into());
+        sizes.push(state_size);
+        self.streams = (0..=hops).map(|h| format!("{prefix}{h}")).collect();
+        self.subjects = (0..=hops).map(|h| format!("{subject}{h}.x")).collect();
+        self.kinds = kinds;
+        self.sizes = sizes;
+        self
+    }
+
+    /// Hops with a consumer: streams − 1.
+    pub fn hops(&self) -> usize {
+        self.streams.len() - 1
     }
 
     fn filter(&self, h: usize) -> String {
@@ -92,7 +139,7 @@ impl Chain {
                 .create_stream(cfg)
                 .await
                 .map_err(|e| format!("create stream {name}: {e}"))?;
-            if h < HOPS {
+            if h < self.hops() {
                 let c = jetstream::consumer::pull::Config {
                     durable_name: Some(durable(h)),
                     description: Some(format!("mtx bench pass-through hop {h}")),
@@ -108,9 +155,9 @@ impl Chain {
         Ok(())
     }
 
-    /// Run the five forwarding loops in `process`.
+    /// Run the forwarding loops (one per hop) in `process`.
     pub fn spawn(&self, process: &mut Process) {
-        for h in 0..HOPS {
+        for h in 0..self.hops() {
             process.spawn_binding(
                 Binding {
                     stage: format!("bench_pt{h}"),
@@ -128,7 +175,7 @@ impl Chain {
 
     /// `(stream, durable)` of each hop, in data-flow order.
     pub fn consumers(&self) -> Vec<(String, String)> {
-        (0..HOPS)
+        (0..self.hops())
             .map(|h| (self.streams[h].clone(), durable(h)))
             .collect()
     }
@@ -191,6 +238,35 @@ mod tests {
         assert_eq!(c.subjects[5], "b1.benchpt.5.x");
         assert_eq!(c.filter(2), "b1.benchpt.2.>");
         assert_eq!(c.consumers().len(), HOPS);
+        assert_eq!(c.hops(), HOPS);
+        assert_eq!(c.kinds, KINDS);
+
+        let sized = Chain::new(&topo, [1, 2, 3, 4, 5, 6]).unwrap();
+        let x = sized.clone().with_extra_hops(8);
+        assert_eq!(x.hops(), 8);
+        assert_eq!(x.consumers().len(), 8);
+        assert_eq!(
+            x.kinds,
+            [
+                "raw",
+                "standardized",
+                "decision",
+                "order",
+                "fill",
+                "extra1",
+                "extra2",
+                "extra3",
+                "state"
+            ]
+        );
+        assert_eq!(x.sizes, [1, 2, 3, 4, 5, 5, 5, 5, 6]);
+        assert_eq!(x.streams[8], "B1_BENCH_PT8");
+        assert_eq!(x.subjects[8], "b1.benchpt.8.x");
+        assert_eq!(x.filter(7), "b1.benchpt.7.>");
+        assert_eq!(x.streams[..5], sized.streams[..5]);
+        // Clamped: never fewer than the pipeline's hops, never past the cap.
+        assert_eq!(sized.clone().with_extra_hops(2).hops(), HOPS);
+        assert_eq!(sized.with_extra_hops(99).hops(), MAX_HOPS);
         assert_eq!(
             resize(&Bytes::from_static(b"abc"), 5),
             Bytes::from_static(b"abc  ")

@@ -18,7 +18,15 @@ fn small_run_writes_a_complete_report() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.json");
     let run = Command::new(env!("CARGO_BIN_EXE_mtx"))
-        .args(["bench", "pipeline", "--signals", "300", "--out"])
+        .args([
+            "bench",
+            "pipeline",
+            "--signals",
+            "300",
+            "--passthrough-hops",
+            "6",
+        ])
+        .arg("--out")
         .arg(&out)
         .current_dir(dir.path())
         .env("MTX_NATS__URL", nats.url())
@@ -85,6 +93,28 @@ fn small_run_writes_a_complete_report() {
         "runtime counters in the report"
     );
     assert!(r["ratio"].as_f64().unwrap() > 0.0);
+    // The pass-through chain had one extra hop, before the state: every
+    // signal went through all seven streams.
+    assert_eq!(r["settings"]["passthrough_hops"], 6);
+    let pt = &r["passthrough"];
+    let kinds: Vec<&String> = pt["messages"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        kinds,
+        [
+            "0_raw",
+            "1_standardized",
+            "2_decision",
+            "3_order",
+            "4_fill",
+            "5_extra1",
+            "6_state"
+        ],
+        "{pt:#}"
+    );
+    for (k, n) in pt["messages"].as_object().unwrap() {
+        assert_eq!(n, 300, "{k}");
+    }
+    assert!(pt["stages"]["6_extra1_to_state"]["count"].as_u64().unwrap() > 0);
     // Both phases' host CPU per signal, and their quotient.
     let per_signal = |phase: &str| {
         r[phase]["usage"]["host_busy_secs"].as_f64().unwrap()
