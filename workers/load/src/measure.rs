@@ -284,7 +284,7 @@ pub fn reset_peak_rss() -> bool {
 /// its garbage collector above all: at a steady 1,000 signals/s a
 /// nats-server with Go's default `GOGC=100` collects every second or so, and
 /// each collection keeps both cores of a 2-core host busy for about 20 ms,
-/// which is the pipeline's raw → order p99 there.
+/// which makes the pipeline's raw → order p99 there.
 pub const GO_RUNTIME_VARS: [&str; 4] = ["GOGC", "GOMEMLIMIT", "GOMAXPROCS", "GODEBUG"];
 
 /// The [`GO_RUNTIME_VARS`] set in the environment local process `pid` was
