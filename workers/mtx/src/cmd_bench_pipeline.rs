@@ -1391,9 +1391,8 @@ pub async fn run(args: PipelineArgs, base: &Config) -> Result<ExitCode> {
             size("fill").unwrap_or(700),
             size("state_per_signal").unwrap_or(700),
         ];
-        let c = Chain::new(&b.topo, sizes)
-            .context("topology lacks SIGNALS_RAW / standardizer")?
-            .with_extra_hops(b.args.passthrough_hops);
+        let c = Chain::with_hops(&b.topo, sizes, b.args.passthrough_hops)
+            .context("topology lacks SIGNALS_RAW / standardizer")?;
         c.create(&b.js).await.map_err(anyhow::Error::msg)?;
         let token = CancellationToken::new();
         let mut p = Process::start(b.cfg.clone(), token.clone())

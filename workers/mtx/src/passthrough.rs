@@ -3,7 +3,7 @@
 //!
 //! Six streams (`raw → standardized → decision → order → fill → state`, the
 //! message kinds of the pipeline) joined by five durable pull consumers
-//! (more with [`Chain::with_extra_hops`]: `extra<i>` hops of fill-sized
+//! (more with [`Chain::with_hops`]: `extra<i>` hops of fill-sized
 //! messages between `fill` and `state`),
 //! each run by the runtime's own consume loop ([`mtx_runtime::consume`])
 //! with a [`Forward`] handler that only republishes the bytes it got, resized
@@ -59,8 +59,15 @@ pub fn durable(h: usize) -> String {
 
 impl Chain {
     /// The chain for `topo` (its prefix, stream and consumer settings) with
-    /// body sizes per kind.
-    pub fn new(topo: &Topology, sizes: [usize; 6]) -> Option<Chain> {
+    /// body sizes per kind ([`KINDS`]) and `hops` consumer hops in all
+    /// (clamped to [`HOPS`] ..= [`MAX_HOPS`]): [`HOPS`] are the pipeline's
+    /// stages; beyond them, `extra1`, `extra2`, ...
+    /// carry fill-sized messages between `fill` and `state`. A chain with as
+    /// many JetStream hops as the pipeline's messages per signal (orders and
+    /// fills of pairs, order events, Cerebro's and execution's records)
+    /// measures what the broker alone allows for the pipeline's traffic.
+    pub fn with_hops(topo: &Topology, sizes: [usize; 6], hops: usize) -> Option<Chain> {
+        let hops = hops.clamp(HOPS, MAX_HOPS);
         let prefix = &topo.settings.prefix;
         let subjects = Subjects::new(prefix);
         let stream_name = |h: usize| {
@@ -70,49 +77,23 @@ impl Chain {
                 format!("{}_BENCH_PT{h}", prefix.to_ascii_uppercase())
             }
         };
+        let extra = hops - HOPS;
+        let mut kinds: Vec<String> = KINDS[..HOPS].iter().map(|k| k.to_string()).collect();
+        kinds.extend((1..=extra).map(|i| format!("extra{i}")));
+        kinds.push(KINDS[HOPS].to_string());
+        let mut body = sizes[..HOPS].to_vec();
+        body.extend(std::iter::repeat_n(sizes[HOPS - 1], extra));
+        body.push(sizes[HOPS]);
         Some(Chain {
-            streams: (0..KINDS.len()).map(stream_name).collect(),
-            subjects: (0..KINDS.len())
+            streams: (0..=hops).map(stream_name).collect(),
+            subjects: (0..=hops)
                 .map(|h| subjects.raw_subject(&format!("benchpt.{h}.x")))
                 .collect(),
-            kinds: KINDS.iter().map(|k| k.to_string()).collect(),
-            sizes: sizes.to_vec(),
+            kinds,
+            sizes: body,
             template_stream: topo.stream(streams::SIGNALS_RAW)?.config.clone(),
             template_consumer: topo.consumer("standardizer")?.config.clone(),
         })
-    }
-
-    /// The chain with `hops` consumer hops in all (at least [`HOPS`], at
-    /// most [`MAX_HOPS`]): the extra ones, `extra1`, `extra2`, ..., carry
-    /// fill-sized messages between `fill` and `state`. A chain with as many
-    /// JetStream hops as the pipeline's messages per signal (orders and
-    /// fills of pairs, order events, Cerebro's and execution's records)
-    /// measures what the broker alone allows for the pipeline's traffic.
-    pub fn with_extra_hops(mut self, hops: usize) -> Chain {
-        let hops = hops.clamp(HOPS, MAX_HOPS);
-        let prefix = {
-            let s = &self.streams[0];
-            s[..s.len() - 1].to_string()
-        };
-        let subject = {
-            let s = &self.subjects[0];
-            s[..s.len() - "0.x".len()].to_string()
-        };
-        let state_size = self.sizes[HOPS];
-        let fill_size = self.sizes[HOPS - 1];
-        let mut kinds: Vec<String> = KINDS[..HOPS].iter().map(|k| k.to_string()).collect();
-        let mut sizes = self.sizes[..HOPS].to_vec();
-        for i in 1..=hops - HOPS {
-            kinds.push(format!("extra{i}"));
-            sizes.push(fill_size);
-        }
-        kinds.push("state".into());
-        sizes.push(state_size);
-        self.streams = (0..=hops).map(|h| format!("{prefix}{h}")).collect();
-        self.subjects = (0..=hops).map(|h| format!("{subject}{h}.x")).collect();
-        self.kinds = kinds;
-        self.sizes = sizes;
-        self
     }
 
     /// Hops with a consumer: streams − 1.
@@ -233,7 +214,7 @@ mod tests {
             prefix: "b1".into(),
             ..Default::default()
         });
-        let c = Chain::new(&topo, [10; 6]).unwrap();
+        let c = Chain::with_hops(&topo, [10; 6], HOPS).unwrap();
         assert_eq!(c.streams[0], "B1_BENCH_PT0");
         assert_eq!(c.subjects[5], "b1.benchpt.5.x");
         assert_eq!(c.filter(2), "b1.benchpt.2.>");
@@ -241,8 +222,7 @@ mod tests {
         assert_eq!(c.hops(), HOPS);
         assert_eq!(c.kinds, KINDS);
 
-        let sized = Chain::new(&topo, [1, 2, 3, 4, 5, 6]).unwrap();
-        let x = sized.clone().with_extra_hops(8);
+        let x = Chain::with_hops(&topo, [1, 2, 3, 4, 5, 6], 8).unwrap();
         assert_eq!(x.hops(), 8);
         assert_eq!(x.consumers().len(), 8);
         assert_eq!(
@@ -263,10 +243,11 @@ mod tests {
         assert_eq!(x.streams[8], "B1_BENCH_PT8");
         assert_eq!(x.subjects[8], "b1.benchpt.8.x");
         assert_eq!(x.filter(7), "b1.benchpt.7.>");
-        assert_eq!(x.streams[..5], sized.streams[..5]);
+        assert_eq!(x.streams[..6], c.streams[..]);
         // Clamped: never fewer than the pipeline's hops, never past the cap.
-        assert_eq!(sized.clone().with_extra_hops(2).hops(), HOPS);
-        assert_eq!(sized.with_extra_hops(99).hops(), MAX_HOPS);
+        let hops = |h| Chain::with_hops(&topo, [1; 6], h).unwrap().hops();
+        assert_eq!(hops(2), HOPS);
+        assert_eq!(hops(99), MAX_HOPS);
         assert_eq!(
             resize(&Bytes::from_static(b"abc"), 5),
             Bytes::from_static(b"abc  ")
