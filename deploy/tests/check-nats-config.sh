@@ -81,20 +81,23 @@ for name in want:
     ref = (env.get(name) or {}).get("valueFrom", {}).get("secretKeyRef", {}) if isinstance(env.get(name), dict) else {}
     if ref.get("name") != "mtx-nats-auth":
         problems.append(f"container.env.{name} must come from Secret mtx-nats-auth")
+import re
 def size(x):
-    # Kubernetes quantities (4Gi, 512Mi) and Go's GOMEMLIMIT (3GiB, 512MiB, bytes)
-    x, units = str(x).strip(), {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    for suffix in ("iB", "i", "B"):
-        if x.endswith(suffix) and x[: -len(suffix)][-1:] in units:
-            return int(float(x[: -len(suffix) - 1]) * units[x[-len(suffix) - 1]])
-    return int(x)
+    # Bytes of a Kubernetes quantity (4Gi, 512Mi, 4G, 4000000000) or of Go's
+    # GOMEMLIMIT (3GiB, 512MiB, 1073741824B); None when it is neither.
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)(B?)\s*", str(x))
+    if not m or (m.group(4) and m.group(2) and not m.group(3)):
+        return None
+    n, unit, binary = float(m.group(1)), m.group(2), m.group(3)
+    return int(n * ((1024 if binary else 1000) ** " KMGT".index(unit or " ")))
 gogc = str(env.get("GOGC", "100"))
 limit = v["container"].get("merge", {}).get("resources", {}).get("limits", {}).get("memory")
 if gogc != "100":
+    mem = size(env["GOMEMLIMIT"]) if "GOMEMLIMIT" in env else None
     if "GOMEMLIMIT" not in env:
         problems.append(f"container.env.GOGC={gogc} needs GOMEMLIMIT, or the heap may outgrow the container")
-    elif limit is None or size(env["GOMEMLIMIT"]) >= size(limit):
-        problems.append(f"container.env.GOMEMLIMIT ({env['GOMEMLIMIT']}) must be below the memory limit ({limit})")
+    elif mem is None or size(limit) is None or mem >= size(limit):
+        problems.append(f"container.env.GOMEMLIMIT ({env['GOMEMLIMIT']}) must be a size below the memory limit ({limit})")
 if not v.get("promExporter", {}).get("enabled"):
     problems.append("promExporter must be enabled (Grafana mtx-nats dashboard)")
 for p in problems:
