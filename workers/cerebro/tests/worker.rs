@@ -252,39 +252,12 @@ impl Env {
     }
 
     async fn read<T: serde::de::DeserializeOwned>(&self, stream: &str, filter: &str) -> Vec<T> {
-        let st = self
-            .js
-            .get_stream(self.topo.stream_name(stream))
+        let stream = self.topo.stream_name(stream);
+        mtx_harness::bus::read_all(&self.js, &stream, &self.subjects.raw_subject(filter))
             .await
-            .unwrap();
-        let c = st
-            .create_consumer(consumer::pull::Config {
-                filter_subject: self.subjects.raw_subject(filter),
-                ack_policy: consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        loop {
-            let mut batch = c
-                .fetch()
-                .max_messages(1000)
-                .expires(Duration::from_millis(300))
-                .messages()
-                .await
-                .unwrap();
-            let mut got = 0;
-            while let Some(Ok(m)) = batch.next().await {
-                out.push(serde_json::from_slice(&m.payload).unwrap());
-                got += 1;
-            }
-            if got == 0 {
-                break;
-            }
-        }
-        out
+            .iter()
+            .map(|m| serde_json::from_slice(&m.payload).unwrap())
+            .collect()
     }
 
     async fn decisions(&self) -> Vec<DecisionRecord> {

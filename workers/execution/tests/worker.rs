@@ -4,8 +4,7 @@
 
 mod common;
 
-use async_nats::jetstream::{self, consumer};
-use futures::StreamExt;
+use async_nats::jetstream;
 use mtx_execution::worker::{self, Engine};
 use mtx_harness::{eventually, NatsServer};
 use mtx_runtime::config::Config;
@@ -124,38 +123,7 @@ impl Stage {
     }
 
     async fn read(&self, stream: &str, filter: &str) -> Vec<jetstream::Message> {
-        let st = self
-            .js
-            .get_stream(self.topo.stream_name(stream))
-            .await
-            .unwrap();
-        let c = st
-            .create_consumer(consumer::pull::Config {
-                filter_subject: filter.to_string(),
-                ack_policy: consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        loop {
-            let mut b = c
-                .fetch()
-                .max_messages(1000)
-                .expires(Duration::from_millis(300))
-                .messages()
-                .await
-                .unwrap();
-            let mut got = 0;
-            while let Some(Ok(m)) = b.next().await {
-                out.push(m);
-                got += 1;
-            }
-            if got == 0 {
-                return out;
-            }
-        }
+        mtx_harness::bus::read_all(&self.js, &self.topo.stream_name(stream), filter).await
     }
 
     async fn executions(&self) -> Vec<ExecutionConfirmation> {

@@ -197,35 +197,7 @@ async fn read(
     js: &async_nats::jetstream::Context,
     stream: &str,
 ) -> Vec<async_nats::jetstream::Message> {
-    use async_nats::jetstream::consumer;
-    use futures::StreamExt;
-    let st = js.get_stream(stream).await.unwrap();
-    let c = st
-        .create_consumer(consumer::pull::Config {
-            ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    loop {
-        let mut batch = c
-            .fetch()
-            .max_messages(1000)
-            .expires(Duration::from_millis(300))
-            .messages()
-            .await
-            .unwrap();
-        let mut got = 0;
-        while let Some(Ok(m)) = batch.next().await {
-            out.push(m);
-            got += 1;
-        }
-        if got == 0 {
-            return out;
-        }
-    }
+    mtx_harness::bus::read_all(js, stream, ">").await
 }
 
 async fn wait_until<F, Fut>(mut f: F)

@@ -12,8 +12,7 @@
 //! - SIGKILL at random moments while orders and prices stream in: every order
 //!   ends with exactly one execution.
 
-use async_nats::jetstream::{self, consumer};
-use futures::StreamExt;
+use async_nats::jetstream;
 use mtx_harness::{unique, until, NatsServer};
 use mtx_runtime::config::Config;
 use mtx_schemas::headers;
@@ -137,39 +136,7 @@ impl Env {
     }
 
     async fn read(&self, stream: &str, filter: &str) -> Vec<jetstream::Message> {
-        let st = self
-            .js
-            .get_stream(self.topo.stream_name(stream))
-            .await
-            .expect("stream");
-        let c = st
-            .create_consumer(consumer::pull::Config {
-                filter_subject: filter.to_string(),
-                ack_policy: consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .expect("consumer");
-        let mut out = Vec::new();
-        loop {
-            let mut batch = c
-                .fetch()
-                .max_messages(1000)
-                .expires(Duration::from_millis(300))
-                .messages()
-                .await
-                .expect("fetch");
-            let mut got = 0;
-            while let Some(Ok(m)) = batch.next().await {
-                out.push(m);
-                got += 1;
-            }
-            if got == 0 {
-                break;
-            }
-        }
-        out
+        mtx_harness::bus::read_all(&self.js, &self.topo.stream_name(stream), filter).await
     }
 
     async fn executions(&self) -> Vec<ExecutionConfirmation> {

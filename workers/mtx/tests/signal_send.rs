@@ -2,8 +2,7 @@
 //! standardizer`, all as child processes of the real binary, with a real
 //! nats-server and the Mongo stand-in holding the secret hash.
 
-use async_nats::jetstream::{self, consumer};
-use futures::StreamExt;
+use async_nats::jetstream;
 use mtx_harness::{free_port, unique, MongoServer, NatsServer};
 use mtx_schemas::signal::StandardizedSignal;
 use mtx_schemas::strategy::StrategyConfig;
@@ -39,33 +38,7 @@ impl Drop for Running {
 }
 
 async fn messages(js: &jetstream::Context, stream: &str) -> Vec<jetstream::Message> {
-    let st = js.get_stream(stream).await.unwrap();
-    let c = st
-        .create_consumer(consumer::pull::Config {
-            ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    loop {
-        let mut batch = c
-            .fetch()
-            .max_messages(1000)
-            .expires(Duration::from_millis(300))
-            .messages()
-            .await
-            .unwrap();
-        let mut got = 0;
-        while let Some(Ok(m)) = batch.next().await {
-            out.push(m);
-            got += 1;
-        }
-        if got == 0 {
-            return out;
-        }
-    }
+    mtx_harness::bus::read_all(js, stream, ">").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,10 +5,9 @@
 
 mod common;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use bytes::Bytes;
 use common::{fixture_path, load_fixture, SECRET};
-use futures::StreamExt;
 use mtx_harness::{unique, NatsServer};
 use mtx_runtime::config::Config;
 use mtx_runtime::process::Process;
@@ -126,37 +125,7 @@ impl Stack {
     }
 
     async fn messages(&self, base: &str) -> Vec<jetstream::Message> {
-        let st = self
-            .js
-            .get_stream(self.topo.stream_name(base))
-            .await
-            .unwrap();
-        let c = st
-            .create_consumer(consumer::pull::Config {
-                ack_policy: consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        loop {
-            let mut batch = c
-                .fetch()
-                .max_messages(1000)
-                .expires(Duration::from_millis(300))
-                .messages()
-                .await
-                .unwrap();
-            let mut got = 0;
-            while let Some(Ok(m)) = batch.next().await {
-                out.push(m);
-                got += 1;
-            }
-            if got == 0 {
-                return out;
-            }
-        }
+        mtx_harness::bus::read_all(&self.js, &self.topo.stream_name(base), ">").await
     }
 
     async fn standardized(&self) -> Vec<StandardizedSignal> {

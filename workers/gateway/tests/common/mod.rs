@@ -2,8 +2,7 @@
 //! mtx process running the gateway and the standardizer.
 #![allow(dead_code)]
 
-use async_nats::jetstream::{self, consumer};
-use futures::StreamExt;
+use async_nats::jetstream;
 use mtx_gateway::secrets::SecretHash;
 use mtx_harness::{unique, NatsServer};
 use mtx_runtime::config::Config;
@@ -162,37 +161,7 @@ impl Stack {
 
     /// Every message of a stream (base name), in order.
     pub async fn messages(&self, base: &str) -> Vec<jetstream::Message> {
-        let st = self
-            .js
-            .get_stream(self.topo.stream_name(base))
-            .await
-            .unwrap();
-        let c = st
-            .create_consumer(consumer::pull::Config {
-                ack_policy: consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        loop {
-            let mut batch = c
-                .fetch()
-                .max_messages(1000)
-                .expires(Duration::from_millis(300))
-                .messages()
-                .await
-                .unwrap();
-            let mut got = 0;
-            while let Some(Ok(m)) = batch.next().await {
-                out.push(m);
-                got += 1;
-            }
-            if got == 0 {
-                return out;
-            }
-        }
+        mtx_harness::bus::read_all(&self.js, &self.topo.stream_name(base), ">").await
     }
 
     /// Wait until `base` holds at least `n` messages (20 s max), then a
