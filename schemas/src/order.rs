@@ -378,6 +378,12 @@ pub struct OpenPosition {
     pub unrealized_pnl: Decimal,
     /// Margin this position consumes at the current mark.
     pub margin_required: Decimal,
+    /// Contract multiplier the ledger books it with (100 for an option, 50
+    /// for ES), so readers value its notional without guessing the asset
+    /// class from the symbol. Absent in states written before it was
+    /// recorded: readers fall back to their symbol table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiplier: Option<Decimal>,
 }
 
 /// One working order inside an [`AccountState`].
@@ -693,6 +699,7 @@ mod tests {
                 current_price: d("151"),
                 unrealized_pnl: d("10"),
                 margin_required: d("375"),
+                multiplier: None,
             }],
             open_orders: vec![],
             deployed_capital: [("s".to_string(), d("375"))].into_iter().collect(),

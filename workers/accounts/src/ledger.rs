@@ -143,6 +143,31 @@ impl Position {
     }
 }
 
+/// A configured symbol's spec and the asset class it describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SymbolSpec {
+    /// The asset class of the entry (`None`: every class). A symbol can
+    /// name two instruments: `CL` is crude oil futures and a stock.
+    pub instrument_type: Option<InstrumentType>,
+    /// Multiplier and margin.
+    pub spec: InstrumentSpec,
+}
+
+impl SymbolSpec {
+    /// An entry for every asset class.
+    pub fn any_class(spec: InstrumentSpec) -> Self {
+        SymbolSpec {
+            instrument_type: None,
+            spec,
+        }
+    }
+
+    /// Whether the entry describes an instrument of `class`.
+    pub fn applies_to(&self, class: InstrumentType) -> bool {
+        self.instrument_type.is_none_or(|c| c == class)
+    }
+}
+
 /// Ledger configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LedgerConfig {
@@ -150,8 +175,9 @@ pub struct LedgerConfig {
     pub default_initial_balance: Decimal,
     /// Starting cash per account.
     pub initial_balances: BTreeMap<String, Decimal>,
-    /// Configured instruments; others use [`InstrumentSpec::default_for`].
-    pub instruments: BTreeMap<String, InstrumentSpec>,
+    /// Configured instruments by symbol; others, and executions of another
+    /// asset class than the entry names, use [`InstrumentSpec::default_for`].
+    pub instruments: BTreeMap<String, SymbolSpec>,
     /// How long finished orders are remembered ([`crate::orders`]).
     pub order_retention: OrderRetention,
 }
@@ -417,8 +443,8 @@ impl Ledger {
     /// The spec in force for `x`'s instrument.
     fn spec_for(&self, x: &ExecutionConfirmation) -> Result<InstrumentSpec, LedgerError> {
         let spec = match self.config.instruments.get(&x.instrument) {
-            Some(spec) => *spec,
-            None => InstrumentSpec::default_for(x.instrument_type, x.multiplier),
+            Some(s) if s.applies_to(x.instrument_type) => s.spec,
+            _ => InstrumentSpec::default_for(x.instrument_type, x.multiplier),
         };
         if spec.multiplier != x.multiplier {
             return Err(LedgerError::MultiplierMismatch {
@@ -617,6 +643,7 @@ impl Ledger {
                 current_price: mark,
                 unrealized_pnl: pnl,
                 margin_required: margin,
+                multiplier: Some(p.spec.multiplier),
             });
         }
         let cash = self.config.initial_balance(account) + book.realized_pnl - book.commissions;

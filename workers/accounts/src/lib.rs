@@ -28,6 +28,6 @@ pub mod spec;
 pub mod worker;
 
 pub use book::{Book, Effect, Input, Mark};
-pub use ledger::{Applied, Ledger, LedgerConfig, LedgerError, Position, PositionKey};
+pub use ledger::{Applied, Ledger, LedgerConfig, LedgerError, Position, PositionKey, SymbolSpec};
 pub use orders::{OpenOrders, OrderRetention};
 pub use spec::{InstrumentSpec, MarginModel};

@@ -113,7 +113,7 @@ use tokio::sync::{Mutex, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 
 use crate::book::{Book, Input};
-use crate::ledger::{LedgerConfig, LedgerError};
+use crate::ledger::{LedgerConfig, LedgerError, SymbolSpec};
 use crate::spec::{InstrumentSpec, MarginModel};
 
 /// Stage name of the executions loop (`dlq.accounts`).
@@ -162,9 +162,12 @@ pub fn ledger_config(cfg: &AccountsConfig) -> LedgerConfig {
                 };
                 (
                     symbol.clone(),
-                    InstrumentSpec {
-                        multiplier: i.multiplier,
-                        margin,
+                    SymbolSpec {
+                        instrument_type: i.instrument_type,
+                        spec: InstrumentSpec {
+                            multiplier: i.multiplier,
+                            margin,
+                        },
                     },
                 )
             })

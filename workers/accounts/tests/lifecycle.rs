@@ -129,6 +129,7 @@ async fn long_entry_and_exit_with_profit_commission_from_cash() {
             current_price: dec!(155),
             unrealized_pnl: dec!(500),
             margin_required: dec!(3875),
+            multiplier: Some(dec!(1)),
         }
     );
     assert_eq!(s.cash_balance, dec!(99999));

@@ -1,7 +1,7 @@
 //! End to end without I/O: orders → paper venue → executions → ledger.
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use mtx_accounts::{InstrumentSpec, Ledger, LedgerConfig, MarginModel};
+use mtx_accounts::{InstrumentSpec, Ledger, LedgerConfig, MarginModel, SymbolSpec};
 use mtx_execution::{Commission, CommissionModel, PaperConfig, PaperVenue, VenueEvent};
 use mtx_schemas::order::{order_side, ExecutionConfirmation, Order};
 use mtx_schemas::{Direction, InstrumentType, SignalAction};
@@ -50,10 +50,10 @@ fn gc_ledger_config() -> LedgerConfig {
         default_initial_balance: dec!(500000),
         instruments: [(
             "GC".to_string(),
-            InstrumentSpec {
+            SymbolSpec::any_class(InstrumentSpec {
                 multiplier: dec!(100),
                 margin: MarginModel::PerContract(dec!(16500)),
-            },
+            }),
         )]
         .into_iter()
         .collect(),

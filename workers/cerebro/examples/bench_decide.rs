@@ -112,6 +112,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             current_price: Decimal::from(400),
             unrealized_pnl: Decimal::ZERO,
             margin_required: margin,
+            multiplier: None,
         });
         deployed.insert(id.to_string(), margin);
     }

@@ -1053,18 +1053,18 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// Gross notional of the account's open positions at their current prices
-/// (multipliers from the instrument specs, 1 when unconfigured).
+/// Gross notional of the account's open positions at their current prices,
+/// each with the multiplier the ledger books it with (a state from before
+/// positions carried one: the symbol table's, 1 when unconfigured).
 fn gross_exposure(inputs: &Inputs, acct: &AccountInputs) -> Result<Decimal, Reason> {
     acct.state
         .open_positions
         .iter()
         .try_fold(Decimal::ZERO, |acc, p| {
-            let n = notional(
-                p.quantity,
-                p.current_price,
-                inputs.instruments.position_multiplier(&p.instrument),
-            )?;
+            let multiplier = p
+                .multiplier
+                .unwrap_or_else(|| inputs.instruments.position_multiplier(&p.instrument));
+            let n = notional(p.quantity, p.current_price, multiplier)?;
             add(acc, n.abs(), "gross exposure")
         })
 }

@@ -318,6 +318,24 @@ fn plan_exit_inner(
     }
     let strategy = signal.strategy_id.as_str();
     let mut plans = Vec::with_capacity(legs.len());
+    // What earlier legs of this signal already close, of the account's
+    // position per (instrument, direction) and of each entry leg: two legs
+    // on one position (a sender's duplicate leg, two months of one futures
+    // root) share it instead of each closing all of it, so the signal never
+    // sells more than is open and never flips the position.
+    let mut taken_position: Vec<((&str, Direction), Decimal)> = Vec::new();
+    let mut taken_entry_leg: Vec<(u32, Decimal)> = Vec::new();
+    fn taken<K: PartialEq>(book: &[(K, Decimal)], key: &K) -> Decimal {
+        book.iter()
+            .find(|(k, _)| k == key)
+            .map_or(Decimal::ZERO, |(_, q)| *q)
+    }
+    fn take<K: PartialEq>(book: &mut Vec<(K, Decimal)>, key: K, quantity: Decimal) {
+        match book.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, q)) => *q += quantity,
+            None => book.push((key, quantity)),
+        }
+    }
     for input in legs {
         let leg = input.signal_leg;
         let direction = input.direction;
@@ -329,6 +347,10 @@ fn plan_exit_inner(
             Decimal::ZERO,
         ));
         let account_open = acct.open_quantity(strategy, &leg.instrument, direction);
+        let position_key = (leg.instrument.as_str(), direction);
+        let account_left =
+            (account_open - taken(&taken_position, &position_key)).max(Decimal::ZERO);
+        let mut entry_leg = None;
         let nothing = || Reason::NothingToClose {
             leg: input.leg,
             instrument: leg.instrument.clone(),
@@ -353,6 +375,8 @@ fn plan_exit_inner(
                         filled: el.filled_quantity,
                     }));
                 }
+                entry_leg = Some(el.leg);
+                let open_left = (open - taken(&taken_entry_leg, &el.leg)).max(Decimal::ZERO);
                 let remaining = el.sender_quantity - el.sender_quantity_exited;
                 let requested = if remaining <= Decimal::ZERO {
                     open
@@ -370,21 +394,21 @@ fn plan_exit_inner(
                     "exit of entry {} leg {}: {} of remaining sender {} x open {} = {}",
                     r.signal_id, el.leg, leg.quantity, remaining, open, requested
                 );
-                (requested, open.min(account_open), logic)
+                (requested, open_left.min(account_left), logic)
             }
             None => {
                 let requested = match kind {
-                    ExitKind::Exit => account_open,
+                    ExitKind::Exit => account_left,
                     _ => match unlinked_units(signal, inputs, acct, leg, kind, multiplier)? {
                         Some(u) => round_to_lot(u, lot),
-                        None => account_open,
+                        None => account_left,
                     },
                 };
                 let logic = format!(
-                    "{kind:?} against the strategy's {direction} {} position {}: {}",
-                    leg.instrument, account_open, requested
+                    "{kind:?} against the strategy's {direction} {} position {} ({} left by earlier legs): {}",
+                    leg.instrument, account_open, account_left, requested
                 );
-                (requested, account_open, logic)
+                (requested, account_left, logic)
             }
         };
         if closable <= Decimal::ZERO {
@@ -410,6 +434,10 @@ fn plan_exit_inner(
             None
         };
         let quantity = quantity.max(Decimal::ZERO);
+        take(&mut taken_position, position_key, quantity);
+        if let Some(l) = entry_leg {
+            take(&mut taken_entry_leg, l, quantity);
+        }
         plans.push(ExitLegPlan {
             leg: input.leg,
             direction,

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use mtx_accounts::{InstrumentSpec, MarginModel};
+use mtx_accounts::{InstrumentSpec, MarginModel, SymbolSpec};
 use mtx_schemas::order::AccountState;
 pub use mtx_schemas::strategy::{RiskLimits, StrategyConfig};
 use mtx_schemas::{Decision, Direction, InstrumentType, OrderStatus};
@@ -237,6 +237,12 @@ pub struct InstrumentConfig {
     /// Margin rule; `None` uses the class rate.
     #[serde(default)]
     pub margin: Option<MarginRule>,
+    /// The asset class the entry describes (`FUTURE` for a futures root);
+    /// a leg of the same symbol in another class gets its class defaults:
+    /// the stock `CL` (Colgate-Palmolive) is not the crude future `CL`.
+    /// `None`: every class.
+    #[serde(default)]
+    pub instrument_type: Option<InstrumentType>,
 }
 
 /// An instrument's resolved multiplier, lot size and margin model.
@@ -284,11 +290,13 @@ impl InstrumentSpecs {
             multiplier: Decimal::from(mult),
             lot_size: Decimal::ONE,
             margin: Some(MarginRule::PerContract(Decimal::from(margin))),
+            instrument_type: Some(InstrumentType::Future),
         };
         let coin = InstrumentConfig {
             multiplier: Decimal::ONE,
             lot_size: Decimal::new(1, 8),
             margin: None,
+            instrument_type: Some(InstrumentType::Crypto),
         };
         let symbols = [
             ("ES", fut(50, 22_000)),
@@ -342,7 +350,11 @@ impl InstrumentSpecs {
         symbol: &str,
         instrument_type: InstrumentType,
     ) -> Option<ResolvedInstrument> {
-        let (multiplier, lot_size, model) = match self.symbols.get(symbol) {
+        let configured = self
+            .symbols
+            .get(symbol)
+            .filter(|c| c.instrument_type.is_none_or(|t| t == instrument_type));
+        let (multiplier, lot_size, model) = match configured {
             Some(c) => (
                 c.multiplier,
                 c.lot_size,
@@ -384,16 +396,19 @@ impl InstrumentSpecs {
 
     /// The per-symbol specs in the accounts ledger's form
     /// (`LedgerConfig::instruments`), so both stages compute the same margin.
-    pub fn ledger_specs(&self) -> BTreeMap<String, InstrumentSpec> {
+    pub fn ledger_specs(&self) -> BTreeMap<String, SymbolSpec> {
         self.symbols
             .iter()
             .filter_map(|(s, c)| {
                 let margin = c.margin?;
                 Some((
                     s.clone(),
-                    InstrumentSpec {
-                        multiplier: c.multiplier,
-                        margin: margin.into(),
+                    SymbolSpec {
+                        instrument_type: c.instrument_type,
+                        spec: InstrumentSpec {
+                            multiplier: c.multiplier,
+                            margin: margin.into(),
+                        },
                     },
                 ))
             })
@@ -684,7 +699,23 @@ mod tests {
                 .margin,
             MarginModel::PercentOfNotional(dec!(0.5))
         );
-        assert_eq!(specs.ledger_specs()["HG"].multiplier, dec!(25000));
+        assert_eq!(specs.ledger_specs()["HG"].spec.multiplier, dec!(25000));
+        // A futures root does not capture a stock of the same ticker
+        // (`CL`: crude oil futures, and Colgate-Palmolive).
+        let cl = specs.resolve("CL", InstrumentType::Future).unwrap();
+        assert_eq!(cl.multiplier, dec!(1000));
+        let colgate = specs.resolve("CL", InstrumentType::Stock).unwrap();
+        assert_eq!(
+            colgate.spec,
+            InstrumentSpec {
+                multiplier: Decimal::ONE,
+                margin: MarginModel::PercentOfNotional(dec!(0.5)),
+            }
+        );
+        assert_eq!(
+            specs.resolve("BTC", InstrumentType::Etf).unwrap().lot_size,
+            Decimal::ONE
+        );
         assert!(!specs.ledger_specs().contains_key("BTC"));
     }
 

@@ -417,6 +417,7 @@ impl Settings {
                     multiplier: i.multiplier,
                     lot_size: lot,
                     margin,
+                    instrument_type: i.instrument_type,
                 },
             );
         }

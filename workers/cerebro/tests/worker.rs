@@ -508,6 +508,7 @@ async fn kill_switch_rejects_entries_but_exits_go_through() {
         current_price: d("150"),
         unrealized_pnl: Decimal::ZERO,
         margin_required: d("637.50"),
+        multiplier: None,
     });
     st.margin_used = d("637.50");
     st.margin_available = d("999362.50");
@@ -664,6 +665,7 @@ async fn exit_before_entry_fill_is_deferred_without_blocking_then_completes() {
         current_price: d("150"),
         unrealized_pnl: Decimal::ZERO,
         margin_required: d("637.50"),
+        multiplier: None,
     });
     st.margin_used = d("637.50");
     st.margin_available = d("999362.50");
@@ -927,6 +929,7 @@ fn holding_aapl(equity: &str) -> AccountState {
         current_price: d("150"),
         unrealized_pnl: Decimal::ZERO,
         margin_required: d("637.50"),
+        multiplier: None,
     });
     st.margin_used = d("637.50");
     st.margin_available = st.equity - st.margin_used;
@@ -1046,6 +1049,7 @@ async fn cvar_from_mongo_backtests_and_unavailable_while_mongo_is_down() {
         current_price: d("4"),
         unrealized_pnl: Decimal::ZERO,
         margin_required: d("100000"),
+        multiplier: None,
     });
     st.margin_used = d("100000");
     st.margin_available = d("900000");
@@ -1202,6 +1206,7 @@ impl AccountsSim {
                                 current_price: d("150"),
                                 unrealized_pnl: Decimal::ZERO,
                                 margin_required: margin,
+                                multiplier: None,
                             });
                             st.deployed_capital.insert(SPX.into(), margin);
                         }

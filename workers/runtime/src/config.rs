@@ -702,6 +702,11 @@ pub struct InstrumentConfig {
     pub margin_fraction: Option<Decimal>,
     /// Margin as a fixed amount per contract.
     pub margin_per_contract: Option<Decimal>,
+    /// The asset class this entry describes (`FUTURE` for a futures root);
+    /// a signal or fill of the same symbol in another class (the stock `CL`
+    /// against the crude future `CL`) gets its class defaults instead.
+    /// Absent: every class.
+    pub instrument_type: Option<mtx_schemas::InstrumentType>,
 }
 
 impl Default for InstrumentConfig {
@@ -710,6 +715,7 @@ impl Default for InstrumentConfig {
             multiplier: Decimal::ONE,
             margin_fraction: None,
             margin_per_contract: None,
+            instrument_type: None,
         }
     }
 }

@@ -738,6 +738,7 @@ fn build() -> Vec<CollectionSpec> {
             f("open_positions.[].margin_required", Dec).req(),
             f("open_positions.[].strategy_id", Str),
             f("open_positions.[].direction", Str).enums(DIRECTION),
+            f("open_positions.[].multiplier", Dec),
             f("open_orders", Arr).req(),
             f("open_orders.[]", Obj),
             f("open_orders.[].order_id", Str).req(),

@@ -354,9 +354,12 @@ fn gc_config() -> LedgerConfig {
         default_initial_balance: dec!(500000),
         instruments: [(
             "GC".to_string(),
-            InstrumentSpec {
-                multiplier: dec!(100),
-                margin: MarginModel::PerContract(dec!(16500)),
+            SymbolSpec {
+                instrument_type: Some(InstrumentType::Future),
+                spec: InstrumentSpec {
+                    multiplier: dec!(100),
+                    margin: MarginModel::PerContract(dec!(16500)),
+                },
             },
         )]
         .into_iter()
@@ -378,6 +381,30 @@ fn gc(
         commission: dec!(2.25) * qty,
         ..fill(id, "GC", action, side, qty, price)
     }
+}
+
+#[test]
+fn a_futures_root_entry_does_not_capture_a_stock_of_the_same_symbol() {
+    // `GC` is configured as the gold future (×100, 16,500 a contract); a
+    // stock fill of a `GC` ticker books as a stock: ×1, 25 % of notional.
+    let mut l = Ledger::new(gc_config());
+    l.apply(&fill("s1", "GC", Entry, Buy, dec!(10), dec!(40)))
+        .unwrap();
+    let s = l.snapshot(ACC, t(1));
+    assert_eq!(s.margin_used, dec!(100)); // 25 % of 400
+    l.mark("GC", dec!(41));
+    assert_eq!(l.snapshot(ACC, t(2)).unrealized_pnl, dec!(10));
+    // The future itself still gets its configured spec, and a fill that
+    // claims another multiplier for it is refused.
+    let mut l = Ledger::new(gc_config());
+    let wrong = ExecutionConfirmation {
+        multiplier: dec!(1),
+        ..gc("e1", Entry, Buy, dec!(1), dec!(4029))
+    };
+    assert!(matches!(
+        l.apply(&wrong),
+        Err(LedgerError::MultiplierMismatch { .. })
+    ));
 }
 
 #[test]

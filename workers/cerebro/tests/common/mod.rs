@@ -173,6 +173,7 @@ pub fn hold(
         current_price: price,
         unrealized_pnl: Decimal::ZERO,
         margin_required: margin,
+        multiplier: None,
     });
     a.state.margin_used += margin;
     a.state.margin_available -= margin;
