@@ -10,12 +10,15 @@
 //! - [`signal`]: raw and standardized signals (ingress → standardizer → Cerebro).
 //! - [`order`]: orders, order events, execution confirmations and account state.
 //! - [`market`]: market prices (`market.prices.<symbol>`).
+//! - [`limits`]: the price and quantity range every stage accepts, so a
+//!   garbage amount is refused as bad input instead of overflowing.
 //! - [`strategy`]: strategy configuration (`strategy_configurations`, the `strategies` KV bucket).
 
 pub mod dlq;
 pub mod enums;
 pub mod headers;
 pub mod ids;
+pub mod limits;
 pub mod market;
 pub mod order;
 pub mod signal;

@@ -74,6 +74,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, NaiveDate, Utc};
+use mtx_schemas::limits;
 use mtx_schemas::order::{
     position_direction, AccountState, ExecutionConfirmation, OpenPosition, Order, OrderEvent,
 };
@@ -373,9 +374,10 @@ impl Ledger {
         self.marks.get(instrument).copied()
     }
 
-    /// Record a market price; non-positive prices are ignored.
+    /// Record a market price; prices outside the shared range
+    /// ([`limits::check_price`]: non-positive, or beyond `1e10`) are ignored.
     pub fn mark(&mut self, instrument: &str, price: Decimal) {
-        if price <= Decimal::ZERO {
+        if limits::check_price(price).is_err() {
             return;
         }
         match self.marks.get_mut(instrument) {
@@ -478,19 +480,20 @@ impl Ledger {
             execution_id: x.execution_id.clone(),
             reason,
         };
-        if x.quantity <= Decimal::ZERO {
-            return Err(invalid(format!(
-                "quantity must be positive, got {}",
-                x.quantity
-            )));
-        }
-        if x.price <= Decimal::ZERO {
-            return Err(invalid(format!("price must be positive, got {}", x.price)));
-        }
         if x.multiplier <= Decimal::ZERO {
             return Err(invalid(format!(
                 "multiplier must be positive, got {}",
                 x.multiplier
+            )));
+        }
+        limits::check_quantity(x.quantity, x.multiplier)
+            .map_err(|e| invalid(format!("quantity {e}")))?;
+        limits::check_price(x.price).map_err(|e| invalid(format!("price {e}")))?;
+        if x.commission.abs() > limits::MAX_NOTIONAL {
+            return Err(invalid(format!(
+                "commission {} is beyond {} in size",
+                x.commission,
+                limits::MAX_NOTIONAL
             )));
         }
         let spec = self.spec_for(x)?;
@@ -554,6 +557,36 @@ impl Ledger {
             }
         };
 
+        // Inside the limits no figure can leave the decimal range: the
+        // position's units are bounded, and so the totals it changes.
+        if let Some(p) = &next {
+            limits::check_quantity(p.quantity, p.spec.multiplier).map_err(|e| {
+                invalid(format!(
+                    "the {} position would hold too much: {e}",
+                    p.key.instrument
+                ))
+            })?;
+        }
+        let book = self.books.get(&x.account).cloned().unwrap_or_default();
+        let day = x.timestamp.date_naive();
+        let daily = self
+            .daily
+            .get(&(x.account.clone(), x.strategy_id.clone()))
+            .and_then(|d| d.get(&day))
+            .copied()
+            .unwrap_or_default();
+        let (Some(realized_total), Some(commissions_total), Some(daily_total)) = (
+            book.realized_pnl.checked_add(realized),
+            book.commissions.checked_add(x.commission),
+            realized
+                .checked_sub(x.commission)
+                .and_then(|net| daily.checked_add(net)),
+        ) else {
+            return Err(invalid(
+                "the account's totals would leave the decimal range".to_string(),
+            ));
+        };
+
         let opened = existing.is_none();
         match next {
             Some(p) => {
@@ -582,19 +615,13 @@ impl Ledger {
                 }
             }
         }
-        if !self.books.contains_key(&x.account) {
-            self.books.insert(x.account.clone(), Book::default());
-        }
-        if let Some(book) = self.books.get_mut(&x.account) {
-            book.realized_pnl += realized;
-            book.commissions += x.commission;
-        }
-        *self
-            .daily
+        let book = self.books.entry(x.account.clone()).or_default();
+        book.realized_pnl = realized_total;
+        book.commissions = commissions_total;
+        self.daily
             .entry((x.account.clone(), x.strategy_id.clone()))
             .or_default()
-            .entry(x.timestamp.date_naive())
-            .or_default() += realized - x.commission;
+            .insert(day, daily_total);
         self.mark(&x.instrument, x.price);
         self.applied
             .insert(x.execution_id.clone(), Fingerprint::of(x));

@@ -257,11 +257,8 @@ pub fn decode(
                     format!("price of {} on `{subject}`", p.symbol),
                 ));
             }
-            if p.price <= rust_decimal::Decimal::ZERO {
-                return Err((
-                    "invalid_price",
-                    format!("price must be positive, got {}", p.price),
-                ));
+            if let Err(e) = mtx_schemas::limits::check_price(p.price) {
+                return Err(("invalid_price", format!("price {e}")));
             }
             Ok(Input::Price(p))
         }

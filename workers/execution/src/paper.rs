@@ -64,6 +64,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use mtx_schemas::ids::{derive_id, execution_id};
+use mtx_schemas::limits;
 use mtx_schemas::order::{opposite_side, ExecutionConfirmation, Order, OrderEvent};
 use mtx_schemas::{ExecutionStatus, OrderStatus, OrderType, Side, SignalAction};
 use rust_decimal::Decimal;
@@ -760,11 +761,15 @@ impl PaperVenue {
             None => remaining,
             Some(r) => {
                 let lot = self.lot(instrument);
-                let q = (remaining * r / lot).ceil() * lot;
-                if q <= Decimal::ZERO || q > remaining {
-                    remaining
-                } else {
-                    q
+                // Checked: a lot far finer than the quantity (1e-20 of 1e10)
+                // has no slice in range; the fill takes what remains.
+                let q = remaining
+                    .checked_mul(r)
+                    .and_then(|x| x.checked_div(lot))
+                    .and_then(|x| x.ceil().checked_mul(lot));
+                match q {
+                    Some(q) if q > Decimal::ZERO && q <= remaining => q,
+                    _ => remaining,
                 }
             }
         }
@@ -791,16 +796,22 @@ impl PaperVenue {
                 order.multiplier
             ));
         }
-        if ![
-            order.price,
-            order.stop_price,
-            order.stop_loss,
-            order.take_profit,
-        ]
-        .into_iter()
-        .all(positive)
-        {
+        if let Err(e) = limits::check_quantity(order.quantity, order.multiplier) {
+            return Some(format!("quantity {e}"));
+        }
+        let prices = [
+            ("price", order.price),
+            ("stop_price", order.stop_price),
+            ("stop_loss", order.stop_loss),
+            ("take_profit", order.take_profit),
+        ];
+        if !prices.iter().all(|(_, p)| positive(*p)) {
             return Some("prices must be positive".to_string());
+        }
+        for (name, p) in prices {
+            if let Some(Err(e)) = p.map(limits::check_price) {
+                return Some(format!("{name} {e}"));
+            }
         }
         match order.order_type {
             OrderType::Market => {

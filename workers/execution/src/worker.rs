@@ -1314,11 +1314,8 @@ impl Engine {
                         format!("price of {} on the subject of {symbol}", p.symbol),
                     );
                 }
-                if p.price <= Decimal::ZERO {
-                    return Input::Invalid(
-                        "invalid_price",
-                        format!("price must be positive, got {}", p.price),
-                    );
+                if let Err(e) = mtx_schemas::limits::check_price(p.price) {
+                    return Input::Invalid("invalid_price", format!("price {e}"));
                 }
                 Input::Price {
                     symbol,

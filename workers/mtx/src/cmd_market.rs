@@ -39,8 +39,8 @@ pub fn price_message(
     price: Decimal,
     source: &str,
 ) -> Result<(String, MarketPrice)> {
-    if price <= Decimal::ZERO {
-        bail!("price must be positive, got {price}");
+    if let Err(e) = mtx_schemas::limits::check_price(price) {
+        bail!("price {e}");
     }
     let subject = Subjects::new(&cfg.topology.prefix)
         .market_price(symbol)

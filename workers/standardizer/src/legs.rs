@@ -25,6 +25,7 @@ use crate::error::SignalError;
 use crate::fields::{shown, Obj};
 use crate::parse::ParseContext;
 use mtx_schemas::enums::{Direction, InstrumentType, OrderType, Side, SignalType};
+use mtx_schemas::limits;
 use mtx_schemas::signal::SignalLeg;
 use rust_decimal::Decimal;
 
@@ -134,6 +135,12 @@ pub(crate) fn parse_leg(
             value: quantity.to_string(),
         });
     }
+    if quantity > limits::MAX_UNITS {
+        return Err(SignalError::InvalidNumber {
+            field: obj.path(quantity_key),
+            detail: format!("must be at most {}, got {quantity}", limits::MAX_UNITS),
+        });
+    }
 
     let order_type = match obj.text(&["order_type"])? {
         Some((key, text)) => order_type_from(text).ok_or_else(|| SignalError::InvalidEnum {
@@ -190,6 +197,10 @@ fn price_field(obj: &Obj<'_>, keys: &[&'static str]) -> Result<Option<Decimal>, 
             detail: format!("must not be negative, got {p}"),
         }),
         Some((_, p)) if p.is_zero() => Ok(None),
+        Some((key, p)) if p > limits::MAX_PRICE => Err(SignalError::InvalidNumber {
+            field: obj.path(key),
+            detail: format!("must be at most {}, got {p}", limits::MAX_PRICE),
+        }),
         Some((_, p)) => Ok(Some(p)),
         None => Ok(None),
     }

@@ -207,6 +207,27 @@ fn non_positive_quantity() {
 }
 
 #[test]
+fn amounts_beyond_the_shared_limits() {
+    let err = rejects(
+        &with(|v| v["signal_legs"][1]["quantity"] = json!("1e27")),
+        "invalid_number",
+        "signal_legs[1].quantity",
+    );
+    assert!(
+        err.to_string().contains("at most 10000000000000000"),
+        "{err}"
+    );
+    for field in ["price", "stop_loss", "take_profit"] {
+        let err = rejects(
+            &with(|v| v["signal_legs"][1][field] = json!(1e11)),
+            "invalid_number",
+            &format!("signal_legs[1].{field}"),
+        );
+        assert!(err.to_string().contains("at most 10000000000"), "{err}");
+    }
+}
+
+#[test]
 fn unknown_instrument_type() {
     let err = rejects(
         &with(|v| v["signal_legs"][1]["instrument_type"] = json!("BOND")),

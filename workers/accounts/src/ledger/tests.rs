@@ -545,6 +545,55 @@ fn rejected_and_invalid_executions_book_nothing() {
 }
 
 #[test]
+fn amounts_beyond_the_shared_limits_are_refused_and_never_overflow() {
+    let mut l = Ledger::new(config(dec!(100000)));
+    l.apply(&fill("ok", "AAPL", Entry, Buy, dec!(1000), dec!(100)))
+        .unwrap();
+    let before = l.snapshot(ACC, t(1));
+    for (bad, says) in [
+        // 1e15 × 1e15 would overflow the notional.
+        (
+            fill("q", "AAPL", Entry, Buy, dec!(1e15), dec!(1e15)),
+            "price must be at most",
+        ),
+        (
+            fill("u", "AAPL", Entry, Buy, dec!(1e17), dec!(1)),
+            "quantity 100000000000000000 × multiplier 1 exceeds",
+        ),
+        (
+            with_commission(fill("c", "AAPL", Entry, Buy, dec!(1), dec!(1)), dec!(1e27)),
+            "commission",
+        ),
+    ] {
+        match l.apply(&bad) {
+            Err(LedgerError::InvalidExecution { reason, .. }) => {
+                assert!(reason.contains(says), "{reason}")
+            }
+            other => panic!("{}: {other:?}", bad.execution_id),
+        }
+    }
+    // A position may not grow past the limit by many fills in range.
+    l.apply(&fill("big", "MSFT", Entry, Buy, dec!(1e16), dec!(1)))
+        .unwrap();
+    match l.apply(&fill("more", "MSFT", Entry, Buy, dec!(1), dec!(1))) {
+        Err(LedgerError::InvalidExecution { reason, .. }) => {
+            assert!(
+                reason.contains("MSFT position would hold too much"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // A mark beyond the range is ignored, so the snapshot stays computable.
+    l.mark("AAPL", dec!(1e26));
+    let after = l.snapshot(ACC, t(2));
+    assert_eq!(
+        after.open_positions[0].current_price,
+        before.open_positions[0].current_price
+    );
+}
+
+#[test]
 fn strategies_and_accounts_are_kept_apart() {
     let mut l = Ledger::new(LedgerConfig {
         default_initial_balance: dec!(1000),

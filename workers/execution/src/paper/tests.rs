@@ -250,6 +250,56 @@ fn partial_fills_take_ceil_of_ratio_in_lots() {
 }
 
 #[test]
+fn amounts_beyond_the_shared_limits_are_rejected_not_overflowed() {
+    let mut v = venue(PaperConfig::default());
+    let cases = [
+        // 1e27 × 1000 would overflow the notional.
+        market("huge_qty", Side::Buy, dec!(1e27), dec!(1000)),
+        // 1e16 units are the limit; × 100 is beyond it.
+        Order {
+            multiplier: dec!(100),
+            ..market("huge_units", Side::Buy, dec!(1e16), dec!(1))
+        },
+        market("huge_price", Side::Buy, dec!(1), dec!(1e26)),
+        Order {
+            stop_loss: Some(dec!(1e11)),
+            ..market("huge_stop", Side::Buy, dec!(1), dec!(100))
+        },
+    ];
+    for o in cases {
+        let id = o.order_id.clone();
+        let ev = v.submit(o, t0());
+        assert_eq!(kinds(&ev), ["submitted", "rejected"], "{id}");
+        let VenueEvent::Rejected { event, .. } = &ev[1] else {
+            panic!("not a reject")
+        };
+        let reason = event.reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.contains("at most") || reason.contains("exceeds"),
+            "{id}: {reason}"
+        );
+    }
+}
+
+#[test]
+fn a_lot_far_finer_than_the_quantity_fills_what_remains_instead_of_overflowing() {
+    let mut v = venue(PaperConfig {
+        fill_ratio: Some(dec!(0.5)),
+        lot_sizes: [("WEI".to_string(), dec!(0.00000000000000000001))]
+            .into_iter()
+            .collect(),
+        ..PaperConfig::default()
+    });
+    let o = Order {
+        price: Some(dec!(1)),
+        ..order("w", "WEI", Side::Buy, OrderType::Market, dec!(10000000000))
+    };
+    let ev = v.submit(o, t0());
+    let q: Vec<Decimal> = fills(&ev).iter().map(|e| e.quantity).collect();
+    assert_eq!(q, [dec!(10000000000)]);
+}
+
+#[test]
 fn partial_fills_respect_fractional_lots() {
     let mut v = venue(PaperConfig {
         fill_ratio: Some(dec!(0.3)),
