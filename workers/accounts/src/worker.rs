@@ -51,6 +51,8 @@
 //! | problem | outcome |
 //! |---|---|
 //! | payload does not decode | DLQ `invalid_execution` / `invalid_price` / `invalid_order` / `invalid_order_event` |
+//! | a price out of the shared range ([`mtx_schemas::limits`]) or stamped more than a minute after the broker stored it | DLQ `invalid_price`; the mark is unchanged (a replay refuses it the same way: the store time is the message's) |
+//! | an execution out of the shared range, or one that would take a position or a total past it | DLQ `invalid_execution`; nothing booked |
 //! | subject account / symbol ≠ payload | DLQ `account_mismatch` / `symbol_mismatch` |
 //! | the ledger refuses the execution | DLQ with [`LedgerError::reason_code`] (`over_close`, `conflicting_duplicate`, ...); nothing booked |
 //! | execution applied before (redelivery, replayed copy) | duplicate (ack) |
@@ -203,12 +205,17 @@ impl Source {
 type Refusal = (&'static str, String);
 
 /// Decode a message of `source` on `subject` and check it against its
-/// subject. Shared by the live loops and [`rebuild`].
+/// subject (and a price's timestamp against `stored`, the broker's store
+/// time of the message: [`MarketPrice::check_time`]). Shared by the live
+/// loops and [`rebuild`].
+///
+/// [`MarketPrice::check_time`]: mtx_schemas::market::MarketPrice::check_time
 pub fn decode(
     subjects: &Subjects,
     source: Source,
     subject: &str,
     payload: &[u8],
+    stored: Option<chrono::DateTime<Utc>>,
 ) -> Result<Input, Refusal> {
     let mut parts = subjects.strip(subject).split('.');
     let parts = [parts.next(), parts.next(), parts.next(), parts.next()];
@@ -260,6 +267,7 @@ pub fn decode(
             if let Err(e) = mtx_schemas::limits::check_price(p.price) {
                 return Err(("invalid_price", format!("price {e}")));
             }
+            p.check_time(stored).map_err(|e| ("invalid_price", e))?;
             Ok(Input::Price(p))
         }
         Source::Orders => {
@@ -295,7 +303,7 @@ async fn read_stream(
     stream: &str,
     filter: &str,
     deliver_policy: consumer::DeliverPolicy,
-    mut f: impl FnMut(&str, &[u8], u64),
+    mut f: impl FnMut(&str, &[u8], u64, Option<chrono::DateTime<Utc>>),
 ) -> Result<u64, String> {
     let st = js
         .get_stream(stream)
@@ -333,11 +341,16 @@ async fn read_stream(
             let m = m.map_err(|e| format!("replay on {stream}: {e}"))?;
             got += 1;
             read += 1;
-            let (pending, seq) = m
+            let (pending, seq, stored) = m
                 .info()
-                .map(|i| (i.pending, i.stream_sequence))
-                .unwrap_or((remaining.saturating_sub(1), 0));
-            f(m.subject.as_str(), &m.payload, seq);
+                .map(|i| {
+                    let stored = chrono::DateTime::from_timestamp_nanos(
+                        i64::try_from(i.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+                    );
+                    (i.pending, i.stream_sequence, Some(stored))
+                })
+                .unwrap_or((remaining.saturating_sub(1), 0, None));
+            f(m.subject.as_str(), &m.payload, seq, stored);
             if pending == 0 || seq >= last {
                 break 'read;
             }
@@ -402,8 +415,8 @@ pub async fn rebuild(
             &topology.stream_name(stream),
             &subjects.raw_subject(filter),
             policy,
-            |subject, payload, seq| {
-                let applied = decode(&subjects, source, subject, payload)
+            |subject, payload, seq, stored| {
+                let applied = decode(&subjects, source, subject, payload, stored)
                     .and_then(|input| book.apply(&input).map_err(|e| refusal(&e)));
                 if source == Source::Executions {
                     book.processed_execution(seq);
@@ -873,7 +886,7 @@ impl Accounts {
         let (mut applied, mut duplicate, mut refused) = (0u64, 0u64, 0u64);
         let mut changed = false;
         for d in msgs {
-            let result = decode(&self.subjects, source, &d.subject, &d.payload)
+            let result = decode(&self.subjects, source, &d.subject, &d.payload, d.published)
                 .and_then(|input| live.book.apply(&input).map_err(|e| refusal(&e)));
             if source == Source::Executions {
                 // Booked, a duplicate or refused (dead-lettered): processed.
@@ -1072,6 +1085,7 @@ mod tests {
                 Source::OrderEvents,
                 &subject,
                 &serde_json::to_vec(&v).unwrap(),
+                None,
             )
         };
         let one = decode(event("o", "ACC", 4, "CANCELLED")).unwrap();

@@ -559,3 +559,58 @@ async fn restart_resumes_resting_orders_and_rebuilds_accounts() {
     assert_replay_matches(&p).await;
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_tick_is_dead_lettered_and_the_mark_keeps_moving() {
+    let nats = NatsServer::start();
+    let p = pipeline(&nats, |_| {}).await;
+    p.price("AAPL", dec!(150)).await;
+    p.order(&market("L1", "S1", "AAPL", Entry, Long, dec!(10)))
+        .await;
+    p.wait_executions(A, "L1", 1).await;
+    p.state_where(A, |s| s.open_positions.len() == 1).await;
+
+    // A tick stamped a year ahead would stay the newest mark for a year; a
+    // price beyond the shared range would overflow the P&L. Both are
+    // refused by every reader of the market stream (execution, accounts).
+    let subject = p.subjects.market_price("AAPL").unwrap();
+    let ahead = (chrono::Utc::now() + chrono::Duration::days(365)).to_rfc3339();
+    let bad = [
+        format!(r#"{{"symbol":"AAPL","price":"1","timestamp":"{ahead}"}}"#),
+        format!(
+            r#"{{"symbol":"AAPL","price":"1e26","timestamp":"{}"}}"#,
+            chrono::Utc::now().to_rfc3339()
+        ),
+    ];
+    for (i, body) in bad.iter().enumerate() {
+        p.publish(
+            subject.clone(),
+            format!("bad{i}"),
+            body.clone().into_bytes(),
+        )
+        .await;
+    }
+    p.price("AAPL", dec!(160)).await;
+    let s = p
+        .state_where(A, |s| s.open_positions[0].current_price == dec!(160))
+        .await;
+    assert_eq!(s.unrealized_pnl, dec!(100));
+
+    let dlq = p.topo.stream_name(streams::DLQ);
+    let dead = eventually(Duration::from_secs(10), || async {
+        read_all(&p.js, &dlq, ">").await.len() >= 4
+    })
+    .await;
+    assert!(dead, "both stages dead-letter both ticks");
+    let reasons: Vec<String> = read_all(&p.js, &dlq, ">")
+        .await
+        .iter()
+        .map(|m| {
+            let h = m.headers.as_ref().unwrap();
+            h.get(mtx_schemas::headers::DLQ_REASON).unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(reasons, ["invalid_price"; 4]);
+    assert_replay_matches(&p).await;
+    p.stop().await;
+}

@@ -1410,11 +1410,17 @@ impl Cerebro {
     /// symbol (greatest `(timestamp, price)`, so arrival order and replays
     /// do not matter).
     fn on_mark(&self, m: &jetstream::Message) {
+        let stored = m.info().ok().map(|i| {
+            DateTime::from_timestamp_nanos(
+                i64::try_from(i.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+            )
+        });
         match decode_accounts_input(
             &self.subjects,
             AccountsSource::Market,
             &m.subject,
             &m.payload,
+            stored,
         ) {
             Ok(AccountsInput::Price(p)) => {
                 let mark = Mark {
@@ -1441,6 +1447,7 @@ impl Cerebro {
             AccountsSource::OrderEvents,
             &m.subject,
             &m.payload,
+            None,
         ) else {
             return;
         };
@@ -1479,6 +1486,7 @@ impl Cerebro {
             AccountsSource::Executions,
             &m.subject,
             &m.payload,
+            None,
         ) else {
             return;
         };

@@ -23,6 +23,8 @@
 //! | problem | outcome |
 //! |---|---|
 //! | payload is not an order / cancel / price | DLQ `invalid_order` / `invalid_cancel` / `invalid_price` |
+//! | a price out of the shared range ([`mtx_schemas::limits`]) or stamped more than a minute after the broker stored it | DLQ `invalid_price` |
+//! | an order out of the shared range | REJECTED by the venue, with the bound in its reason |
 //! | subject account ≠ payload account, symbol ≠ subject | DLQ `account_mismatch` / `symbol_mismatch` |
 //! | account has no adapter (`execution.adapters`, `default_adapter`) | DLQ `no_broker_adapter` |
 //! | known order id with different contents | DLQ `conflicting_order` |
@@ -1316,6 +1318,9 @@ impl Engine {
                 }
                 if let Err(e) = mtx_schemas::limits::check_price(p.price) {
                     return Input::Invalid("invalid_price", format!("price {e}"));
+                }
+                if let Err(e) = p.check_time(d.published) {
+                    return Input::Invalid("invalid_price", e);
                 }
                 Input::Price {
                     symbol,
