@@ -959,10 +959,14 @@ impl<'a> Builder<'a> {
         self.ra.gross_exposure_before = Some(add(gross_before, reserved_total.notional, "gross")?);
         self.ra.gross_exposure_after = Some(gross_after);
         self.ra.leverage_after = Some(div(gross_after, equity, "leverage")?);
-        // 10. CVaR
-        let exposures: BTreeMap<String, f64> = acct
-            .state
-            .deployed_capital
+        // 10. CVaR, over what each strategy has deployed plus what it has
+        // approved and not yet booked (like every capital limit above).
+        let mut deployed = acct.state.deployed_capital.clone();
+        for (s, r) in &acct.reserved {
+            let d = deployed.entry(s.clone()).or_default();
+            *d = add(*d, r.margin, "cvar exposure")?;
+        }
+        let exposures: BTreeMap<String, f64> = deployed
             .iter()
             .map(|(s, d)| (s.clone(), f64_of(*d)))
             .collect();
@@ -1158,15 +1162,31 @@ impl Limits<'_> {
             },
         ];
         if let Some(limit) = self.max_position {
+            // The limit is per position: legs adding to the same one
+            // (instrument and direction) count together, against what it
+            // already holds; the reason names the first of them.
+            let mut positions: Vec<(usize, Decimal)> = Vec::new();
             for (i, (e, ln)) in legs.iter().zip(&per_leg).enumerate() {
+                let same = |(j, _): &&mut (usize, Decimal)| {
+                    let other: &EntryLeg<'_> = &legs[*j];
+                    other.leg.instrument == e.leg.instrument
+                        && other.leg.direction == e.leg.direction
+                };
+                match positions.iter_mut().find(same) {
+                    Some((_, usage)) => *usage = add(*usage, *ln, "position size")?,
+                    None => positions.push((i, *ln)),
+                }
+            }
+            for (i, usage) in positions {
+                let e = &legs[i];
                 caps.push(Capacity {
                     room: sub(limit, e.held_notional, "position size")?,
-                    usage: *ln,
+                    usage,
                     reason: Reason::MaxPositionSize {
                         leg: i as u32,
                         instrument: e.leg.instrument.clone(),
                         limit,
-                        actual: add(e.held_notional, *ln, "position size")?,
+                        actual: add(e.held_notional, usage, "position size")?,
                     },
                 });
             }

@@ -23,7 +23,8 @@
 //! units with the sizing mode (SENDER_EQUITY_RATIO against *allocated*
 //! capital, TARGET_WEIGHT as a fraction of allocated capital, units
 //! otherwise; the whole position when the conversion lacks data); a closing
-//! delta order closes its quantity in units; all clamped to what is open.
+//! delta order converts its quantity the same way, as its opening delta was
+//! sized (units when the conversion lacks data); all clamped to what is open.
 //!
 //! # Deferral
 //!
@@ -214,9 +215,6 @@ fn unlinked_units(
     multiplier: Decimal,
 ) -> Result<Option<Decimal>, Reason> {
     let q = leg.quantity;
-    if kind == ExitKind::Delta {
-        return Ok(Some(q));
-    }
     let allocated = match inputs
         .allocation
         .as_ref()
@@ -226,7 +224,7 @@ fn unlinked_units(
         Some(pct) => allocated_capital(acct.state.equity, pct)?,
         None => Decimal::ZERO,
     };
-    Ok(match signal.sizing_mode {
+    let units = match signal.sizing_mode {
         SizingMode::DeltaUnits | SizingMode::FixedUnits => Some(q),
         SizingMode::SenderEquityRatio => match signal.account_equity {
             Some(se) if se > Decimal::ZERO && allocated > Decimal::ZERO => {
@@ -248,6 +246,13 @@ fn unlinked_units(
                 _ => None,
             }
         }
+    };
+    // A closing delta is sized as its opening delta was (so a sender's
+    // +10 / −10 under SENDER_EQUITY_RATIO leaves nothing open); without the
+    // data to convert, its quantity is units.
+    Ok(match kind {
+        ExitKind::Delta => units.or(Some(q)),
+        _ => units,
     })
 }
 

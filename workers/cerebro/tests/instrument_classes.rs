@@ -1,7 +1,9 @@
-//! A symbol names one instrument per asset class (the stock `CL` is not the
-//! crude future `CL`), held positions are valued with the multiplier they
-//! are booked with, and legs of one exit that act on the same position share
-//! it instead of each closing all of it.
+//! Positions as the fund holds them: a symbol names one instrument per asset
+//! class (the stock `CL` is not the crude future `CL`); held positions are
+//! valued with the multiplier they are booked with; legs of one signal that
+//! act on the same position share it (an exit never closes it twice, an
+//! entry's `max_position_size` counts them together); a closing delta is
+//! sized like the opening one.
 
 mod common;
 
@@ -219,4 +221,63 @@ fn two_exit_legs_on_one_position_never_close_more_than_it_holds() {
         vec![aapl(), aapl()],
     );
     assert_eq!(total_sold(&inputs, &delta), dec!(10));
+}
+
+#[test]
+fn max_position_size_counts_every_leg_that_adds_to_the_position() {
+    let mut inputs = base_inputs();
+    limits(&mut inputs).max_position_size = Some(dec!(10000));
+    let aapl = || {
+        leg(
+            "AAPL",
+            InstrumentType::Stock,
+            Side::Buy,
+            dec!(60),
+            dec!(100),
+        )
+    };
+    let entry = signal(
+        "two_legs",
+        Some(SignalAction::Entry),
+        SizingMode::FixedUnits,
+        vec![aapl(), aapl()],
+    );
+    let d = decided(decide(&entry, &inputs));
+    let notional: Decimal = d.orders.iter().map(|o| o.quantity * dec!(100)).sum();
+    // Each leg alone (6,000) fits; together (12,000) they are shrunk.
+    assert!(notional <= dec!(10000), "{notional}");
+    assert!(notional >= dec!(9800), "{notional}");
+}
+
+#[test]
+fn a_closing_delta_is_sized_like_the_opening_one() {
+    // SENDER_EQUITY_RATIO: the sender (equity 500,000) buys 10, then sells
+    // 10. Opening: 10 × 893,600 allocated / 500,000 = 17.87 → 17 shares.
+    let mut inputs = base_inputs();
+    let aapl = |side| leg("AAPL", InstrumentType::Stock, side, dec!(10), dec!(100));
+    let open = signal(
+        "open",
+        None,
+        SizingMode::SenderEquityRatio,
+        vec![aapl(Side::Buy)],
+    );
+    let bought = decided(decide(&open, &inputs)).orders[0].quantity;
+    assert_eq!(bought, dec!(17));
+    hold(
+        &mut inputs,
+        SPX,
+        "AAPL",
+        Direction::Long,
+        bought,
+        dec!(100),
+        bought * dec!(25),
+    );
+    let close = signal(
+        "close",
+        None,
+        SizingMode::SenderEquityRatio,
+        vec![aapl(Side::Sell)],
+    );
+    // The sender is flat, and so is the fund (not 7 shares left over).
+    assert_eq!(total_sold(&inputs, &close), bought);
 }

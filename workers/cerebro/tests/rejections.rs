@@ -627,6 +627,48 @@ fn cvar_is_recorded_and_its_limit_rejects() {
 }
 
 #[test]
+fn cvar_counts_margin_approved_but_not_yet_booked() {
+    let sig = aapl();
+    let mut alone = base_inputs();
+    alone.returns = Some(returns_table());
+    let c1 = decided(decide(&sig, &alone))
+        .record
+        .risk_assessment
+        .cvar
+        .unwrap();
+    // The strategy has 6,375 of margin approved whose fills the account
+    // state does not show yet: ten times this trade's 637.50. CVaR counts
+    // it as deployed, as the capital and margin limits do.
+    let mut inputs = base_inputs();
+    inputs.returns = Some(returns_table());
+    acct(&mut inputs).reserved.insert(
+        SPX.into(),
+        Reservation {
+            margin: dec!(6375),
+            notional: dec!(25500),
+        },
+    );
+    let c = decided(decide(&sig, &inputs))
+        .record
+        .risk_assessment
+        .cvar
+        .unwrap();
+    assert!(
+        (c.cvar_before - 10.0 * c1.cvar_after).abs() < 1e-6,
+        "{} vs {}",
+        c.cvar_before,
+        10.0 * c1.cvar_after
+    );
+    assert!((c.cvar_after - 11.0 * c1.cvar_after).abs() < 1e-6);
+    // So a limit the trade alone passes can reject it on top of the
+    // unbooked approvals.
+    inputs.system.cvar_limit_pct = Some(c1.cvar_after_pct * 2.0);
+    alone.system.cvar_limit_pct = Some(c1.cvar_after_pct * 2.0);
+    assert_decision(&decided(decide(&sig, &alone)), Decision::Approved);
+    assert_eq!(rejected(&sig, &inputs).0.code(), "cvar_limit");
+}
+
+#[test]
 fn cvar_skipped_without_backtest_is_recorded() {
     let mut inputs = base_inputs();
     let out = decided(decide(&aapl(), &inputs));

@@ -1071,6 +1071,14 @@ async fn cvar_from_mongo_backtests_and_unavailable_while_mongo_is_down() {
     };
     assert!(!reason.is_empty());
     assert_eq!(r.risk_assessment.cvar, None);
+    // Approved and never booked here (no accounts stage): still reserved.
+    let reserved_cv1: f64 = r
+        .risk_assessment
+        .margin_required
+        .unwrap()
+        .to_string()
+        .parse()
+        .unwrap();
 
     // Mongo back: the next retry loads the backtests, CVaR is evaluated.
     mongo.restart();
@@ -1092,7 +1100,13 @@ async fn cvar_from_mongo_backtests_and_unavailable_while_mongo_is_down() {
     // The same numbers as the fixture series aligned by date in memory.
     let table =
         mtx_cerebro::ReturnsTable::new([pick(SPX).clone(), pick("Com1-Met").clone()]).unwrap();
-    let exposures = [("Com1-Met".to_string(), 100_000.0)].into_iter().collect();
+    // What is deployed, plus cv1's margin approved but not booked.
+    let exposures = [
+        ("Com1-Met".to_string(), 100_000.0),
+        (SPX.to_string(), reserved_cv1),
+    ]
+    .into_iter()
+    .collect();
     let margin: f64 = ra.margin_required.unwrap().to_string().parse().unwrap();
     let (expect, corr) = mtx_cerebro::risk::cvar_impact(
         Some(&table),
