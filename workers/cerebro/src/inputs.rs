@@ -637,8 +637,11 @@ impl Inputs {
     /// A fresh mark of `symbol` (not older than `mark_max_age_secs`).
     pub fn fresh_mark(&self, symbol: &str) -> Option<Mark> {
         let m = self.marks.get(symbol)?;
-        let age = self.now.signed_duration_since(m.at).num_seconds();
-        (age <= self.system.mark_max_age_secs && m.price > Decimal::ZERO).then_some(*m)
+        // Exact, not in whole seconds: 30.9 s is older than 30.
+        let age = self.now.signed_duration_since(m.at);
+        let fresh = chrono::Duration::try_seconds(self.system.mark_max_age_secs)
+            .is_some_and(|max| age <= max);
+        (fresh && m.price > Decimal::ZERO).then_some(*m)
     }
 }
 

@@ -277,7 +277,19 @@ fn market_orders_price_at_a_fresh_mark() {
     let out = decided(decide(sig, &inputs));
     assert_eq!(out.orders[0].price, Some(dec!(149)));
     assert_eq!(out.record.legs[0].margin_required, dec!(633.25));
-    // A stale mark is ignored.
+    // A stale mark is ignored, to the millisecond: the default limit is
+    // 900 s.
+    let max = Duration::seconds(inputs.system.mark_max_age_secs);
+    inputs.marks.get_mut("AAPL").unwrap().at = inputs.now - max;
+    assert_eq!(
+        decided(decide(sig, &inputs)).orders[0].price,
+        Some(dec!(149))
+    );
+    inputs.marks.get_mut("AAPL").unwrap().at = inputs.now - max - Duration::milliseconds(1);
+    assert_eq!(
+        decided(decide(sig, &inputs)).orders[0].price,
+        Some(dec!(150))
+    );
     inputs.marks.get_mut("AAPL").unwrap().at = inputs.now - Duration::hours(1);
     let out = decided(decide(sig, &inputs));
     assert_eq!(out.orders[0].price, Some(dec!(150)));

@@ -17,6 +17,8 @@
 //!    │                                                    │  Fill: FILLED (the fill won the race)
 //!    │                                                    │  CancelConfirm: CANCELLED
 //!    │                                                    │  CancelReject: back to ACCEPTED / PARTIALLY_FILLED
+//!    │                                                    │  Reject (nothing filled): REJECTED
+//!    │  ACCEPTED ──Reject──▶ REJECTED (a broker's late reject; nothing filled)
 //!    └── CancelRequest: CANCELLED (never sent) · Reject: REJECTED · Expire: EXPIRED
 //! ```
 //!
@@ -230,7 +232,9 @@ pub fn transition(
         (Accepted, E::CancelRequest) => Ok(CancelRequested),
         (Accepted, E::CancelConfirm) => Ok(Cancelled),
         (Accepted, E::CancelReject) => invalid,
-        (Accepted, E::Reject) => invalid,
+        // A broker may reject an order it acknowledged (a margin or risk
+        // check at the exchange) while nothing has filled.
+        (Accepted, E::Reject) => Ok(Rejected),
         (Accepted, E::Expire) => Ok(Expired),
 
         // PARTIALLY_FILLED: working, part filled. Cancel / expiry end the
@@ -260,7 +264,15 @@ pub fn transition(
                 Ok(Accepted)
             }
         }
-        (CancelRequested, E::Reject) => invalid,
+        // Rejected while our cancel was pending: terminal, if nothing filled
+        // (a REJECTED order holds no fills).
+        (CancelRequested, E::Reject) => {
+            if has_fills {
+                invalid
+            } else {
+                Ok(Rejected)
+            }
+        }
         (CancelRequested, E::Expire) => Ok(Expired),
 
         // Terminal states never change.
@@ -480,7 +492,7 @@ mod tests {
                 Some(CancelRequested),
                 Some(Cancelled),
                 X,
-                X,
+                Some(Rejected),
                 Some(Expired),
             ],
         ),
@@ -508,7 +520,7 @@ mod tests {
                 X,
                 Some(Cancelled),
                 Some(Accepted),
-                X,
+                Some(Rejected),
                 Some(Expired),
             ],
         ),
@@ -540,7 +552,7 @@ mod tests {
     }
 
     #[test]
-    fn has_fills_only_changes_cancel_reject_in_cancel_requested() {
+    fn has_fills_only_changes_cancel_reject_and_reject_in_cancel_requested() {
         for from in OrderStatus::ALL {
             for event in EventKind::ALL {
                 let a = transition(*from, event, false);
@@ -548,6 +560,10 @@ mod tests {
                 if (*from, event) == (CancelRequested, EventKind::CancelReject) {
                     assert_eq!(a, Ok(Accepted));
                     assert_eq!(b, Ok(PartiallyFilled));
+                } else if (*from, event) == (CancelRequested, EventKind::Reject) {
+                    // A REJECTED order holds no fills.
+                    assert_eq!(a, Ok(Rejected));
+                    assert!(b.is_err());
                 } else {
                     assert_eq!(a, b, "{from} + {event}");
                 }
