@@ -67,16 +67,28 @@ impl<'a> Obj<'a> {
         })
     }
 
+    /// Like [`Obj::find`], also passing over blank strings: for free text and
+    /// ids, where blank means absent, a blank first alias must not hide the
+    /// value a later one carries (`"alert_id": "", "id": "ABC-1"` is
+    /// `ABC-1`). Typed fields keep [`Obj::find`]: a blank `signal_type` or
+    /// quantity is an error, not an absence.
+    fn find_nonblank(&self, keys: &[&'static str]) -> Option<Found<'a>> {
+        keys.iter().find_map(|&key| match self.map.get(key) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.trim().is_empty() => None,
+            Some(value) => Some(Found { key, value }),
+        })
+    }
+
     /// A free-text field, trimmed; blank counts as absent.
     pub fn text(
         &self,
         keys: &[&'static str],
     ) -> Result<Option<(&'static str, &'a str)>, SignalError> {
-        let Some(f) = self.find(keys) else {
+        let Some(f) = self.find_nonblank(keys) else {
             return Ok(None);
         };
         match f.value {
-            Value::String(s) if s.trim().is_empty() => Ok(None),
             Value::String(s) => Ok(Some((f.key, s.trim()))),
             other => Err(self.wrong_type(f.key, "a string", other)),
         }
@@ -92,11 +104,10 @@ impl<'a> Obj<'a> {
 
     /// An identifier: a string, or an integer some senders send instead.
     pub fn id(&self, keys: &[&'static str]) -> Result<Option<String>, SignalError> {
-        let Some(f) = self.find(keys) else {
+        let Some(f) = self.find_nonblank(keys) else {
             return Ok(None);
         };
         match f.value {
-            Value::String(s) if s.trim().is_empty() => Ok(None),
             Value::String(s) => Ok(Some(s.trim().to_string())),
             Value::Number(n) if n.is_u64() || n.is_i64() => Ok(Some(n.to_string())),
             other => Err(self.wrong_type(f.key, "a string id", other)),
@@ -320,8 +331,9 @@ pub(crate) fn timestamp_from(v: &Value) -> Result<DateTime<Utc>, String> {
 }
 
 /// Contract expiry: `YYYYMMDD` (string or number, the IBKR spelling),
-/// `YYYY-MM-DD` (midnight UTC), or a full RFC 3339 instant. A bare contract
-/// month (`YYYYMM`) is rejected: the executor needs the day.
+/// `YYYY-MM-DD`, or an RFC 3339 instant, whose date in its own offset
+/// counts; always midnight UTC of that date. A bare contract month
+/// (`YYYYMM`) is rejected: the executor needs the day.
 pub(crate) fn expiry_from(v: &Value) -> Result<DateTime<Utc>, String> {
     let text = match v {
         Value::String(s) => s.trim().to_string(),
@@ -337,7 +349,11 @@ pub(crate) fn expiry_from(v: &Value) -> Result<DateTime<Utc>, String> {
         return in_range(Utc.from_utc_datetime(&midnight));
     }
     if let Ok(t) = DateTime::parse_from_rfc3339(&text) {
-        return in_range(t.with_timezone(&Utc));
+        // The sender's date, wherever its clock is: 2025-12-29T00:00+09:00
+        // expires on the 29th, not at 15:00 UTC on the 28th.
+        if let Some(midnight) = t.date_naive().and_hms_opt(0, 0, 0) {
+            return in_range(Utc.from_utc_datetime(&midnight));
+        }
     }
     if text.len() == 6 && text.chars().all(|c| c.is_ascii_digit()) {
         return Err(format!(
@@ -445,6 +461,9 @@ mod tests {
             json!(20251229),
             json!("2025-12-29"),
             json!("2025-12-29T00:00:00Z"),
+            // The sender's date counts, on either side of UTC.
+            json!("2025-12-29T00:00:00+09:00"),
+            json!("2025-12-29T23:30:00-05:00"),
         ] {
             assert_eq!(expiry_from(&v).unwrap().to_rfc3339(), want, "{v}");
         }
@@ -454,6 +473,21 @@ mod tests {
         for v in [json!("20251332"), json!("Dec-25"), json!(2025.5), json!("")] {
             assert!(expiry_from(&v).is_err(), "{v} accepted");
         }
+    }
+
+    #[test]
+    fn a_blank_alias_does_not_hide_a_later_one() {
+        let v = json!({"alert_id": " ", "id": "ABC-1", "ticker": "", "symbol": "AAPL"});
+        let obj = Obj::new(&v, "").unwrap();
+        assert_eq!(
+            obj.id(&["alert_id", "id"]).unwrap().as_deref(),
+            Some("ABC-1")
+        );
+        assert_eq!(
+            obj.text(&["ticker", "symbol"]).unwrap(),
+            Some(("symbol", "AAPL"))
+        );
+        assert_eq!(obj.id(&["alert_id"]).unwrap(), None);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::error::SignalError;
 use crate::fields::Obj;
 use crate::legs::{parse_leg, MATHEMATRICKS_KEYS};
 use crate::parse::{account_equity, Draft, ParseContext};
+use mtx_schemas::enums::SignalType;
 use serde_json::Value;
 
 /// Read a Mathematricks body.
@@ -80,7 +81,22 @@ pub(crate) fn parse(payload: &Value, ctx: &ParseContext) -> Result<Draft, Signal
     let signal_sent_at = first(&scopes, |o| {
         o.timestamp(&["signal_sent_EPOCH", "signal_sent_epoch"])
     })?;
-    let signal_type = first(&scopes, |o| o.enumeration(&["signal_type"]))?.map(|(_, t)| t);
+    // The envelope and the legacy `signal` object may both say it; if they
+    // disagree, neither is trusted (EXIT read as ENTRY opens a short).
+    let mut signal_type: Option<SignalType> = None;
+    for scope in &scopes {
+        if let Some((key, t)) = scope.enumeration::<SignalType>(&["signal_type"])? {
+            match signal_type {
+                Some(seen) if seen != t => {
+                    return Err(SignalError::InvalidEnum {
+                        field: scope.path(key),
+                        detail: format!("signal_type {t} contradicts the envelope's {seen}"),
+                    })
+                }
+                _ => signal_type = Some(t),
+            }
+        }
+    }
     let sender_entry_signal_id = first(&scopes, |o| o.id(&["entry_signal_id"]))?;
     let account_equity = first(&scopes, account_equity)?;
 

@@ -43,9 +43,15 @@
 //!
 //! # Sender id
 //!
-//! `alert_id` / `signalID` / `id` if present; else `order_id@time`, because
-//! `{{strategy.order.id}}` names the order ("Long") and repeats across trades;
-//! else the context's fallback id; else `missing_field`.
+//! `alert_id` / `signalID` / `id` if present; else `order_id@time@instrument`,
+//! because `{{strategy.order.id}}` names the order ("Long") and repeats
+//! across trades, and one strategy's alerts on several charts fire the same
+//! order id in the same second; else the context's fallback id; else
+//! `missing_field`.
+//!
+//! An explicit `signal_type` that contradicts the alert's positions (ENTRY
+//! where `prev_market_position` long → `market_position` flat closes) is
+//! refused (`invalid_enum` on `signal_type`).
 
 use crate::error::SignalError;
 use crate::fields::{shown, Obj};
@@ -107,16 +113,20 @@ pub(crate) fn parse(payload: &Value, ctx: &ParseContext) -> Result<Draft, Signal
         .enumeration(&["action"])?
         .map(|(_, s)| s)
         .ok_or_else(|| root.missing("action", None))?;
+    let inferred = infer_signal_type(&root, side)?;
     let signal_type = match root.enumeration::<SignalType>(&["signal_type"])? {
-        Some((_, explicit)) => Some(explicit),
-        None => infer_signal_type(&root, side)?,
+        Some((key, explicit)) => {
+            check_explicit_type(&root, key, explicit, inferred)?;
+            Some(explicit)
+        }
+        None => inferred,
     };
     let leg = parse_leg(&root, &TRADINGVIEW_KEYS, signal_type, ctx, &mut warnings)?;
     let signal_sent_at = root.timestamp(&["time", "timenow"])?;
 
     let sender_signal_id = match root.id(&["alert_id", "signalID", "signal_id", "id"])? {
         Some(id) => id,
-        None => sender_id_fallback(&root, signal_sent_at, ctx)?,
+        None => sender_id_fallback(&root, &leg.instrument, signal_sent_at, ctx)?,
     };
 
     Ok(Draft {
@@ -131,10 +141,36 @@ pub(crate) fn parse(payload: &Value, ctx: &ParseContext) -> Result<Draft, Signal
     })
 }
 
-/// Sender id for an alert without `alert_id`: `order_id@time`, else the
-/// context's fallback (see the module docs).
+/// An explicit `signal_type` must agree with the positions the alert also
+/// sends: one that opens (ENTRY, SCALE_IN) where they say the order closes,
+/// or the reverse, is refused rather than trusted either way (a close-long
+/// read as an entry would open a short).
+fn check_explicit_type(
+    root: &Obj<'_>,
+    key: &'static str,
+    explicit: SignalType,
+    inferred: Option<SignalType>,
+) -> Result<(), SignalError> {
+    let opens = |t: SignalType| matches!(t, SignalType::Entry | SignalType::ScaleIn);
+    let closes = |t: SignalType| matches!(t, SignalType::Exit | SignalType::ScaleOut);
+    match inferred {
+        Some(i) if (opens(explicit) && closes(i)) || (closes(explicit) && opens(i)) => {
+            Err(SignalError::InvalidEnum {
+                field: root.path(key),
+                detail: format!(
+                    "signal_type {explicit} contradicts the alert's market positions, which make it {i}"
+                ),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Sender id for an alert without `alert_id`: `order_id@time@instrument`,
+/// else the context's fallback (see the module docs).
 fn sender_id_fallback(
     root: &Obj<'_>,
+    instrument: &str,
     sent_at: Option<DateTime<Utc>>,
     ctx: &ParseContext,
 ) -> Result<String, SignalError> {
@@ -144,7 +180,7 @@ fn sender_id_fallback(
         "send alert_id, or order_id with time, or have the gateway assign a fallback id";
     match (root.id(&["order_id"])?, sent_at, &ctx.fallback_signal_id) {
         (Some(order), Some(at), _) => Ok(format!(
-            "{order}@{}",
+            "{order}@{}@{instrument}",
             at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
         )),
         (_, _, Some(fallback)) => Ok(fallback.clone()),

@@ -107,6 +107,28 @@ fn header_fields_may_sit_inside_the_legacy_signal() {
 }
 
 #[test]
+fn a_signal_type_on_both_levels_must_agree() {
+    let body = |outer: &str, inner: &str| {
+        json!({
+            "strategy_name": "Forex", "signalID": "L1", "signal_type": outer,
+            "signal": {"ticker": "AUDCAD", "instrument_type": "FX", "action": "SELL",
+                       "quantity": 5, "signal_type": inner}
+        })
+    };
+    let err = run(&body("ENTRY", "EXIT"), &mm_ctx()).unwrap_err();
+    assert_eq!(
+        (err.reason_code(), err.field()),
+        ("invalid_enum", "signal.signal_type")
+    );
+    assert!(
+        err.to_string().contains("contradicts the envelope's ENTRY"),
+        "{err}"
+    );
+    let s = run(&body("EXIT", "exit"), &mm_ctx()).unwrap();
+    assert_eq!(s.signal_type, Some(SignalType::Exit));
+}
+
+#[test]
 fn floridaforex_delta_orders_are_untyped_and_delta_sized() {
     let payload = json!({
         "strategy_name": "FloridaForex",

@@ -52,7 +52,7 @@ fn entry_from_flat_to_long() {
     );
     assert_eq!((s.legs[0].side, s.direction), (Side::Buy, Direction::Long));
     assert_eq!((s.quantity, s.price), (d("2"), Some(d("1.085"))));
-    assert_eq!(s.sender_signal_id, "Long@2025-11-20T10:00:00Z");
+    assert_eq!(s.sender_signal_id, "Long@2025-11-20T10:00:00Z@EURUSD");
     assert_eq!(s.signal_sent_at, Some(s.timestamp));
     assert_eq!(s.sizing_mode, SizingMode::SenderEquityRatio);
     assert!(!serde_json::to_string(&s).unwrap().contains("tv-secret-1"));
@@ -115,6 +115,41 @@ fn contradictions_and_reversals_are_rejected() {
         (err.reason_code(), err.field()),
         ("missing_field", "market_position")
     );
+}
+
+#[test]
+fn one_strategy_alerting_on_two_charts_in_one_second_sends_two_signals() {
+    // Same order id ("Long"), same bar-close second, no alert_id.
+    let eur = run(&alert("buy", "1", "flat", "long"), &tv_ctx()).unwrap();
+    let mut gbp_body = alert("buy", "1", "flat", "long");
+    gbp_body["ticker"] = json!("GBPUSD");
+    let gbp = run(&gbp_body, &tv_ctx()).unwrap();
+    assert_ne!(eur.signal_id, gbp.signal_id);
+    assert_eq!(gbp.sender_signal_id, "Long@2025-11-20T10:00:00Z@GBPUSD");
+    // A re-send of the same alert is still the same signal.
+    let again = run(&alert("buy", "1", "flat", "long"), &tv_ctx()).unwrap();
+    assert_eq!(again.signal_id, eur.signal_id);
+}
+
+#[test]
+fn an_explicit_signal_type_contradicting_the_positions_is_refused() {
+    // long → flat closes the long: not an ENTRY (it would open a short).
+    let mut body = alert("sell", "1", "long", "flat");
+    body["signal_type"] = json!("ENTRY");
+    let err = parse_raw(&body, &tv_ctx()).unwrap_err();
+    assert_eq!(
+        (err.reason_code(), err.field()),
+        ("invalid_enum", "signal_type")
+    );
+    assert!(err.to_string().contains("contradicts"), "{err}");
+    // flat → long opens: not an EXIT.
+    let mut body = alert("buy", "1", "flat", "long");
+    body["signal_type"] = json!("EXIT");
+    assert!(parse_raw(&body, &tv_ctx()).is_err());
+    // Agreeing (or finer: SCALE_OUT where the positions say EXIT) passes.
+    let mut body = alert("sell", "1", "long", "flat");
+    body["signal_type"] = json!("SCALE_OUT");
+    assert_eq!(typed(&body).0, Some(SignalType::ScaleOut));
 }
 
 #[test]
