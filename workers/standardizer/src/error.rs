@@ -76,6 +76,18 @@ pub enum SignalError {
         /// The future's symbol.
         instrument: String,
     },
+    /// An OPTION leg that does not name its contract: the standardized leg
+    /// has no strike or right, so they must be in the symbol (OCC), or a
+    /// call and a put would become the same order.
+    #[error("{field}: OPTION `{instrument}`: {detail}")]
+    OptionWithoutContract {
+        /// Field path.
+        field: String,
+        /// The option's symbol as sent.
+        instrument: String,
+        /// What is wrong and what to send.
+        detail: String,
+    },
     /// A number that is not a finite decimal, or is out of range.
     #[error("{field}: invalid number: {detail}")]
     InvalidNumber {
@@ -131,6 +143,7 @@ impl SignalError {
             SignalError::UnknownInstrumentType { .. } => "unknown_instrument_type",
             SignalError::InvalidForexSymbol { .. } => "invalid_forex_symbol",
             SignalError::FutureWithoutExpiry { .. } => "future_without_expiry",
+            SignalError::OptionWithoutContract { .. } => "option_without_contract",
             SignalError::InvalidNumber { .. } => "invalid_number",
             SignalError::InvalidDate { .. } => "invalid_date",
             SignalError::InvalidEnum { .. } => "invalid_enum",
@@ -151,6 +164,7 @@ impl SignalError {
             | SignalError::UnknownInstrumentType { field, .. }
             | SignalError::InvalidForexSymbol { field, .. }
             | SignalError::FutureWithoutExpiry { field, .. }
+            | SignalError::OptionWithoutContract { field, .. }
             | SignalError::InvalidNumber { field, .. }
             | SignalError::InvalidDate { field, .. }
             | SignalError::InvalidEnum { field, .. }
@@ -169,6 +183,7 @@ impl SignalError {
         "unknown_instrument_type",
         "invalid_forex_symbol",
         "future_without_expiry",
+        "option_without_contract",
         "invalid_number",
         "invalid_date",
         "invalid_enum",

@@ -111,6 +111,10 @@ pub(crate) fn parse_leg(
             _ => obj.missing(instrument_key, None),
         })?;
 
+    if instrument_type == InstrumentType::Option {
+        check_option_contract(obj, instrument_key, &instrument)?;
+    }
+
     let side: Side = obj
         .enumeration(&["action"])?
         .map(|(_, s)| s)
@@ -229,8 +233,77 @@ fn order_type_from(text: &str) -> Option<OrderType> {
 
 /// Uppercase symbol; FOREX becomes six letters (`EUR/USD`, `EUR.USD`, `eur_usd`
 /// and `EUR-USD` → `EURUSD`). `None` when the result is not a valid symbol.
+/// Contract fields a standardized leg cannot carry: an OPTION names its
+/// contract in its symbol instead.
+const OPTION_CONTRACT_FIELDS: [&str; 6] = [
+    "strike",
+    "right",
+    "put_call",
+    "call_put",
+    "option_type",
+    "option_right",
+];
+
+/// An OPTION leg names one contract by its OCC symbol: root (1–6 letters,
+/// digits or `.`), optionally space-padded, expiry `YYMMDD`, `C` or `P`,
+/// strike × 1000 in 8 digits (`SPXW  251219C05000000`; spaces are dropped
+/// from the standardized symbol). Separate strike / right fields would be
+/// lost, turning a call and a put into the same order: they are refused.
+fn check_option_contract(
+    obj: &Obj<'_>,
+    instrument_key: &'static str,
+    instrument: &str,
+) -> Result<(), SignalError> {
+    if let Some(f) = obj.find(&OPTION_CONTRACT_FIELDS) {
+        return Err(SignalError::OptionWithoutContract {
+            field: obj.path(f.key),
+            instrument: shown(instrument),
+            detail: format!(
+                "`{}` is not carried by a standardized leg; name the contract by its OCC symbol (e.g. SPXW251219C05000000)",
+                f.key
+            ),
+        });
+    }
+    if !is_occ_symbol(instrument) {
+        return Err(SignalError::OptionWithoutContract {
+            field: obj.path(instrument_key),
+            instrument: shown(instrument),
+            detail: "not an OCC option symbol (root, YYMMDD, C or P, strike × 1000 in 8 digits, e.g. SPXW251219C05000000)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// `ROOT YYMMDD [CP] 99999999` with the root's padding spaces removed.
+fn is_occ_symbol(symbol: &str) -> bool {
+    let b = symbol.as_bytes();
+    if b.len() < 16 || b.len() > 21 {
+        return false;
+    }
+    let (root, tail) = b.split_at(b.len() - 15);
+    let (date, rest) = tail.split_at(6);
+    let (right, strike) = rest.split_at(1);
+    !root.is_empty()
+        && root
+            .iter()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'.')
+        && date.iter().all(u8::is_ascii_digit)
+        && chrono::NaiveDate::parse_from_str(
+            std::str::from_utf8(date).unwrap_or_default(),
+            "%y%m%d",
+        )
+        .is_ok()
+        && matches!(right, [b'C'] | [b'P'])
+        && strike.iter().all(u8::is_ascii_digit)
+}
+
 fn normalise_symbol(symbol: &str, instrument_type: InstrumentType) -> Option<String> {
     let upper = symbol.trim().to_ascii_uppercase();
+    if instrument_type == InstrumentType::Option {
+        // OCC pads the root with spaces to six characters.
+        let occ: String = upper.chars().filter(|c| *c != ' ').collect();
+        return (!occ.is_empty()).then_some(occ);
+    }
     if instrument_type != InstrumentType::Forex {
         return (!upper.is_empty()).then_some(upper);
     }
@@ -245,6 +318,31 @@ fn normalise_symbol(symbol: &str, instrument_type: InstrumentType) -> Option<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn occ_option_symbols() {
+        for ok in [
+            "SPXW251219C05000000",
+            "SPY251219P00600000",
+            "BRK.B260116C00500000",
+        ] {
+            assert!(is_occ_symbol(ok), "{ok}");
+        }
+        for bad in [
+            "SPX",
+            "SPY251219X00600000",
+            "SPY251319C00600000",
+            "SPY251219C0060000",
+            "TOOLONGROOT251219C00600000",
+            "251219C00600000",
+        ] {
+            assert!(!is_occ_symbol(bad), "{bad}");
+        }
+        assert_eq!(
+            normalise_symbol("spxw  251219c05000000", InstrumentType::Option).as_deref(),
+            Some("SPXW251219C05000000")
+        );
+    }
 
     #[test]
     fn direction_rule_table() {

@@ -269,6 +269,36 @@ fn future_without_expiry() {
 }
 
 #[test]
+fn option_without_contract() {
+    // A bare root: which contract?
+    let err = rejects(
+        &with(
+            |v| v["signal_legs"][1] = json!({"instrument": "SPX", "instrument_type": "OPTION", "action": "BUY", "quantity": 1}),
+        ),
+        "option_without_contract",
+        "signal_legs[1].instrument",
+    );
+    assert!(err.to_string().contains("OCC"), "{err}");
+    // Strike and right in fields of their own would be dropped: a call and
+    // a put would become the same order.
+    rejects(
+        &with(|v| {
+            v["signal_legs"][1] = json!({"instrument": "SPXW251219C05000000", "instrument_type": "OPTION",
+                                          "action": "BUY", "quantity": 1, "right": "P"})
+        }),
+        "option_without_contract",
+        "signal_legs[1].right",
+    );
+    // The OCC symbol (padded or not) names one contract.
+    let ok = with(|v| {
+        v["signal_legs"][1] = json!({"instrument": "SPXW  251219C05000000", "instrument_type": "OPTION",
+                                      "action": "BUY", "quantity": 1})
+    });
+    let parsed = parse_raw(&ok, &mm_ctx()).unwrap();
+    assert_eq!(parsed.legs()[1].instrument, "SPXW251219C05000000");
+}
+
+#[test]
 fn invalid_number() {
     for (path, bad) in [
         ("quantity", json!("ten")),
@@ -409,6 +439,7 @@ fn every_reason_code_is_exercised() {
     unknown_instrument_type();
     invalid_forex_symbol();
     future_without_expiry();
+    option_without_contract();
     invalid_number();
     invalid_date();
     invalid_enum();
