@@ -50,16 +50,27 @@ pub fn decimal128(d: Decimal) -> Bson {
     }
 }
 
-/// Parse a decimal from a JSON string or number, exactly.
-pub fn parse_decimal(v: &Value) -> Option<Decimal> {
+/// A Decimal128 from a JSON string or number, exactly: the text is parsed
+/// straight into Decimal128 (34 digits, exponents to ±6111), never through
+/// rust_decimal's 28 digits or a float, and a value it cannot hold exactly
+/// (35 significant digits, NaN, infinity) is refused, never rounded. A JSON
+/// number is as exact as its text was to the JSON reader (integers always;
+/// mtx's producers send decimals as strings).
+pub fn parse_decimal128(v: &Value) -> Option<Decimal128> {
     let text = match v {
         Value::String(s) => s.trim().to_string(),
         Value::Number(n) => n.to_string(),
         _ => return None,
     };
-    Decimal::from_str(&text)
-        .or_else(|_| Decimal::from_scientific(&text))
-        .ok()
+    let mantissa = text.split(['e', 'E']).next().unwrap_or_default();
+    let numeric = mantissa.bytes().any(|b| b.is_ascii_digit())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.' | b'e' | b'E'));
+    if !numeric {
+        return None;
+    }
+    Decimal128::from_str(&text).ok()
 }
 
 /// A BSON date from an RFC 3339 string.
@@ -144,7 +155,9 @@ fn value(node: Option<&Node>, v: &Value) -> Result<Bson, ConvertError> {
         return Ok(Bson::Null);
     }
     Ok(match (ty, v) {
-        (Some(Ty::Dec), v) => decimal128(parse_decimal(v).ok_or_else(|| err("", "a decimal", v))?),
+        (Some(Ty::Dec), v) => {
+            Bson::Decimal128(parse_decimal128(v).ok_or_else(|| err("", "a decimal", v))?)
+        }
         (Some(Ty::Date), v) => {
             Bson::DateTime(parse_date(v).ok_or_else(|| err("", "an RFC 3339 date", v))?)
         }
@@ -326,6 +339,37 @@ mod tests {
         assert_eq!(e.path, "equity");
         let bad = json!({"timestamp": 1700000000});
         assert!(document(s, bad.as_object().unwrap()).is_err());
+    }
+
+    #[test]
+    fn decimal_text_goes_to_decimal128_exactly_or_not_at_all() {
+        let d = |s: &str| parse_decimal128(&json!(s)).map(|x| x.to_string());
+        // Beyond rust_decimal's 28 digits and range, still exact.
+        assert_eq!(
+            d("0.00000000000000000000000000001").as_deref(),
+            Some("1E-29")
+        );
+        assert_eq!(
+            d("9.99999999999999999999999999999").as_deref(),
+            Some("9.99999999999999999999999999999")
+        );
+        assert_eq!(d("1e30").as_deref(), Some("1E+30"));
+        assert_eq!(
+            d("79228162514264337593543950336").as_deref(),
+            Some("79228162514264337593543950336")
+        );
+        assert_eq!(d(" 12.50 ").as_deref(), Some("12.50"));
+        assert_eq!(
+            parse_decimal128(&json!(1234567890))
+                .map(|x| x.to_string())
+                .as_deref(),
+            Some("1234567890")
+        );
+        // 35 significant digits cannot be held exactly: refused, not rounded.
+        assert_eq!(d("1.2345678901234567890123456789012345"), None);
+        for bad in ["NaN", "inf", "-Infinity", "", "1,5", "12abc", "e5", "."] {
+            assert_eq!(d(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! | `SIGNALS_STANDARDIZED` | `signals.standardized.<env>.<strategy>.<signal_id>` | `standardized_signals` | `signal_id` |
 //! | `CEREBRO_DECISIONS` | `cerebro.decisions.<env>.<strategy>` | `cerebro_decisions` | `decision_id` (else `signal_id`) |
 //! | `ORDERS` | `orders.<account>.new` | `trading_orders` | `order_id` |
-//! | `ORDERS` | `orders.<account>.cancel` | `order_cancels` | `cancel_id` = hash(subject, bytes) |
+//! | `ORDERS` | `orders.<account>.cancel` | `order_cancels` | `cancel_id` = hash(subject, `Nats-Msg-Id`), else hash(subject, bytes) |
 //! | `ORDER_EVENTS` | `orders.<account>.events` (one event, or an array of events of one order: one document each) | `order_events` (+ `trading_orders.status`) | (`order_id`, `seq`) |
 //! | `EXECUTIONS` | `executions.<account>` | `execution_confirmations` | `execution_id` |
 //! | `ACCOUNTS` | `accounts.<account>.state` | `account_state` | `snapshot_id` = hash(subject, bytes) |
@@ -395,8 +395,16 @@ impl Mapper {
             Kind::Orders if subject.ends_with(".cancel") => {
                 let m = object(&d.payload)?;
                 key(&m, "order_id")?;
+                // The sender's deterministic message id names the cancel
+                // (Cerebro's is derived from signal and order), so the same
+                // cancel decided again later, with a new timestamp, is the
+                // same document; without one, the bytes name it.
+                let cancel_id = match d.header(headers::MSG_ID) {
+                    Some(id) => ids::derive_id("cxl", &[&subject, "msg", id]),
+                    None => content_key("cxl", &subject, &d.payload),
+                };
                 let extra = doc! {
-                    "cancel_id": content_key("cxl", &subject, &d.payload),
+                    "cancel_id": cancel_id,
                     "created_at": now,
                 };
                 self.finish(names::ORDER_CANCELS, Db::Trading, m, extra, d, Follow::None)
@@ -858,6 +866,116 @@ mod tests {
             pending: 0,
             published: None,
         }
+    }
+
+    #[test]
+    fn a_cancel_is_named_by_its_message_id_when_it_has_one() {
+        let m = Mapper::new(Subjects::new(""));
+        let cancel = |ts: &str, id: Option<&str>| {
+            let body = serde_json::json!({"order_id": "ord_1", "account": "A",
+                "reason": "exit (signal sig_2)", "timestamp": ts});
+            let headers: Vec<(&str, &str)> = id.map(|i| (headers::MSG_ID, i)).into_iter().collect();
+            m.prepare(
+                Kind::Orders,
+                &delivery("orders.A.cancel", &body.to_string(), &headers),
+                DateTime::now(),
+            )
+            .unwrap()
+            .doc
+            .get_str("cancel_id")
+            .unwrap()
+            .to_string()
+        };
+        // Decided again after the duplicate window: a new timestamp, the
+        // same message id, the same document.
+        let id = Some("cxl_sig_2_ord_1");
+        assert_eq!(
+            cancel("2025-11-20T10:00:00Z", id),
+            cancel("2025-11-20T10:05:00Z", id)
+        );
+        assert_ne!(
+            cancel("2025-11-20T10:00:00Z", id),
+            cancel("2025-11-20T10:00:00Z", Some("cxl_sig_3_ord_1"))
+        );
+        // Without one, the bytes name it.
+        assert_ne!(
+            cancel("2025-11-20T10:00:00Z", None),
+            cancel("2025-11-20T10:05:00Z", None)
+        );
+    }
+
+    #[test]
+    fn cerebros_nested_numbers_are_typed_not_strings() {
+        let m = Mapper::new(Subjects::new(""));
+        let now = DateTime::now();
+        let order = serde_json::json!({"order_id": "ord_1", "signal_id": "sig_1", "strategy_id": "S",
+            "account": "A", "timestamp": "2025-11-20T10:00:00Z", "instrument": "GC",
+            "instrument_type": "FUTURE", "direction": "LONG", "action": "EXIT", "side": "SELL",
+            "order_type": "MARKET", "price": "4029.00", "quantity": "5", "status": "PENDING",
+            "leg": 0, "multiplier": "100",
+            "cerebro_decision": {"allocated_capital": "0", "margin_required": "0",
+                "position_size_logic": "exit", "risk_metrics": {"margin_released": "82500.00",
+                "closable": "5", "contract_expiry": "2025-12-29T00:00:00Z", "leverage_after": "0.5"}}});
+        let p = m
+            .prepare(
+                Kind::Orders,
+                &delivery("orders.A.new", &order.to_string(), &[]),
+                now,
+            )
+            .unwrap();
+        let rm = p
+            .doc
+            .get_document("cerebro_decision")
+            .unwrap()
+            .get_document("risk_metrics")
+            .unwrap();
+        assert!(
+            matches!(rm.get("contract_expiry"), Some(Bson::DateTime(_))),
+            "{rm}"
+        );
+        assert!(
+            matches!(rm.get("margin_released"), Some(Bson::Decimal128(_))),
+            "{rm}"
+        );
+        assert!(
+            matches!(rm.get("leverage_after"), Some(Bson::Double(_))),
+            "{rm}"
+        );
+
+        let decision = serde_json::json!({"decision_id": "dec_1", "signal_id": "sig_1", "strategy_id": "S",
+            "decision": "REJECTED", "timestamp": "2025-11-20T10:00:00Z", "reason": "capital",
+            "reason_code": "strategy_capital", "original_quantity": "10", "final_quantity": "0",
+            "reason_detail": {"code": "strategy_capital", "required": "5000.00",
+                "available": "1200.50", "allocation_pct": "12.5"},
+            "risk_assessment": {"slippage": {"evaluated": true, "delay_secs": "1.5",
+                "horizon_secs": 3600, "alpha_lost_to_delay": "0.0001", "price_drift": "0.002",
+                "alpha_lost": "0.0021", "limit": null, "fraction": "0.1", "legs_with_mark": 1}}});
+        let p = m
+            .prepare(
+                Kind::Decisions,
+                &delivery("cerebro.decisions.staging.S", &decision.to_string(), &[]),
+                now,
+            )
+            .unwrap();
+        let rd = p.doc.get_document("reason_detail").unwrap();
+        assert!(
+            matches!(rd.get("available"), Some(Bson::Decimal128(_))),
+            "{rd}"
+        );
+        assert!(
+            matches!(rd.get("allocation_pct"), Some(Bson::Double(_))),
+            "{rd}"
+        );
+        let slip = p
+            .doc
+            .get_document("risk_assessment")
+            .unwrap()
+            .get_document("slippage")
+            .unwrap();
+        assert!(
+            matches!(slip.get("alpha_lost"), Some(Bson::Double(_))),
+            "{slip}"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::spec::Db;
 use bson::{doc, Bson, Document};
 use futures::TryStreamExt;
 use mongodb::error::ErrorKind;
-use mongodb::options::ClientOptions;
+use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, Collection, Database};
 use mtx_runtime::config::MongoConfig;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
@@ -124,6 +124,17 @@ impl Store {
         }
         if opts.heartbeat_freq.is_none() {
             opts.heartbeat_freq = Some(Duration::from_secs(2));
+        }
+        // The sink acks a message to NATS once its write is acknowledged, so
+        // that acknowledgment must mean durable: journaled, on a majority of
+        // a replica set. A URI that sets `w` / `journal` decides itself.
+        if opts.write_concern.is_none() {
+            opts.write_concern = Some(
+                WriteConcern::builder()
+                    .w(Acknowledgment::Majority)
+                    .journal(true)
+                    .build(),
+            );
         }
         let client = Client::with_options(opts)?;
         Ok(Store::from_client(client, cfg, op_timeout))
@@ -405,5 +416,40 @@ fn with_info(msg: &str, info: Option<&Document>) -> String {
             format!("{msg}; errInfo: {json}")
         }
         _ => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(uri: &str) -> MongoConfig {
+        MongoConfig {
+            uri: uri.into(),
+            ..MongoConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_are_journaled_on_a_majority_unless_the_uri_says_otherwise() {
+        // Connecting is lazy: no server is needed to read the options.
+        let s = Store::connect(
+            &cfg("mongodb://127.0.0.1:1/?retryWrites=false"),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        let wc = s.client.write_concern().unwrap();
+        assert_eq!(wc.w, Some(Acknowledgment::Majority));
+        assert_eq!(wc.journal, Some(true));
+        let s = Store::connect(
+            &cfg("mongodb://127.0.0.1:1/?w=1&journal=false"),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        let wc = s.client.write_concern().unwrap();
+        assert_eq!(wc.w, Some(Acknowledgment::Nodes(1)));
+        assert_eq!(wc.journal, Some(false));
     }
 }
