@@ -23,8 +23,9 @@
 //! units with the sizing mode (SENDER_EQUITY_RATIO against *allocated*
 //! capital, TARGET_WEIGHT as a fraction of allocated capital, units
 //! otherwise; the whole position when the conversion lacks data); a closing
-//! delta order converts its quantity the same way, as its opening delta was
-//! sized (units when the conversion lacks data); all clamped to what is open.
+//! delta order closes its quantity in units, scaled under SENDER_EQUITY_RATIO
+//! as its opening delta was (units when the conversion lacks data); all
+//! clamped to what is open.
 //!
 //! # Deferral
 //!
@@ -247,11 +248,12 @@ fn unlinked_units(
             }
         }
     };
-    // A closing delta is sized as its opening delta was (so a sender's
-    // +10 / −10 under SENDER_EQUITY_RATIO leaves nothing open); without the
-    // data to convert, its quantity is units.
-    Ok(match kind {
-        ExitKind::Delta => units.or(Some(q)),
+    // A closing delta under SENDER_EQUITY_RATIO is scaled as its opening
+    // delta was (so a sender's +10 / −10 leaves nothing open); in any other
+    // mode, or without the data to scale it, its quantity is units.
+    Ok(match (kind, signal.sizing_mode) {
+        (ExitKind::Delta, SizingMode::SenderEquityRatio) => units.or(Some(q)),
+        (ExitKind::Delta, _) => Some(q),
         _ => units,
     })
 }
