@@ -26,7 +26,10 @@
 //!   skipped and logged: it was meant for the other deployment.
 //! - Documents are published as received (minus `_id`, collector bookkeeping
 //!   and any secret); a body the standardizer cannot read is dead-lettered
-//!   there with its reason, never dropped here.
+//!   there with its reason, never dropped here. One NATS can never take
+//!   (larger than `max_payload`) gets a dead letter on `dlq.bridge` (reason
+//!   `unpublishable`) naming the collector document, and the bridge goes on
+//!   with the next.
 
 use crate::GatewayError;
 use mongodb::bson::{doc, Document};
@@ -82,6 +85,10 @@ pub enum Bridged {
     Published(String),
     /// Meant for another environment; not published.
     OtherEnvironment(String),
+    /// NATS can never take it (larger than `max_payload`): a dead letter on
+    /// `dlq.bridge` names the collector document instead, so the documents
+    /// after it are not held up behind it.
+    DeadLettered(String),
 }
 
 impl Bridge {
@@ -130,11 +137,7 @@ impl Bridge {
 
     /// The raw signal for one inserted document, and its message id.
     pub fn raw_signal(&self, mut d: Document) -> Result<(RawSignal, String), Bridged> {
-        let oid = match d.get("_id") {
-            Some(mongodb::bson::Bson::ObjectId(o)) => o.to_hex(),
-            Some(other) => other.to_string(),
-            None => String::new(),
-        };
+        let oid = object_id(&d);
         let doc_env = d
             .get_str("environment")
             .unwrap_or("production")
@@ -167,8 +170,75 @@ impl Bridge {
         Ok((raw, msg_id))
     }
 
+    /// The dead letter of a document NATS can never take: it names the
+    /// collector document (too large to carry itself).
+    fn dead_letter(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        oid: &str,
+        bytes: usize,
+        error: &str,
+    ) -> Result<Outgoing, String> {
+        let dlq = self.subjects.dlq("bridge").map_err(|e| e.to_string())?;
+        let body = serde_json::json!({
+            "collection": self.source.namespace().to_string(),
+            "_id": oid,
+            "bytes": bytes,
+            "msg_id": msg_id,
+        });
+        let detail = format!(
+            "the raw signal of collector document {oid} ({bytes} bytes) cannot be published: {error}"
+        );
+        let detail: String = detail
+            .replace(['\r', '\n'], " ")
+            .chars()
+            .take(2000)
+            .collect();
+        Ok(Outgoing::new(
+            dlq,
+            format!("dlq.bridge.{oid}"),
+            serde_json::to_vec(&body).unwrap_or_default(),
+        )
+        .header(headers::DLQ_STAGE, "bridge")
+        .header(headers::DLQ_REASON, "unpublishable")
+        .header(headers::DLQ_DETAIL, &detail)
+        .header(headers::ORIGINAL_SUBJECT, subject))
+    }
+
+    /// Publish a dead letter, retried until JetStream acks or shutdown.
+    async fn publish_dead_letter(
+        &self,
+        letter: Result<Outgoing, String>,
+        shutdown: &CancellationToken,
+    ) -> Option<Bridged> {
+        let letter = match letter {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "bridge: cannot name the DLQ subject");
+                return None;
+            }
+        };
+        loop {
+            match self.publisher.publish(letter.clone()).await {
+                Ok(_) => {
+                    tracing::error!(msg_id = %letter.msg_id, "bridge: a collector document cannot be published; dead-lettered");
+                    return Some(Bridged::DeadLettered(letter.msg_id.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "bridge: dead letter not stored; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(self.retry) => {}
+                    }
+                }
+            }
+        }
+    }
+
     /// Publish one inserted document; retried until JetStream acks or shutdown.
     async fn publish(&self, d: Document, shutdown: &CancellationToken) -> Option<Bridged> {
+        let oid = object_id(&d);
         let (raw, msg_id) = match self.raw_signal(d) {
             Ok(x) => x,
             Err(skipped) => return Some(skipped),
@@ -196,6 +266,10 @@ impl Bridge {
             }
             match self.publisher.publish(out).await {
                 Ok(_) => return Some(Bridged::Published(msg_id)),
+                Err(e) if e.permanent => {
+                    let letter = self.dead_letter(&subject, &msg_id, &oid, body.len(), &e.message);
+                    return self.publish_dead_letter(letter, shutdown).await;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "bridge: publish failed; retrying the same document");
                     tokio::select! {
@@ -263,6 +337,7 @@ impl Bridge {
                         Some(Bridged::OtherEnvironment(env)) => {
                             tracing::info!(document_env = %env, "bridge: skipped a signal for another environment");
                         }
+                        Some(Bridged::DeadLettered(_)) => {}
                         None => return Ok(()),
                     }
                     self.save_token(&id).await?;
@@ -295,6 +370,15 @@ impl Bridge {
                 }
             }
         }
+    }
+}
+
+/// A collector document's `_id` as text (hex for an ObjectId).
+fn object_id(d: &Document) -> String {
+    match d.get("_id") {
+        Some(mongodb::bson::Bson::ObjectId(o)) => o.to_hex(),
+        Some(other) => other.to_string(),
+        None => String::new(),
     }
 }
 

@@ -14,7 +14,7 @@
 //! | secret removed from the body (it is never logged, stored or published) | |
 //! | strategy named (body, or the route for TradingView) | 400 `missing_strategy` / the parser's error |
 //! | strategy has a secret hash | 401 `unauthorized` (503 while the hashes are not loaded) |
-//! | rate limit of `<source>/<strategy>` | 429 `rate_limited` with `Retry-After` |
+//! | rate limit: `<source>/<strategy>` for a matching secret, a bucket of its own for a wrong one (so wrong passphrases never use up the sender's signals) | 429 `rate_limited` with `Retry-After` |
 //! | secret matches (constant time) | 401 `unauthorized` |
 //! | body parses (the standardizer's own rules) | 400 with the reason code and the field path |
 //! | NATS connected, JetStream acked within `gateway.publish_timeout_ms` | 503 `unavailable` |
@@ -318,12 +318,17 @@ async fn read_body(max: usize, headers: &HeaderMap, body: Body) -> Result<Vec<u8
 fn named_strategy(payload: &Value) -> Option<String> {
     let scopes = [Some(payload), payload.get("signal")];
     for scope in scopes.into_iter().flatten() {
-        let found = ["strategy_name", "strategy"]
-            .iter()
-            .find_map(|k| scope.get(*k).filter(|v| !v.is_null()));
+        // Blank counts as absent, as in the parser: `"strategy_name": ""`
+        // does not hide `"strategy"` of the same scope.
+        let found = ["strategy_name", "strategy"].iter().find_map(|k| {
+            scope.get(*k).filter(|v| match v {
+                Value::Null => false,
+                Value::String(s) => !s.trim().is_empty(),
+                _ => true,
+            })
+        });
         match found {
             None => continue,
-            Some(Value::String(s)) if s.trim().is_empty() => continue,
             Some(Value::String(s)) => return Some(s.trim().to_string()),
             Some(_) => return None,
         }
@@ -383,22 +388,30 @@ async fn ingest(
             ))
         }
     };
-    if let Err(wait) = gw.limiter.check(&format!("{}/{strategy}", route.source)) {
+    // The secret first: requests that fail it are limited in a bucket of
+    // their own, so a flood of wrong passphrases (the strategy name is in
+    // the webhook URL) can never use up the real sender's signals.
+    let presented = secret.unwrap_or_default();
+    let authentic = !presented.is_empty() && hash.verify(&presented);
+    let bucket = if authentic {
+        format!("{}/{strategy}", route.source)
+    } else {
+        format!("{}/{strategy} (failed secret)", route.source)
+    };
+    if let Err(wait) = gw.limiter.check(&bucket) {
         return Err(ApiError {
             retry_after: Some(wait.as_secs().max(1)),
             ..ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 format!(
-                    "too many signals for `{}/{strategy}`; retry in {} ms",
-                    route.source,
+                    "too many signals for `{bucket}`; retry in {} ms",
                     wait.as_millis().max(1)
                 ),
             )
         });
     }
-    let presented = secret.unwrap_or_default();
-    if presented.is_empty() || !hash.verify(&presented) {
+    if !authentic {
         return Err(ApiError::unauthorized(&strategy));
     }
 

@@ -78,16 +78,19 @@ async fn all_docs(coll: &mongodb::Collection<Document>) -> Vec<Document> {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bridge_tails_the_collector_read_only_across_restarts() {
-    let nats = NatsServer::start();
-    let mongo = MongoServer::start();
-    let mut c = config(&nats);
+/// A bridge's config, topology, strategy and collector collection.
+struct Setup {
+    c: Config,
+    js: async_nats::jetstream::Context,
+    topo: Topology,
+    coll: mongodb::Collection<Document>,
+}
+
+async fn setup(nats: &NatsServer, mongo: &MongoServer) -> Setup {
+    let mut c = config(nats);
     c.mongo.uri = mongo.uri();
     c.mongo.signals_db = unique("sig");
     c.mongo.trading_db = unique("trd");
-    // A short window, so a repeated publish after the restart would be stored twice.
-    c.topology.duplicate_window_secs = 1;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let topo = Topology::build(&c.topology);
@@ -110,6 +113,56 @@ async fn bridge_tails_the_collector_read_only_across_restarts() {
     let coll = m
         .database(&c.mongo.signals_db)
         .collection::<Document>("trading_signals");
+    Setup { c, js, topo, coll }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_nats_cannot_take_is_dead_lettered_and_the_next_one_goes_through() {
+    let nats = NatsServer::start_with("max_payload: 8192", "");
+    let mongo = MongoServer::start();
+    let Setup { c, js, topo, coll } = setup(&nats, &mongo).await;
+    let run = start(&c).await;
+    let mut big = collector_doc("BIG", "staging", 10);
+    big.insert("note", "x".repeat(20_000));
+    let big_id = coll.insert_one(big).await.unwrap().inserted_id;
+    coll.insert_one(collector_doc("NORMAL_AFTER", "staging", 10))
+        .await
+        .unwrap();
+    let stream = |base: &'static str| {
+        let js = js.clone();
+        let name = topo.stream_name(base);
+        async move { read(&js, &name).await }
+    };
+    // The next document is not held up behind the one NATS refuses...
+    wait_until(|| async { stream(streams::SIGNALS_STANDARDIZED).await.len() == 1 }).await;
+    // ...which is named in a dead letter instead of retried forever.
+    let dead = stream(streams::DLQ).await;
+    assert_eq!(dead.len(), 1);
+    let h = dead[0].headers.as_ref().unwrap();
+    assert_eq!(
+        h.get(headers::DLQ_REASON).unwrap().as_str(),
+        "unpublishable"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&dead[0].payload).unwrap();
+    assert_eq!(
+        body["_id"].as_str(),
+        Some(big_id.as_object_id().unwrap().to_hex().as_str())
+    );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_tails_the_collector_read_only_across_restarts() {
+    let nats = NatsServer::start();
+    let mongo = MongoServer::start();
+    let Setup {
+        mut c,
+        js,
+        topo,
+        coll,
+    } = setup(&nats, &mongo).await;
+    // A short window, so a repeated publish after the restart would be stored twice.
+    c.topology.duplicate_window_secs = 1;
     // Present before the bridge ever ran: not replayed (first start = now).
     coll.insert_one(collector_doc("OLD_1", "staging", 5))
         .await
@@ -175,6 +228,7 @@ async fn bridge_tails_the_collector_read_only_across_restarts() {
     }
 
     // The collector's database: same collections, same documents.
+    let m = coll.client();
     let names = m
         .database(&c.mongo.signals_db)
         .list_collection_names()

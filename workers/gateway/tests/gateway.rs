@@ -304,6 +304,38 @@ async fn per_source_rate_limit_answers_429_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passphrases_never_use_up_the_senders_rate_limit() {
+    let s = Stack::start(|c| {
+        c.gateway.rate_limit_per_sec = 1;
+        c.gateway.rate_limit_burst = 5;
+    })
+    .await;
+    // The strategy name is public (it is in webhook URLs); the secret is not.
+    let forged = set(good(), &["passphrase"], Some(json!("not-the-secret")));
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        statuses.push(s.post("/v1/signals", &forged).await.0);
+    }
+    assert_eq!(statuses, vec![401, 401, 401, 401, 401, 429, 429]);
+    let (status, answer) = s.post("/v1/signals", &good()).await;
+    assert_eq!(status, 202, "{answer}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_strategy_name_does_not_hide_strategy() {
+    let s = Stack::start(|_| {}).await;
+    let body = set(
+        set(good(), &["strategy_name"], Some(json!(""))),
+        &["strategy"],
+        Some(json!("SPX_1-D_Opt")),
+    );
+    let (status, answer) = s.post("/v1/signals", &body).await;
+    assert_eq!(status, 202, "{answer}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_down_is_503_never_a_silent_loss() {
     let mut s = Stack::start(|c| c.gateway.publish_timeout_ms = 1_000).await;
     let (status, _) = s.post("/v1/signals", &good()).await;

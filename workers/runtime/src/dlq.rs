@@ -91,7 +91,16 @@ pub fn build(ctx: &LoopContext, b: &Binding, l: &Letter<'_>) -> Result<Outgoing,
         l.payload.clone(),
     );
     for (k, vals) in l.headers.iter() {
-        if k.to_string().eq_ignore_ascii_case(headers::MSG_ID) {
+        // JetStream's own headers are instructions for the original publish
+        // (`Nats-Msg-Id`, `Nats-Expected-Last-Subject-Sequence: 0` of the
+        // standardizer's dedupe, `Nats-TTL`, `Nats-Rollup`, ...): copied onto
+        // a dead letter they would be applied to the DLQ stream, where the
+        // expected-sequence check refuses every letter of a stage after its
+        // first, and the message would end with no dead letter at all.
+        if k.to_string()
+            .get(..5)
+            .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
+        {
             continue;
         }
         for v in vals {

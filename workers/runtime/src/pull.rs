@@ -37,6 +37,11 @@ pub struct PullRequest {
     remaining: usize,
     context: jetstream::Context,
     heartbeat: Duration,
+    /// When the server last sent anything (message, heartbeat, status): the
+    /// missed-heartbeat watchdog counts from here, however often the caller
+    /// stops waiting and starts again (a metrics tick every 5 s must not
+    /// keep resetting it).
+    last_heard: tokio::time::Instant,
     done: bool,
     /// Messages read from the inbox and not yet returned.
     buf: Vec<jetstream::Message>,
@@ -74,6 +79,7 @@ impl PullRequest {
             remaining: batch,
             context: context.clone(),
             heartbeat,
+            last_heard: tokio::time::Instant::now(),
             done: false,
             buf: Vec::new(),
             error: None,
@@ -84,6 +90,7 @@ impl PullRequest {
     /// ignored, a final status marks the request done (and an abnormal one
     /// is kept in `error`).
     fn classify(&mut self, m: async_nats::Message) {
+        self.last_heard = tokio::time::Instant::now();
         match m.status.unwrap_or(StatusCode::OK) {
             StatusCode::OK => {
                 self.remaining = self.remaining.saturating_sub(1);
@@ -139,8 +146,11 @@ impl PullRequest {
     ) -> Result<Vec<jetstream::Message>, PullError> {
         let max = max.max(1);
         while !self.done && self.buf.is_empty() {
-            let wait = self.heartbeat * 2 + Duration::from_millis(100);
-            match tokio::time::timeout(wait, self.sub.next()).await {
+            // Counted from the last thing heard, not from this call: a wait
+            // cut short by the caller resumes the same deadline. (Anything
+            // already in the inbox is read first, however late it is.)
+            let deadline = self.last_heard + self.heartbeat * 2 + Duration::from_millis(100);
+            match tokio::time::timeout_at(deadline, self.sub.next()).await {
                 Err(_) => {
                     self.done = true;
                     return Err(PullError::MissedHeartbeat);

@@ -1,0 +1,129 @@
+//! The consume loop under two faults found in review: dead letters of
+//! messages published with JetStream's own headers, and a pull request lost
+//! in a NATS restart while the heartbeat interval is long.
+
+mod common;
+
+use common::*;
+use mtx_harness::NatsServer;
+use mtx_runtime::config::Config;
+use mtx_runtime::{Delivery, Handler, Outcome, Outgoing};
+use mtx_schemas::{headers, Environment};
+use mtx_subjects::topology::streams;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Records every delivery; rejects bodies starting with "reject", passes the
+/// others on to one output.
+struct Rec {
+    out_subject: String,
+    seen: Mutex<Vec<String>>,
+}
+
+impl Handler for Rec {
+    async fn handle(&self, msg: &Delivery) -> Outcome {
+        let body = String::from_utf8_lossy(&msg.payload).to_string();
+        self.seen.lock().unwrap().push(body.clone());
+        if body.starts_with("reject") {
+            return Outcome::reject("bad_input", format!("cannot use {body}"));
+        }
+        Outcome::Ok(vec![Outgoing::new(
+            self.out_subject.clone(),
+            format!("out-{body}"),
+            body,
+        )])
+    }
+}
+
+fn rec(cfg: &Config) -> Arc<Rec> {
+    Arc::new(Rec {
+        out_subject: mtx_subjects::Subjects::new(&cfg.topology.prefix)
+            .audit("out")
+            .unwrap(),
+        seen: Mutex::new(Vec::new()),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rejected_standardized_signal_gets_its_dead_letter() {
+    let nats = NatsServer::start();
+    let cfg = config(&nats);
+    let js = js(&nats).await;
+    let topo = apply(&js, &cfg).await;
+    let handler = rec(&cfg);
+    let run = consume(&cfg, "cerebro", "cerebro", handler.clone()).await;
+    // As the standardizer publishes: a subject per signal, stored only if
+    // new (`Nats-Expected-Last-Subject-Sequence: 0`). A dead letter that
+    // copied that header onto `dlq.cerebro` was refused after the first.
+    let s = mtx_subjects::Subjects::new(&cfg.topology.prefix);
+    for id in ["a", "b", "c"] {
+        let subject = s
+            .signal_standardized(Environment::Staging, "strat", id)
+            .unwrap();
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::MSG_ID, format!("std-{id}").as_str());
+        h.insert(headers::EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        js.publish_with_headers(subject, h, format!("reject:{id}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let dlq = topo.stream_name(streams::DLQ);
+    let all = eventually(Duration::from_secs(20), || async {
+        count(&js, &dlq, ">").await == 3
+    })
+    .await;
+    let seen = handler.seen.lock().unwrap().clone();
+    run.stop().await;
+    assert!(
+        all,
+        "3 rejections, {} dead letters; handled {seen:?}",
+        count(&js, &dlq, ">").await
+    );
+    // Each handled once: a rejection is final.
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_heartbeat_still_notices_a_pull_request_lost_in_a_restart() {
+    let mut nats = NatsServer::start();
+    let mut cfg = config(&nats);
+    // Longer than the loop's 5 s metrics tick allows for: the tick used to
+    // restart the missed-heartbeat wait every time, so it never expired.
+    cfg.worker.heartbeat_ms = 3_000;
+    cfg.worker.pull_expires_ms = 120_000;
+    {
+        let js = js(&nats).await;
+        apply(&js, &cfg).await;
+    }
+    let handler = rec(&cfg);
+    let run = consume(&cfg, "standardizer", "standardizer", handler.clone()).await;
+    let raw = raw_subject(&cfg);
+    publish_n(&js(&nats).await, &raw, 1).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            handler.seen.lock().unwrap().len() == 1
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The server forgets the open pull request: no message, heartbeat or
+    // status will come for it.
+    nats.restart();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    publish_all(
+        &js(&nats).await,
+        &raw,
+        &async_nats::HeaderMap::new(),
+        [("after-restart".to_string(), "after".to_string())],
+    )
+    .await;
+    let resumed = eventually(Duration::from_secs(30), || async {
+        handler.seen.lock().unwrap().iter().any(|b| b == "after")
+    })
+    .await;
+    let seen = handler.seen.lock().unwrap().clone();
+    run.stop().await;
+    assert!(resumed, "nothing consumed 30 s after the restart: {seen:?}");
+}
