@@ -127,3 +127,41 @@ async fn a_long_heartbeat_still_notices_a_pull_request_lost_in_a_restart() {
     run.stop().await;
     assert!(resumed, "nothing consumed 30 s after the restart: {seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_nats_is_recorded_with_a_reference() {
+    let nats = NatsServer::start_with("max_payload: 8192", "");
+    let cfg = config(&nats);
+    let js = js(&nats).await;
+    let topo = apply(&js, &cfg).await;
+    let handler = rec(&cfg);
+    let run = consume(&cfg, "standardizer", "standardizer", handler.clone()).await;
+    // Fits NATS; with the dead letter's headers added it no longer does.
+    let body = format!("reject:{}", "x".repeat(8_000));
+    let seqs = publish_all(
+        &js,
+        &raw_subject(&cfg),
+        &async_nats::HeaderMap::new(),
+        [("big".to_string(), body)],
+    )
+    .await;
+    let dlq = topo.stream_name(streams::DLQ);
+    let recorded = eventually(Duration::from_secs(20), || async {
+        count(&js, &dlq, ">").await == 1
+    })
+    .await;
+    run.stop().await;
+    assert!(recorded, "no dead letter for a message too large to copy");
+    let letter = &mtx_harness::bus::read_all(&js, &dlq, ">").await[0];
+    assert_eq!(
+        header(letter, mtx_runtime::dlq::DLQ_PAYLOAD_OMITTED),
+        "true"
+    );
+    assert_eq!(header(letter, headers::DLQ_REASON), "bad_input");
+    let reference: serde_json::Value = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(reference["original_seq"].as_u64(), Some(seqs[0]));
+    assert_eq!(reference["original_bytes"].as_u64(), Some(8_007));
+    // Handled once: the rejection was final even though its letter was not
+    // the first one tried.
+    assert_eq!(handler.seen.lock().unwrap().len(), 1);
+}

@@ -767,7 +767,7 @@ async fn dead_letter(
         Err(e) => return ("retry", Err(e.into())),
     };
     let publisher = Publisher::new(ctx.js.clone(), Some(ctx.metrics.clone()), b.stage.as_str());
-    match publisher.publish(out).await {
+    match dlq::publish_letter(&publisher, out, b, d.stream_seq).await {
         Ok(_) => {
             tracing::warn!(reason, %detail, seq = d.stream_seq, "dead-lettered");
             ctx.metrics.dlq.with_label_values(&[&b.stage, reason]).inc();

@@ -129,6 +129,39 @@ pub fn build(ctx: &LoopContext, b: &Binding, l: &Letter<'_>) -> Result<Outgoing,
     Ok(out)
 }
 
+/// Header of a dead letter that carries a reference instead of the
+/// original payload (`true`).
+pub const DLQ_PAYLOAD_OMITTED: &str = "Mtx-Dlq-Payload-Omitted";
+
+/// Publish a dead letter. If NATS can never take it (the original was near
+/// `max_payload` and the letter's headers pushed it over), publish it again
+/// with the payload replaced by a reference to the original (stream,
+/// sequence, size), which stays in its stream: the failure is recorded
+/// either way, never lost.
+pub async fn publish_letter(
+    publisher: &Publisher,
+    out: Outgoing,
+    b: &Binding,
+    stream_seq: u64,
+) -> Result<crate::publish::Published, crate::publish::PublishFailure> {
+    match publisher.publish(out.clone()).await {
+        Err(e) if e.permanent => {
+            tracing::error!(error = %e, "dead letter refused; publishing it with a reference instead of the payload");
+            let reference = serde_json::json!({
+                "payload_omitted": e.message,
+                "original_stream": b.stream,
+                "original_seq": stream_seq,
+                "original_bytes": out.payload.len(),
+            });
+            let mut slim = out;
+            slim.payload = serde_json::to_vec(&reference).unwrap_or_default().into();
+            slim.headers.insert(DLQ_PAYLOAD_OMITTED, "true");
+            publisher.publish(slim).await
+        }
+        other => other,
+    }
+}
+
 /// `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<durable>`
 pub fn advisory_subject(stream: &str, durable: &str) -> String {
     format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{durable}")
@@ -283,7 +316,7 @@ async fn dead_letter_given_up(ctx: &LoopContext, b: &Binding, a: &MaxDeliverAdvi
     // while (NATS blips), every replica does the same under the same id.
     let publisher = Publisher::new(ctx.js.clone(), Some(ctx.metrics.clone()), b.stage.as_str());
     for attempt in 0..8u32 {
-        match publisher.publish(out.clone()).await {
+        match publish_letter(&publisher, out.clone(), b, a.stream_seq).await {
             Ok(p) => {
                 if !p.duplicate {
                     tracing::warn!(reason = MAX_DELIVERIES, %detail, "dead-lettered after the server gave up");

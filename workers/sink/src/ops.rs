@@ -608,6 +608,20 @@ pub async fn redrive(
         + 1;
     let msg_id = format!("redrive:{id}:{n}");
     let payload_changed = payload.is_some();
+    let omitted = dead_letter
+        .get_document("headers")
+        .ok()
+        .and_then(|h| {
+            h.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(mtx_runtime::dlq::DLQ_PAYLOAD_OMITTED))
+                .map(|(_, v)| v.as_str() == Some("true"))
+        })
+        .unwrap_or(false);
+    if omitted && payload.is_none() {
+        return Err(SinkError::NotFound(format!(
+            "dead letter {id} carries a reference, not the original payload (it was too large for the DLQ): redrive it with the original's bytes from its stream"
+        )));
+    }
     let body = payload.unwrap_or_else(|| payload_bytes(dead_letter));
     let mut h = async_nats::HeaderMap::new();
     if let Ok(hs) = dead_letter.get_document("headers") {

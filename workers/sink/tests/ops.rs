@@ -85,6 +85,18 @@ async fn lifecycle_and_dead_letter_redrive() {
         bad
     );
 
+    // A letter that carries a reference instead of its payload (the original
+    // was too large for the DLQ) is never redriven with the reference.
+    let mut slim = shown.clone();
+    let mut hs = slim.get_document("headers").cloned().unwrap_or_default();
+    hs.insert(mtx_runtime::dlq::DLQ_PAYLOAD_OMITTED, "true");
+    slim.insert("headers", hs);
+    let refused = ops::redrive(&store, &t.js, &slim, None).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("original payload"),
+        "{refused}"
+    );
+
     // mtx dlq redrive with a fixed payload: it goes back through its stage.
     let mut fixed = bad.clone();
     fixed["status"] = serde_json::json!("FILLED");
