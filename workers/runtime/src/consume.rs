@@ -30,7 +30,11 @@
 //!
 //! A handler may take longer than the ack wait: while it works on a batch
 //! the loop marks the batch's messages in progress every third of the ack
-//! wait, so they are not redelivered to another replica meanwhile.
+//! wait, so they are not redelivered to another replica meanwhile. The same
+//! goes for every message the loop holds and has not handed out yet: those
+//! the open pull requests delivered while other batches were handled, and
+//! those near `max_deliver` waiting for their turn to be handled alone. A
+//! redelivery of a message still in hand would be handled twice, at once.
 //!
 //! On shutdown the loop issues no new pull request, handles every message of
 //! the requests in hand (until each is complete or idle), then stops.
@@ -362,6 +366,8 @@ async fn run_inner<H: Handler>(
         ready.set(true);
         tracing::info!(durable = %b.durable, max_deliver = state.max_deliver, "consumer bound");
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut touch = tokio::time::interval(touch_period(state.ack_wait));
+        touch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Pull requests are bounded (`batch_size` messages or `pull_expires_ms`,
         // whichever first), so shutdown can finish the requests in hand
         // instead of abandoning messages already on the wire. `next` is the
@@ -406,6 +412,15 @@ async fn run_inner<H: Handler>(
                         beat.beat();
                         continue;
                     }
+                    _ = touch.tick() => {
+                        // Batches in flight, none taken meanwhile: what
+                        // arrives is kept in hand until it is.
+                        request.touch().await;
+                        if let Some(r) = next.as_mut() {
+                            r.touch().await;
+                        }
+                        continue;
+                    }
                     _ = tick.tick() => {
                         beat.beat();
                         if let Ok(info) = consumer.info().await {
@@ -438,12 +453,13 @@ async fn run_inner<H: Handler>(
                                 Err(e) => tracing::debug!(error = %e, "prefetch failed"),
                             }
                         }
-                        if max_in_flight == 1 {
-                            handle_chunk(&ctx, &b, handler, state, batch).await;
-                        } else if has_suspects(&ctx, state, &batch) {
-                            // Handled one at a time, with nothing else in flight.
+                        if max_in_flight == 1 || has_suspects(&ctx, state, &batch) {
+                            // Handled here, with nothing else in flight (one
+                            // at a time for suspects); meanwhile the messages
+                            // the open requests deliver are kept in hand.
                             while in_flight.next().await.is_some() {}
-                            handle_chunk(&ctx, &b, handler, state, batch).await;
+                            let work = handle_chunk(&ctx, &b, handler, state, batch);
+                            keeping_in_hand(state.ack_wait, &mut request, &mut next, work).await;
                         } else {
                             in_flight.push(handle_chunk(&ctx, &b, handler, state, batch));
                         }
@@ -503,27 +519,31 @@ async fn handle_chunk<H: Handler>(
             last.push(msg);
         }
     }
-    if !normal.is_empty() {
-        process_batch(ctx, b, handler, state, normal).await;
-    }
     last.reverse();
     let mut suspects: VecDeque<_> = before_last.into_iter().chain(last).collect();
+    // Those still waiting must not run out of ack wait meanwhile (they are
+    // the very messages near max_deliver: a redelivery could be the last).
+    if !normal.is_empty() {
+        in_progress(
+            suspects.make_contiguous(),
+            state.ack_wait,
+            process_batch(ctx, b, handler, state, normal),
+        )
+        .await;
+    }
     if !suspects.is_empty() {
         tracing::info!(
             count = suspects.len(),
             "handling messages near max_deliver one at a time"
         );
     }
-    let mut progress_at = Instant::now();
     while let Some(msg) = suspects.pop_front() {
-        // Those still waiting must not run out of ack wait meanwhile.
-        if progress_at.elapsed() > state.ack_wait / 3 {
-            for m in &suspects {
-                let _ = m.ack_with(AckKind::Progress).await;
-            }
-            progress_at = Instant::now();
-        }
-        process_batch(ctx, b, handler, state, vec![msg]).await;
+        in_progress(
+            suspects.make_contiguous(),
+            state.ack_wait,
+            process_batch(ctx, b, handler, state, vec![msg]),
+        )
+        .await;
         // Acks are buffered publishes: make sure this one reached the server
         // before the next suspect gets a chance to crash the process.
         if let Err(e) = ctx.js.client().flush().await {
@@ -551,6 +571,33 @@ fn is_suspect(state: &LoopState, from: i64, msg: &jetstream::Message) -> bool {
 /// True when some message of `batch` will be handled in isolation.
 fn has_suspects(ctx: &LoopContext, state: &LoopState, batch: &[jetstream::Message]) -> bool {
     isolate_from(ctx, state).is_some_and(|from| batch.iter().any(|m| is_suspect(state, from, m)))
+}
+
+/// How often messages held but not yet handed out get `+WPI`.
+fn touch_period(ack_wait: Duration) -> Duration {
+    (ack_wait / 3).max(Duration::from_millis(100))
+}
+
+/// Run `work` (a chunk handled by the loop itself), touching the open pull
+/// requests every third of the ack wait ([`PullRequest::touch`]).
+async fn keeping_in_hand<T>(
+    ack_wait: Duration,
+    request: &mut PullRequest,
+    next: &mut Option<PullRequest>,
+    work: impl Future<Output = T>,
+) -> T {
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tokio::time::sleep(touch_period(ack_wait)) => {
+                request.touch().await;
+                if let Some(r) = next.as_mut() {
+                    r.touch().await;
+                }
+            }
+        }
+    }
 }
 
 /// Run `work` on `batch`, telling the server every third of the ack wait

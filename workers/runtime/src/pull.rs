@@ -200,6 +200,24 @@ impl PullRequest {
         self.take(max)
     }
 
+    /// Tell the server that every message this request has delivered and
+    /// the loop has not handed out yet is still in hand (`+WPI`): read what
+    /// is in the inbox, then signal each buffered message. Called while the
+    /// loop is busy with other batches, so messages that arrived meanwhile
+    /// are not redelivered (and handled twice, concurrently) when they
+    /// outwait the ack wait.
+    pub async fn touch(&mut self) {
+        while !self.done {
+            match self.sub.next().now_or_never() {
+                Some(Some(m)) => self.classify(m),
+                _ => break,
+            }
+        }
+        for m in &self.buf {
+            let _ = m.ack_with(jetstream::AckKind::Progress).await;
+        }
+    }
+
     /// True once the server completed or ended the request and every
     /// message of it was returned.
     pub fn is_done(&self) -> bool {
