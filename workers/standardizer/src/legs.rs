@@ -304,6 +304,16 @@ fn normalise_symbol(symbol: &str, instrument_type: InstrumentType) -> Option<Str
         let occ: String = upper.chars().filter(|c| *c != ' ').collect();
         return (!occ.is_empty()).then_some(occ);
     }
+    if instrument_type == InstrumentType::Future {
+        // TradingView's continuous front-month ticker (`GC1!`, with its
+        // exchange prefix already split off) is the root: futures are
+        // standardized by root with the contract in `expiry`.
+        if let Some(root) = upper.strip_suffix("1!") {
+            if !root.is_empty() && root.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return Some(root.to_string());
+            }
+        }
+    }
     if instrument_type != InstrumentType::Forex {
         return (!upper.is_empty()).then_some(upper);
     }
@@ -318,6 +328,22 @@ fn normalise_symbol(symbol: &str, instrument_type: InstrumentType) -> Option<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tradingview_front_month_futures_are_their_root() {
+        let f = |s: &str| normalise_symbol(s, InstrumentType::Future);
+        assert_eq!(f("GC1!").as_deref(), Some("GC"));
+        assert_eq!(f("mes1!").as_deref(), Some("MES"));
+        assert_eq!(f("GC").as_deref(), Some("GC"));
+        // Not the front month: left as sent (no spec matches it).
+        assert_eq!(f("GC2!").as_deref(), Some("GC2!"));
+        assert_eq!(f("1!").as_deref(), Some("1!"));
+        // Only futures.
+        assert_eq!(
+            normalise_symbol("AB1!", InstrumentType::Stock).as_deref(),
+            Some("AB1!")
+        );
+    }
 
     #[test]
     fn occ_option_symbols() {

@@ -153,6 +153,20 @@ fn an_explicit_signal_type_contradicting_the_positions_is_refused() {
 }
 
 #[test]
+fn a_continuous_front_month_future_is_its_root() {
+    let mut body = alert("buy", "1", "flat", "long");
+    body["ticker"] = json!("COMEX:GC1!");
+    body["instrument_type"] = json!("FUTURE");
+    let front_month = ParseContext {
+        require_future_expiry: false,
+        ..tv_ctx()
+    };
+    let s = run(&body, &front_month).unwrap();
+    assert_eq!(s.instrument, "GC");
+    assert_eq!(s.legs[0].exchange.as_deref(), Some("COMEX"));
+}
+
+#[test]
 fn explicit_signal_type_wins() {
     let mut body = alert("sell", "1", "", "");
     body["signal_type"] = json!("EXIT");
