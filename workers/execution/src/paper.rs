@@ -786,10 +786,6 @@ impl PaperVenue {
 
     /// Why the venue refuses `order`, if it does.
     fn validate(&self, order: &Order) -> Option<String> {
-        let positive = |p: Option<Decimal>| p.is_none_or(|p| p > Decimal::ZERO);
-        if order.quantity <= Decimal::ZERO {
-            return Some(format!("quantity must be positive, got {}", order.quantity));
-        }
         if order.multiplier <= Decimal::ZERO {
             return Some(format!(
                 "multiplier must be positive, got {}",
@@ -805,9 +801,6 @@ impl PaperVenue {
             ("stop_loss", order.stop_loss),
             ("take_profit", order.take_profit),
         ];
-        if !prices.iter().all(|(_, p)| positive(*p)) {
-            return Some("prices must be positive".to_string());
-        }
         for (name, p) in prices {
             if let Some(Err(e)) = p.map(limits::check_price) {
                 return Some(format!("{name} {e}"));

@@ -190,11 +190,7 @@ impl Bridge {
         let detail = format!(
             "the raw signal of collector document {oid} ({bytes} bytes) cannot be published: {error}"
         );
-        let detail: String = detail
-            .replace(['\r', '\n'], " ")
-            .chars()
-            .take(2000)
-            .collect();
+        let detail = mtx_runtime::dlq::detail_header(&detail);
         Ok(Outgoing::new(
             dlq,
             format!("dlq.bridge.{oid}"),

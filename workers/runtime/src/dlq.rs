@@ -82,6 +82,16 @@ pub struct Letter<'a> {
     pub detail: &'a str,
 }
 
+/// A dead letter's detail as a header value: one line (headers cannot hold
+/// more), at most 2,000 characters.
+pub fn detail_header(detail: &str) -> String {
+    detail
+        .replace(['\r', '\n'], " ")
+        .chars()
+        .take(2000)
+        .collect()
+}
+
 /// The dead letter of `l` for binding `b` (to `dlq.<stage>`).
 pub fn build(ctx: &LoopContext, b: &Binding, l: &Letter<'_>) -> Result<Outgoing, String> {
     let subject = ctx.subjects.dlq(&b.stage).map_err(|e| e.to_string())?;
@@ -107,13 +117,7 @@ pub fn build(ctx: &LoopContext, b: &Binding, l: &Letter<'_>) -> Result<Outgoing,
             out.headers.append(k.clone(), v.clone());
         }
     }
-    // Header values must be one line.
-    let detail_line: String = l
-        .detail
-        .replace(['\r', '\n'], " ")
-        .chars()
-        .take(2000)
-        .collect();
+    let detail_line = detail_header(l.detail);
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     out.headers.insert(headers::DLQ_STAGE, b.stage.as_str());
     out.headers.insert(DLQ_CONSUMER, b.durable.as_str());
