@@ -23,6 +23,12 @@
 //! 10. the optional CVaR limit, on the final size (rejects when CVaR after is
 //!     above the limit and above CVaR before).
 //!
+//! "Held" (TARGET_WEIGHT's `held_i`, the position-size limit's position) is
+//! the strategy's booked quantity in the leg's instrument and direction plus
+//! the units its approved entries will still add
+//! ([`crate::inputs::AccountInputs::pending`]): a target or a limit is the
+//! position's, however many signals arrive before the fills are booked.
+//!
 //! The decision is MODIFIED when step 9 shrank the order (original = the
 //! pre-check size, final = the shrunk size), APPROVED otherwise.
 //!
@@ -810,7 +816,14 @@ impl<'a> Builder<'a> {
                     leg,
                     instrument: l.instrument.clone(),
                 })?;
-            let held = acct.open_quantity(strategy_id, &l.instrument, l.direction);
+            // Held = booked plus what approved, unbooked entries will add:
+            // a target or a position limit is the position's, whenever
+            // its orders fill.
+            let held = add(
+                acct.open_quantity(strategy_id, &l.instrument, l.direction),
+                acct.pending_quantity(strategy_id, &l.instrument, l.direction),
+                "held quantity",
+            )?;
             let mark = inputs
                 .fresh_mark(&l.instrument)
                 .map(|m| m.price)

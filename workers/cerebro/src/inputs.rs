@@ -96,6 +96,27 @@ pub struct AccountInputs {
     /// = no limit.
     #[serde(default)]
     pub max_in_flight: Option<usize>,
+    /// Units the account's approved, unbooked entries will still add to
+    /// positions (the worker fills in the deciding signal's strategy and
+    /// instruments, that signal's own earlier entry excluded). TARGET_WEIGHT
+    /// and the position-size limit count them as held, so two signals in
+    /// the booking window do not both buy up to one target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<PendingUnits>,
+}
+
+/// Units of one instrument and direction a strategy's approved entries will
+/// add once booked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingUnits {
+    /// Strategy.
+    pub strategy_id: String,
+    /// Symbol.
+    pub instrument: String,
+    /// Direction of the position the entries open or add to.
+    pub direction: Direction,
+    /// Units not yet booked (positive).
+    pub quantity: Decimal,
 }
 
 impl AccountInputs {
@@ -107,6 +128,7 @@ impl AccountInputs {
             reserved: BTreeMap::new(),
             in_flight: 0,
             max_in_flight: None,
+            pending: Vec::new(),
         }
     }
 
@@ -145,6 +167,25 @@ impl AccountInputs {
     ) -> Decimal {
         self.state
             .open_positions
+            .iter()
+            .filter(|p| {
+                p.strategy_id == strategy_id
+                    && p.instrument == instrument
+                    && p.direction == direction
+            })
+            .map(|p| p.quantity)
+            .sum()
+    }
+
+    /// Units the strategy's approved, unbooked entries will add in
+    /// `instrument` / `direction`.
+    pub fn pending_quantity(
+        &self,
+        strategy_id: &str,
+        instrument: &str,
+        direction: Direction,
+    ) -> Decimal {
+        self.pending
             .iter()
             .filter(|p| {
                 p.strategy_id == strategy_id

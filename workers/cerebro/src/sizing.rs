@@ -10,7 +10,7 @@
 //! | mode | raw units of leg `i` |
 //! |---|---|
 //! | SENDER_EQUITY_RATIO | `q_i × available / sender_equity` (one factor `k = available / sender_equity` for all legs) |
-//! | TARGET_WEIGHT | `q_i × allocated / (price_i × multiplier_i) − held_i` (`q_i` a fraction of allocated capital; buys up to the target) |
+//! | TARGET_WEIGHT | `q_i × allocated / (price_i × multiplier_i) − held_i` (`q_i` a fraction of allocated capital; buys up to the target; `held_i` booked plus approved-unbooked units) |
 //! | DELTA_UNITS | `q_i` (units to add) |
 //! | FIXED_UNITS | `q_i` |
 //!

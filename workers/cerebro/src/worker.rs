@@ -55,7 +55,11 @@
 //! **reservation book per account**: key `reservations.<account_key>` in the
 //! `account_state` bucket (account state keys never contain a `.`, so the
 //! two never collide; the accounts stage `put`s only its own keys). The book
-//! maps signal id → the held legs (order id, quantity, margin, notional).
+//! maps signal id → the held legs (order id, quantity, margin, notional,
+//! and the position each adds to: instrument and direction). What a leg
+//! still holds follows the reconciliation below; the units it will still add
+//! to its position count as held for TARGET_WEIGHT and the position-size
+//! limit ([`AccountInputs::pending`]).
 //!
 //! Each replica keeps its copy of every book it uses in memory, with the KV
 //! revision the copy was read at or last written as. A group commit:
@@ -179,7 +183,7 @@ use mtx_runtime::multiget;
 use mtx_runtime::process::{Process, ProcessError};
 use mtx_runtime::{Delivery, Handler, Outcome, Outgoing};
 use mtx_schemas::ids::derive_id;
-use mtx_schemas::order::{account_state_key, AccountState};
+use mtx_schemas::order::{account_state_key, position_direction, AccountState};
 use mtx_schemas::signal::StandardizedSignal;
 use mtx_schemas::{Decision, Direction, OrderStatus, SignalAction};
 use mtx_subjects::topology::{buckets, streams};
@@ -195,7 +199,7 @@ use crate::decide::{decide_with, Decided, DecisionOutput};
 use crate::feeds::{run_feed, scan_kv, Feed, Scanned};
 use crate::inputs::{
     AccountInputs, ActiveAllocation, DecideOptions, EntryLeg, EntryRecord, InstrumentConfig,
-    InstrumentSpecs, MarginRule, Mark, Reservation, StrategyConfig, SystemConfig,
+    InstrumentSpecs, MarginRule, Mark, PendingUnits, Reservation, StrategyConfig, SystemConfig,
 };
 use crate::janitor::{entry_disposition, Disposition, Retention};
 use crate::Inputs;
@@ -510,6 +514,32 @@ pub struct HeldLeg {
     /// Seen working in the account state.
     #[serde(default, skip_serializing_if = "is_false")]
     pub seen: bool,
+    /// Symbol and direction of the position the order adds to (absent in
+    /// books written by older builds: such a leg counts toward no
+    /// position's pending units).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<(String, Direction)>,
+}
+
+impl HeldLeg {
+    /// Units this leg will still add to its position once booked: the
+    /// remaining quantity while working, what filled when it ended, all of
+    /// it while unseen, nothing once settled.
+    fn pending(
+        &self,
+        created_at: DateTime<Utc>,
+        ev: &Evidence<'_>,
+        rules: &SettleRules,
+    ) -> Decimal {
+        match progress(self, created_at, ev, rules) {
+            LegProgress::Working(rem) => rem,
+            LegProgress::Unbooked => ev
+                .ended
+                .get(&self.order_id)
+                .map_or(self.quantity, |e| e.filled.min(self.quantity)),
+            LegProgress::Settled => Decimal::ZERO,
+        }
+    }
 }
 
 /// The reservation of one approved entry.
@@ -553,6 +583,36 @@ impl Held {
                 .unwrap_or(Decimal::MAX);
         }
         r
+    }
+
+    /// Units its legs will still add, per position (a new entry: all).
+    fn pending_units(&self, ev: Option<(&Evidence<'_>, &SettleRules)>) -> Vec<PendingUnits> {
+        let mut out: Vec<PendingUnits> = Vec::new();
+        for l in &self.legs {
+            let Some((instrument, direction)) = &l.position else {
+                continue;
+            };
+            let q = match ev {
+                Some((ev, rules)) => l.pending(self.created_at, ev, rules),
+                None => l.quantity,
+            };
+            if q <= Decimal::ZERO {
+                continue;
+            }
+            match out
+                .iter_mut()
+                .find(|p| p.instrument == *instrument && p.direction == *direction)
+            {
+                Some(p) => p.quantity = p.quantity.checked_add(q).unwrap_or(Decimal::MAX),
+                None => out.push(PendingUnits {
+                    strategy_id: self.strategy_id.clone(),
+                    instrument: instrument.clone(),
+                    direction: *direction,
+                    quantity: q,
+                }),
+            }
+        }
+        out
     }
 
     /// Everything it holds while none of its orders is known (a new entry).
@@ -805,6 +865,28 @@ impl ReservationBook {
                 None => {
                     out.insert(h.strategy_id.clone(), r);
                 }
+            }
+        }
+        out
+    }
+
+    /// Units still to be booked, by strategy (only `strategies`'): (signal
+    /// id, units) of every held entry with any.
+    pub fn pending_units(
+        &self,
+        ev: &Evidence<'_>,
+        rules: &SettleRules,
+        strategies: &HashSet<&str>,
+    ) -> HashMap<String, Vec<(String, PendingUnits)>> {
+        let mut out: HashMap<String, Vec<(String, PendingUnits)>> = HashMap::new();
+        for (sid, h) in &self.held {
+            if !strategies.contains(h.strategy_id.as_str()) {
+                continue;
+            }
+            for p in h.pending_units(Some((ev, rules))) {
+                out.entry(p.strategy_id.clone())
+                    .or_default()
+                    .push((sid.clone(), p));
             }
         }
         out
@@ -1134,6 +1216,27 @@ fn reserves(d: &Decided) -> bool {
     !d.orders.is_empty()
         && d.record.action == Some(SignalAction::Entry)
         && (d.reservation.margin > Decimal::ZERO || d.reservation.notional > Decimal::ZERO)
+}
+
+/// The pending units of `signal`'s strategy in its legs' instruments, its
+/// own earlier entry (a redelivery) aside.
+fn pending_for(
+    pending: &HashMap<String, Vec<(String, PendingUnits)>>,
+    signal: &StandardizedSignal,
+) -> Vec<PendingUnits> {
+    pending
+        .get(&signal.strategy_id)
+        .map(|units| {
+            units
+                .iter()
+                .filter(|(sid, p)| {
+                    *sid != signal.signal_id
+                        && signal.legs.iter().any(|l| l.instrument == p.instrument)
+                })
+                .map(|(_, p)| p.clone())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `totals` without `own` (a redelivered signal's earlier entry).
@@ -2266,7 +2369,7 @@ impl Cerebro {
             let mut inputs = self.base_inputs(now, jobs.iter().map(|j| &j.signal));
             // Reconcile once, sum once; the redelivered signals' own
             // earlier entries aside.
-            let (changed, mut totals, mut own) = {
+            let (changed, mut totals, mut own, mut pending) = {
                 let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
                 let fills = self.fills.read().unwrap_or_else(|p| p.into_inner());
                 let ev = Evidence::new(state.as_deref(), &ended, now).with_fills(&fills);
@@ -2283,7 +2386,10 @@ impl Cerebro {
                         ))
                     })
                     .collect();
-                (changed, totals, own)
+                let strategies: HashSet<&str> =
+                    jobs.iter().map(|j| j.signal.strategy_id.as_str()).collect();
+                let pending = copy.book.pending_units(&ev, &rules, &strategies);
+                (changed, totals, own, pending)
             };
             copy.dirty |= changed;
             if let Some(st) = &state {
@@ -2306,15 +2412,17 @@ impl Cerebro {
                     |full: bool,
                      book: &ReservationBook,
                      totals: &BTreeMap<String, Reservation>,
-                     own: Option<&(String, Reservation)>| {
+                     own: Option<&(String, Reservation)>,
+                     pending: &HashMap<String, Vec<(String, PendingUnits)>>| {
                         if let Some(a) = inputs.accounts.get_mut(account) {
                             a.reserved = without(totals, own);
                             a.in_flight = book.in_flight(Some(sid));
                             a.max_in_flight = Some(if full { a.in_flight } else { max_entries });
+                            a.pending = pending_for(pending, signal);
                         }
                         decide_with(signal, &inputs, job.opts)
                     };
-                let mut out = decide(full, &copy.book, &totals, own.get(sid));
+                let mut out = decide(full, &copy.book, &totals, own.get(sid), &pending);
                 if let DecisionOutput::Decided(d) = &out {
                     if reserves(d) {
                         let held = held_of(signal, d, now);
@@ -2339,7 +2447,7 @@ impl Cerebro {
                                     "reservation book full"
                                 );
                                 full = true;
-                                out = decide(full, &copy.book, &totals, own.get(sid));
+                                out = decide(full, &copy.book, &totals, own.get(sid), &pending);
                             } else {
                                 bytes += size;
                                 let add = held.full_reservation();
@@ -2355,6 +2463,13 @@ impl Cerebro {
                                     }
                                 }
                                 own.insert(sid.to_string(), (held.strategy_id.clone(), add));
+                                let units = pending.entry(held.strategy_id.clone()).or_default();
+                                units.retain(|(s, _)| s != sid);
+                                units.extend(
+                                    held.pending_units(None)
+                                        .into_iter()
+                                        .map(|p| (sid.to_string(), p)),
+                                );
                                 copy.book.held.insert(sid.to_string(), held);
                                 wrote = true;
                             }
@@ -2638,6 +2753,10 @@ fn held_of(signal: &StandardizedSignal, d: &Decided, now: DateTime<Utc>) -> Held
                     margin: ld.map(|l| l.margin_required).unwrap_or_default(),
                     notional: ld.map(|l| l.notional).unwrap_or_default(),
                     seen: false,
+                    position: Some((
+                        o.instrument.clone(),
+                        position_direction(SignalAction::Entry, o.side),
+                    )),
                 }
             })
             .collect(),
@@ -2849,6 +2968,7 @@ mod tests {
                                 margin: dec!(400),
                                 notional: dec!(1600),
                                 seen: false,
+                                position: None,
                             }],
                         },
                     )

@@ -1676,3 +1676,114 @@ async fn bench_exits_latency() {
     );
     env.shutdown.cancel();
 }
+
+/// TARGET_WEIGHT `q` buys up to `q × allocated / price` units, counting what
+/// the strategy already holds. Units approved but not yet booked count as
+/// held too: two signals inside the booking window must not both buy up to
+/// the target. Allocated 893,600 (89.36 % of 1,000,000), AAPL at 150.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_weight_counts_units_approved_but_not_yet_booked() {
+    let env = Env::new().await;
+    let (c, _h) = env.replica().await;
+    let weight = |tag: &str, q: &str| {
+        let mut s = aapl(tag);
+        s.sizing_mode = SizingMode::TargetWeight;
+        s.account_equity = None;
+        s.legs[0].quantity = d(q);
+        s
+    };
+    // 1 %: 0.01 × 893,600 / 150 = 59.57 → 59 (nothing held).
+    let first = weight("tw1", "0.01");
+    env.publish(&first).await;
+    let r = env.decision_of(&first.signal_id, T).await.unwrap();
+    assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
+    assert_eq!(r.final_quantity, d("59"));
+    // 2 %, the first order not booked yet: target 119.15, 59 on its way
+    // → 60 more (the old rule bought 119).
+    let second = weight("tw2", "0.02");
+    env.publish(&second).await;
+    let r = env.decision_of(&second.signal_id, T).await.unwrap();
+    assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
+    assert_eq!(r.final_quantity, d("60"));
+    // 2 % again: 119 on their way, 0.15 more rounds to nothing.
+    let third = weight("tw3", "0.02");
+    env.publish(&third).await;
+    let r = env.decision_of(&third.signal_id, T).await.unwrap();
+    assert_eq!(r.decision, Decision::Rejected, "{}", r.reason);
+    assert!(
+        matches!(r.reason_detail, Some(Reason::LegRoundsToZero { .. })),
+        "{:?}",
+        r.reason_detail
+    );
+
+    // Both orders fill and the accounts stage books 119: the position
+    // counts once (booked), nothing is pending any more.
+    for o in env.orders().await {
+        env.publish_filled(&o.order_id, o.quantity).await;
+    }
+    let ids: Vec<String> = env.orders().await.into_iter().map(|o| o.order_id).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(wait_until(T, || ids.iter().all(|id| c.ended_order(id).is_some())).await);
+    let mut st = holding_aapl("1000000");
+    st.open_positions[0].quantity = d("119");
+    st.timestamp = Utc::now() + chrono::Duration::seconds(3);
+    env.put_state(&st).await;
+    assert!(
+        wait_until(T, || c.account_state(ACCOUNT).is_some_and(|s| s
+            .open_positions
+            .first()
+            .is_some_and(|p| p.quantity == d("119"))))
+        .await
+    );
+    let mut left = usize::MAX;
+    for _ in 0..100 {
+        left = c.reservation_book(ACCOUNT).await.unwrap().held.len();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0);
+    // 3 %: target 178.72, 119 held → 59.
+    let fourth = weight("tw4", "0.03");
+    env.publish(&fourth).await;
+    let r = env.decision_of(&fourth.signal_id, T).await.unwrap();
+    assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
+    assert_eq!(r.final_quantity, d("59"));
+    env.shutdown.cancel();
+}
+
+/// The position-size limit is the position's, whenever its orders fill:
+/// two entries of 6,000 inside the booking window against a 10,000 limit
+/// may not both pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_position_size_counts_units_approved_but_not_yet_booked() {
+    let env = Env::new().await;
+    let mut s = strategy(SPX);
+    s.risk_limits = Some(mtx_cerebro::RiskLimits {
+        max_position_size: Some(d("10000")),
+        ..Default::default()
+    });
+    env.put_strategy(&s).await;
+    let (_c, _h) = env.replica().await;
+    let units = |tag: &str| {
+        let mut s = aapl(tag);
+        s.sizing_mode = SizingMode::FixedUnits;
+        s.account_equity = None;
+        s.legs[0].quantity = d("40");
+        s
+    };
+    let first = units("ps1");
+    env.publish(&first).await;
+    let r = env.decision_of(&first.signal_id, T).await.unwrap();
+    assert_eq!(r.decision, Decision::Approved, "{}", r.reason);
+    assert_eq!(r.final_quantity, d("40"));
+    let second = units("ps2");
+    env.publish(&second).await;
+    let r = env.decision_of(&second.signal_id, T).await.unwrap();
+    // 40 × 150 = 6,000 on its way: room for 4,000 = 26 units, or none.
+    assert_ne!(r.final_quantity, d("40"), "{}", r.reason);
+    let total: Decimal = env.orders().await.iter().map(|o| o.quantity).sum();
+    assert!(total * d("150") <= d("10000"), "ordered {total} units");
+    env.shutdown.cancel();
+}
