@@ -156,8 +156,8 @@ pub async fn run(cmd: BacktestCmd, cfg: &Config) -> Result<ExitCode> {
             "trading_days_per_year": TRADING_DAYS_PER_YEAR,
             "units": {
                 "daily_returns": "decimal fraction per day (0.0057 = +0.57 %)",
-                "max_drawdown": "fraction of the running peak of compounded equity",
-                "win_rate": "fraction of days with a positive return",
+                "max_drawdown": "percent of the running peak of compounded equity (34.1 = 34.1 %)",
+                "win_rate": "percent of days with a positive return (54.7 = 54.7 %)",
                 "sharpe_ratio": "daily, risk-free rate 0",
             },
         };
@@ -262,8 +262,10 @@ fn backtest_fields(
         "mean_return_daily": s.mean_return_daily,
         "volatility_daily": s.volatility_daily,
         "sharpe_ratio": or_null(s.sharpe_daily, Bson::Double),
-        "max_drawdown": s.max_drawdown,
-        "win_rate": s.win_rate,
+        // The seed's percentages are 0..100 (allocations 45.5, Bot Core's
+        // win_rate 62.22); the in-memory statistics are fractions.
+        "max_drawdown": 100.0 * s.max_drawdown,
+        "win_rate": 100.0 * s.win_rate,
         "margin_per_unit": or_null(bt.margin_per_unit.and_then(decimal_from_f64), bdec),
         "metadata": metadata,
         "updated_at": bdate(now),
@@ -354,6 +356,26 @@ mod tests {
             Some(Bson::Decimal128(m)) => assert_eq!(m.to_string(), "2000.5"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Seed 000: `"max_drawdown": Number // Maximum drawdown percentage`,
+    /// `"win_rate": Number // Percentage of winning days` (the seeds write
+    /// percentages as 0..100: allocations 45.5, bot_core win_rate 62.22).
+    #[test]
+    fn drawdown_and_win_rate_are_percentages_per_seed() {
+        // equity 1 → 1.10 → 0.55: a 50 % drawdown; 1 winning day of 2 = 50 %.
+        let bt = parse_backtest_csv(
+            "X",
+            Path::new("X.csv"),
+            "Date,Daily Returns (%)\n2024-01-02,10\n2024-01-03,-50\n",
+        )
+        .unwrap();
+        let d = backtest_fields(&bt, doc! {}, now_millis());
+        assert_eq!(d.get_f64("win_rate").unwrap(), 50.0);
+        assert!(
+            (d.get_f64("max_drawdown").unwrap() - 50.0).abs() < 1e-9,
+            "{d}"
+        );
     }
 
     #[test]

@@ -86,6 +86,10 @@ pub struct OptimizeArgs {
     /// max-cagr: largest allowed drawdown as a fraction (0.2 = 20 %); none by default.
     #[arg(long)]
     pub max_drawdown: Option<f64>,
+    /// Fewest common days of history the run may use (never fewer than the
+    /// number of strategies plus one); a shorter window is refused.
+    #[arg(long, default_value_t = mtx_portfolio::MIN_COMMON_DAYS)]
+    pub min_days: usize,
     /// Write allocation.svg, correlation.svg and frontier.svg into this folder.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -116,6 +120,7 @@ impl OptimizeArgs {
             cagr: CagrParams {
                 max_drawdown: self.max_drawdown,
             },
+            min_days: self.min_days,
         }
     }
 }

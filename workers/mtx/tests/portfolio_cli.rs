@@ -299,8 +299,9 @@ async fn ingest_stores_nine_sorted_series_and_reingest_bumps_updated_at() {
     assert!(close(spy.get_f64("mean_return_daily").unwrap(), mean));
     assert!(close(spy.get_f64("volatility_daily").unwrap(), sd));
     assert!(close(spy.get_f64("sharpe_ratio").unwrap(), mean / sd));
-    assert!(close(spy.get_f64("max_drawdown").unwrap(), mdd));
-    assert!(close(spy.get_f64("win_rate").unwrap(), wins));
+    // Percentages as the seed writes them (34.1 = 34.1 %).
+    assert!(close(spy.get_f64("max_drawdown").unwrap(), 100.0 * mdd));
+    assert!(close(spy.get_f64("win_rate").unwrap(), 100.0 * wins));
     let meta = spy.get_document("metadata").unwrap();
     assert!(close(
         meta.get_f64("sharpe_ratio_annual").unwrap(),

@@ -63,7 +63,7 @@ async fn migrate_run_kill_restart_show() {
     assert!(o.status.success(), "{}", text(&o));
     let o = run(&config, &["db", "migrate"]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("schema none -> 1.2.0"), "{}", text(&o));
+    assert!(text(&o).contains("schema none -> 1.3.0"), "{}", text(&o));
     let o = run(&config, &["db", "migrate"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("nothing to do"), "{}", text(&o));

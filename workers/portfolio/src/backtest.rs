@@ -189,6 +189,10 @@ fn is_margin_header(header: &str) -> bool {
 fn parse_date(s: &str) -> Option<NaiveDate> {
     let s = s.trim();
     let head = s.get(..10).unwrap_or(s);
+    // Four-digit years only: chrono's %Y reads `16-01-04` as the year 16.
+    if head.len() != 10 || !head.as_bytes()[..4].iter().all(u8::is_ascii_digit) {
+        return None;
+    }
     let rest = s.get(10..).unwrap_or("");
     if !(rest.is_empty() || rest.starts_with(' ') || rest.starts_with('T')) {
         return None;
@@ -312,6 +316,18 @@ pub fn parse_backtest_csv(
             message: format!("cannot parse date {raw_date:?} (expected YYYY-MM-DD)"),
         })?;
         let ret = parse_finite(source, line, &cols.ret_name, field(cols.ret))? / divisor;
+        // A day cannot lose more than everything, and a decimal column with
+        // a move of 100 % or more is almost surely percent under a header
+        // that does not say so: refuse rather than read it 100x too large.
+        if ret <= -1.0 || (divisor == 1.0 && ret.abs() >= 1.0) {
+            return Err(BacktestError::Row {
+                path: source.to_path_buf(),
+                line,
+                message: format!(
+                    "daily return {ret} (as a decimal fraction) is implausible; a column in percent must say so in its header, e.g. `Daily Returns (%)`"
+                ),
+            });
+        }
         if let Some((mi, mname)) = &cols.margin {
             let raw = field(*mi);
             if !raw.trim().is_empty() {

@@ -42,4 +42,4 @@ pub use backtest::{
     StrategyBacktest,
 };
 pub use optimize::{Allocation, Constraints, OptimizeError, PortfolioMetrics, ReturnMoments};
-pub use run::{run, Algorithm, RunDetails, RunOutcome, RunParams};
+pub use run::{run, Algorithm, RunDetails, RunOutcome, RunParams, MIN_COMMON_DAYS};

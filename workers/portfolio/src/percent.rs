@@ -160,7 +160,9 @@ pub fn weights_to_percent(
         });
     }
     let cap_units = (cap * scale + 1e-6).floor() as i64;
-    let target = exact_total.round() as i64;
+    // Never round the total above Σw, hence never above the leverage
+    // limit (100·L off the 4-decimal grid rounds down).
+    let target = (exact_total + 1e-6).floor() as i64;
     let mut deficit = target - floors.iter().sum::<i64>();
     let mut order: Vec<usize> = (0..floors.len()).collect();
     order.sort_by(|&a, &b| rems[b].total_cmp(&rems[a]).then(a.cmp(&b)));

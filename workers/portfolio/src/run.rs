@@ -87,7 +87,14 @@ pub struct RunParams {
     pub cvar: CvarParams,
     /// Options of `max-cagr` (ignored by the others).
     pub cagr: CagrParams,
+    /// Fewest common days a run may use (at least the number of strategies
+    /// plus one is always required): fewer cannot estimate the covariance,
+    /// and an optimiser would still "succeed" with meaningless weights.
+    pub min_days: usize,
 }
+
+/// Default of [`RunParams::min_days`]: about three months of trading days.
+pub const MIN_COMMON_DAYS: usize = 60;
 
 impl RunParams {
     /// `algorithm` with the house defaults: 200 % leverage, 50 % cap, zero
@@ -98,6 +105,7 @@ impl RunParams {
             constraints: Constraints::default(),
             cvar: CvarParams::default(),
             cagr: CagrParams { max_drawdown: None },
+            min_days: MIN_COMMON_DAYS,
         }
     }
 }
@@ -154,6 +162,14 @@ pub fn run(
         return Err(OptimizeError::InvalidInput(
             "moments were estimated from different strategies than the returns".into(),
         ));
+    }
+    let need = params.min_days.max(aligned.n_strategies() + 1);
+    if aligned.n_days() < need {
+        return Err(OptimizeError::InvalidInput(format!(
+            "the common window of the {} strategies has {} days; at least {need} are needed (a new strategy with a short backtest shrinks everyone's window: leave it out, or lower --min-days)",
+            aligned.n_strategies(),
+            aligned.n_days()
+        )));
     }
     let c = &params.constraints;
     Ok(match params.algorithm {

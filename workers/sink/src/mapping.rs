@@ -38,6 +38,18 @@ pub const TERMINAL_RANK: i64 = 1 << 40;
 /// The terminal order statuses.
 pub const TERMINAL_STATUSES: &[&str] = &["FILLED", "CANCELLED", "REJECTED", "EXPIRED"];
 
+/// The seed's five `trading_orders.status` values (PENDING, SUBMITTED,
+/// FILLED, REJECTED, CANCELLED) for a venue status: working states are
+/// SUBMITTED, an expiry is a CANCELLED. The venue's own status goes to
+/// `venue_status`, so nothing is lost.
+pub fn seed_order_status(status: &str) -> &str {
+    match status {
+        "ACCEPTED" | "PARTIALLY_FILLED" | "CANCEL_REQUESTED" => "SUBMITTED",
+        "EXPIRED" => "CANCELLED",
+        other => other,
+    }
+}
+
 /// Ordering of `trading_orders.status` writes: the event sequence, with
 /// terminal statuses above every non-terminal one. An update applies only when
 /// the stored rank is lower than `min(new rank, TERMINAL_RANK)`, so a late or
@@ -414,6 +426,7 @@ impl Mapper {
                 let order_id = key(&m, "order_id")?;
                 let status = key(&m, "status")?;
                 let extra = doc! {
+                    "venue_status": &status,
                     "status_rank": status_rank(&status, 0),
                     "status_seq": 0_i64,
                     "status_at": now,
@@ -464,7 +477,17 @@ impl Mapper {
     fn raw(&self, d: &Delivery, subject: &str, now: DateTime) -> Result<Prepared, Rejection> {
         let mut m = object(&d.payload)?;
         let raw_signal_id = raw_signal_id(subject, &d.payload);
-        let signal_id = d.header(headers::SIGNAL_ID).map(str::to_string);
+        // The gateway and the bridge name the signal in a header; a provider
+        // publishing directly does not, so derive it as they do.
+        let signal_id = d
+            .header(headers::SIGNAL_ID)
+            .map(str::to_string)
+            .or_else(|| {
+                serde_json::from_slice::<mtx_schemas::signal::RawSignal>(&d.payload)
+                    .ok()
+                    .and_then(|r| mtx_standardizer::parse_raw_signal(&r).ok())
+                    .map(|p| p.signal_id())
+            });
         let source = key(&m, "source")?;
         let received = m
             .remove("received_at")
@@ -803,7 +826,8 @@ pub fn event_update(event: &Document, status: &str, seq: i64, now: DateTime) -> 
     let pick = |k: &str| event.get(k).cloned().unwrap_or(Bson::Null);
     let rank = status_rank(status, seq);
     let set = doc! {
-        "status": status,
+        "status": seed_order_status(status),
+        "venue_status": status,
         "status_rank": rank,
         "status_seq": seq,
         "status_reason": pick("reason"),
@@ -1181,7 +1205,8 @@ mod tests {
             };
             assert_eq!(order_id, "ord_1");
             assert_eq!(*rank, status_rank(status, seq));
-            assert_eq!(set.get_str("status").unwrap(), status);
+            assert_eq!(set.get_str("status").unwrap(), seed_order_status(status));
+            assert_eq!(set.get_str("venue_status").unwrap(), status);
             // Exactly what the same event alone gives (same message headers
             // and stream position).
             let mut alone = d.clone();

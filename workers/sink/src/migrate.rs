@@ -11,7 +11,8 @@
 //!    catalog does not know are kept and listed.
 //!
 //! Then the data steps of every version newer than the one recorded run
-//! (1.1.0 backfills `trading_orders.status_rank`), and the version is written
+//! (1.1.0 backfills `trading_orders.status_rank`, 1.3.0 moves the state
+//! machine's order status to `venue_status`), and the version is written
 //! to `system_config` (`key: "schema_version"`, with its history), as the
 //! Bot Core migrations procedure records it. A second run finds nothing to
 //! do and writes nothing. A database recorded at a newer version than this
@@ -490,6 +491,40 @@ async fn data_steps(store: &Store, report: &mut MigrateReport) -> Result<(), Sin
             ));
         }
     }
+    if from < parse_version("1.3.0") {
+        // trading_orders.status: the seed's five values; the state
+        // machine's own status moves to venue_status.
+        let coll = spec::names::TRADING_ORDERS;
+        let mut n = 0;
+        for s in [
+            "PENDING",
+            "SUBMITTED",
+            "ACCEPTED",
+            "PARTIALLY_FILLED",
+            "FILLED",
+            "CANCEL_REQUESTED",
+            "CANCELLED",
+            "REJECTED",
+            "EXPIRED",
+        ] {
+            n += store
+                .update_many(
+                    Db::Trading,
+                    coll,
+                    doc! {"venue_status": {"$exists": false}, "status": s},
+                    doc! {"$set": {
+                        "venue_status": s,
+                        "status": crate::mapping::seed_order_status(s),
+                    }},
+                )
+                .await?;
+        }
+        if n > 0 {
+            report.changes.push(format!(
+                "moved the venue status of {n} trading_orders to venue_status"
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -512,7 +547,7 @@ async fn record_version(
     let update = doc! {
         "$set": {
             "value": SCHEMA_VERSION,
-            "category": "system",
+            "category": "features",
             "description": format!(
                 "mtx schema version of databases {} and {} (mtx db migrate)",
                 cfg.trading_db, cfg.bot_core_db
@@ -550,7 +585,7 @@ mod tests {
     fn versions_compare() {
         assert!(parse_version("1.0.0") < parse_version("1.1.0"));
         assert!(parse_version("1.10.0") > parse_version("1.9.3"));
-        assert_eq!(parse_version(SCHEMA_VERSION), (1, 2, 0));
+        assert_eq!(parse_version(SCHEMA_VERSION), (1, 3, 0));
         assert_eq!(
             spec::VERSIONS.last().map(|v| v.0),
             Some(SCHEMA_VERSION),

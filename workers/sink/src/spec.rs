@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 /// The schema version this build migrates to (recorded in `system_config`).
-pub const SCHEMA_VERSION: &str = "1.2.0";
+pub const SCHEMA_VERSION: &str = "1.3.0";
 
 /// Every schema version, oldest first, with what it introduced.
 pub const VERSIONS: &[(&str, &str)] = &[
@@ -37,6 +37,10 @@ pub const VERSIONS: &[(&str, &str)] = &[
     (
         "1.2.0",
         "account_state.strategy_pnl_today (Decimal128 per strategy), cerebro_decisions.risk_assessment.cvar_skipped",
+    ),
+    (
+        "1.3.0",
+        "trading_orders.status within the seed's five values, the state machine's status in venue_status; the schema version filed under system_config category features",
     ),
 ];
 
@@ -467,6 +471,9 @@ const DIRECTION: &[&str] = &["LONG", "SHORT"];
 const ACTION: &[&str] = &["ENTRY", "EXIT"];
 const ORDER_TYPE: &[&str] = &["MARKET", "LIMIT", "STOP"];
 const SIDE: &[&str] = &["BUY", "SELL"];
+/// Seed 000's `trading_orders.status` values.
+const SEED_ORDER_STATUS: &[&str] = &["PENDING", "SUBMITTED", "FILLED", "REJECTED", "CANCELLED"];
+/// Every status of the order state machine (`order_events`, `venue_status`).
 const ORDER_STATUS: &[&str] = &[
     "PENDING",
     "SUBMITTED",
@@ -671,9 +678,10 @@ fn build() -> Vec<CollectionSpec> {
             f("cerebro_decision.risk_metrics.cvar_contribution", Dbl).null(),
             f("cerebro_decision.risk_metrics.cvar_after_pct", Dbl).null(),
             f("cerebro_decision.risk_metrics.slippage_alpha_lost", Dbl).null(),
-            f("status", Str).req().enums(ORDER_STATUS),
+            f("status", Str).req().enums(SEED_ORDER_STATUS),
             f("created_at", Date).req(),
             // mtx
+            f("venue_status", Str).enums(ORDER_STATUS),
             f("instrument_type", Str).enums(INSTRUMENT_TYPE),
             f("side", Str).enums(SIDE),
             f("stop_price", Dec).null(),

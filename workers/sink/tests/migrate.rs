@@ -183,6 +183,7 @@ async fn migrate_creates_everything_and_twice_is_a_noop() {
         .unwrap();
     assert_eq!(v.get_str("value").unwrap(), SCHEMA_VERSION);
     assert_eq!(v.get_str("updated_by").unwrap(), "mtx db migrate");
+    assert_eq!(v.get_str("category").unwrap(), "features");
     assert!(v.get_datetime("created_at").is_ok() && v.get_datetime("updated_at").is_ok());
     assert_eq!(v.get_array("history").unwrap().len(), 1);
 
@@ -210,6 +211,9 @@ async fn migrate_upgrades_an_older_database() {
         .insert_many([
             doc! {"order_id": "legacy-1", "status": "FILLED"},
             doc! {"order_id": "legacy-2", "status": "SUBMITTED"},
+            // Written before 1.3.0 with the state machine's statuses.
+            doc! {"order_id": "legacy-3", "status": "PARTIALLY_FILLED"},
+            doc! {"order_id": "legacy-4", "status": "EXPIRED"},
         ])
         .await
         .unwrap();
@@ -240,7 +244,7 @@ async fn migrate_upgrades_an_older_database() {
     assert!(
         r.changes
             .iter()
-            .any(|c| c.contains("backfilled status_rank on 2")),
+            .any(|c| c.contains("backfilled status_rank on 4")),
         "{:#?}",
         r.changes
     );
@@ -259,10 +263,20 @@ async fn migrate_upgrades_an_older_database() {
         .unwrap();
     for o in orders {
         let rank = o.get_i64("status_rank").unwrap();
-        match o.get_str("order_id").unwrap() {
-            "legacy-1" => assert_eq!(rank, mtx_sink::mapping::TERMINAL_RANK),
+        let id = o.get_str("order_id").unwrap();
+        match id {
+            "legacy-1" | "legacy-4" => assert_eq!(rank, mtx_sink::mapping::TERMINAL_RANK),
             _ => assert_eq!(rank, 0),
         }
+        // 1.3.0: the seed's status, the state machine's in venue_status.
+        let (status, venue) = match id {
+            "legacy-1" => ("FILLED", "FILLED"),
+            "legacy-2" => ("SUBMITTED", "SUBMITTED"),
+            "legacy-3" => ("SUBMITTED", "PARTIALLY_FILLED"),
+            _ => ("CANCELLED", "EXPIRED"),
+        };
+        assert_eq!(o.get_str("status").unwrap(), status, "{id}");
+        assert_eq!(o.get_str("venue_status").unwrap(), venue, "{id}");
     }
     let v = core
         .collection::<Document>("system_config")
