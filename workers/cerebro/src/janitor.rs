@@ -8,7 +8,8 @@
 //! positions. So:
 //!
 //! - a **finished** entry — REJECTED (nothing opened), or no longer reserved
-//!   and every leg closed by approved exits (`Σ exit quantity ≥ ordered`) —
+//!   and every leg closed by approved exits (`Σ exit quantity ≥ ordered`, or
+//!   ≥ filled for a leg whose short end the record notes) —
 //!   is deleted `entry_done_retention` after its keys last changed (default
 //!   one day);
 //! - **any** entry, finished or not, is deleted `entry_max_age` after its keys
@@ -75,7 +76,14 @@ pub fn finished(entry: &StoredEntry, exits: Option<&ExitProgress>, reserved: boo
                     .sum()
             })
             .unwrap_or_default();
-        closed >= l.ordered_quantity
+        // A leg whose end the record notes (it filled less than ordered)
+        // is done once what it filled is closed.
+        let opened = if l.status.is_terminal() {
+            l.filled_quantity
+        } else {
+            l.ordered_quantity
+        };
+        closed >= opened
     })
 }
 
@@ -130,6 +138,7 @@ mod tests {
                 }]
             },
             book_revision: None,
+            decided_at: None,
         }
     }
 

@@ -158,7 +158,11 @@
 //! released. An entry leg's fill progress: its terminal order event (the
 //! quantity the venue filled, as soon as the event arrives); else in
 //! `open_orders` → working with `quantity − remaining` filled; else settled
-//! (see above) → filled; else still pending (the exit is deferred). A fill
+//! (see above) → filled; else still pending (the exit is deferred). The
+//! order end is remembered only for a while, so when the book drops an
+//! entry one of whose legs ended filling less than it ordered, that end is
+//! written into the entry record first (before the book write that drops
+//! it): an exit weeks later still closes only what the leg filled. A fill
 //! the account state does not show as a position yet defers the exit too
 //! ([`crate::DeferReason::PositionNotBooked`]): exits never close more than
 //! the account holds.
@@ -240,12 +244,14 @@ fn kv_put_subject(store: &kv::Store, key: &str) -> Option<String> {
 }
 
 /// An entry record as a consume-loop output: a KV put on the bucket's
-/// subject. Its message id comes from the key and the content, so a
-/// redelivery that stores the same record again is deduplicated while a
-/// changed record (a later book revision) is stored.
+/// subject, stored only if the key holds nothing yet. The first decision of
+/// a signal is the one whose orders the venue has (a redelivery's orders
+/// carry the same ids and are dropped), so a redelivery decided afresh
+/// against a state that meanwhile booked the entry's own fill must not
+/// replace the record exits resolve against.
 fn entry_record_output(subject: String, key: &str, body: Vec<u8>) -> Outgoing {
     let id = derive_id("rec", &[key, &String::from_utf8_lossy(&body)]);
-    Outgoing::new(subject, id, body)
+    Outgoing::new(subject, id, body).only_if_new_subject()
 }
 
 /// Message id of a decision.
@@ -660,6 +666,16 @@ pub struct ReservationBook {
     pub held: BTreeMap<String, Held>,
 }
 
+/// An entry dropped from the book whose legs (some of them) ended filling
+/// less than they ordered: (order id, its end) of each such leg.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShortEnd {
+    /// The entry's signal id.
+    pub signal_id: String,
+    /// Its short legs.
+    pub legs: Vec<(String, EndedOrder)>,
+}
+
 /// An order's end as told by its terminal order event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndedOrder {
@@ -800,10 +816,20 @@ fn progress(
     let Some(state) = ev.state else {
         return LegProgress::Unbooked;
     };
+    // With exact evidence (the executions feed, and a state that says how
+    // far into `EXECUTIONS` it has booked), only booked fills release: the
+    // accounts stage applies order events and executions on separate
+    // consumers, so a state may show an order filled (gone from, or
+    // shrunk in, `open_orders`) before it books the fill.
+    let exact = ev.fills.is_some() && state.executions_seq.is_some();
     if let Some(remaining) = ev.working(&leg.order_id) {
-        return LegProgress::Working(remaining.max(Decimal::ZERO).min(leg.quantity));
+        let rem = remaining.max(Decimal::ZERO).min(leg.quantity);
+        if exact && rem < leg.quantity && !ev.booked(&leg.order_id, leg.quantity - rem) {
+            return LegProgress::Working(leg.quantity);
+        }
+        return LegProgress::Working(rem);
     }
-    let booked = leg.seen
+    let booked = (leg.seen && !exact)
         || ended.is_some_and(|e| ev.booked(&leg.order_id, e.filled))
         || ended.is_some_and(|e| at_least(state.timestamp, e.at, rules.booking_grace))
         || at_least(state.timestamp, created_at, rules.unbooked_grace);
@@ -818,8 +844,21 @@ impl ReservationBook {
     /// Mark working legs seen, drop fully settled entries and entries older
     /// than `max_age`; whether anything changed.
     pub fn reconcile(&mut self, ev: &Evidence<'_>, rules: &SettleRules) -> bool {
+        self.reconcile_noting(ev, rules, &mut Vec::new())
+    }
+
+    /// [`ReservationBook::reconcile`], noting in `short` every entry it
+    /// drops with a leg that ended filling less than it ordered (known from
+    /// its terminal order event): once the reservation is gone and the end
+    /// forgotten, only the entry record can tell an exit what that leg holds.
+    pub fn reconcile_noting(
+        &mut self,
+        ev: &Evidence<'_>,
+        rules: &SettleRules,
+        short: &mut Vec<ShortEnd>,
+    ) -> bool {
         let mut changed = false;
-        self.held.retain(|_, h| {
+        self.held.retain(|sid, h| {
             let expired = after(h.created_at, rules.max_age).is_some_and(|limit| ev.now >= limit);
             if expired {
                 changed = true;
@@ -841,6 +880,20 @@ impl ReservationBook {
             }
             if all_settled {
                 changed = true;
+                let legs: Vec<(String, EndedOrder)> = h
+                    .legs
+                    .iter()
+                    .filter_map(|l| {
+                        let e = ev.ended.get(&l.order_id)?;
+                        (e.filled < l.quantity).then(|| (l.order_id.clone(), *e))
+                    })
+                    .collect();
+                if !legs.is_empty() {
+                    short.push(ShortEnd {
+                        signal_id: sid.clone(),
+                        legs,
+                    });
+                }
             }
             !all_settled
         });
@@ -915,6 +968,11 @@ pub struct StoredEntry {
     /// reservation (absent: nothing reserved, or written by an older build).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub book_revision: Option<u64>,
+    /// When Cerebro decided the entry (absent: written by an older build).
+    /// An exit's `entry_wait` counts from here when the entry was decided
+    /// after the exit was received (both waited in a backlog).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<DateTime<Utc>>,
 }
 
 /// What one exit closed.
@@ -1202,11 +1260,16 @@ struct Job {
     signal: StandardizedSignal,
     opts: DecideOptions,
     deliveries: u64,
+    /// The delivery before the last: nothing may defer any more.
+    last_chance: bool,
 }
 
 /// A linked exit / cancel with what was read for it before its transaction.
 struct Linked<'a> {
     job: &'a Job,
+    /// The job's options, the entry wait counted from the later of the
+    /// exit's receipt and its entry's decision.
+    opts: DecideOptions,
     entry: Option<StoredEntry>,
     exits: Option<(u64, ExitProgress)>,
 }
@@ -1893,6 +1956,45 @@ impl Cerebro {
         Some(Ok(out))
     }
 
+    /// Write the end of every short leg (see [`ShortEnd`]) into its entry
+    /// record before the book that drops its reservation is written: an
+    /// exit long after must not take the leg for filled in full. On a
+    /// failure the copy (which already dropped them) is invalidated.
+    async fn note_short_ends(&self, copy: &mut BookCopy, short: &[ShortEnd]) -> Result<(), Fail> {
+        for s in short {
+            let key = entry_key(&s.signal_id);
+            let noted = async {
+                let Some((_, mut se)) = self.read_json::<StoredEntry>(&key).await? else {
+                    return Ok(());
+                };
+                let mut changed = false;
+                for l in &mut se.legs {
+                    if let Some((_, e)) = s.legs.iter().find(|(id, _)| *id == l.order_id) {
+                        let filled = e.filled.max(Decimal::ZERO).min(l.ordered_quantity);
+                        if (l.filled_quantity, l.status) != (filled, e.status) {
+                            (l.filled_quantity, l.status) = (filled, e.status);
+                            changed = true;
+                        }
+                    }
+                }
+                if changed {
+                    let body = serde_json::to_vec(&se).map_err(retry)?;
+                    self.stores
+                        .state
+                        .put(key.as_str(), body.into())
+                        .await
+                        .map_err(retry)?;
+                }
+                Ok::<(), Fail>(())
+            };
+            if let Err(f) = noted.await {
+                copy.epoch = None;
+                return Err(f);
+            }
+        }
+        Ok(())
+    }
+
     /// Compare-and-set write: the new revision, `None` on a revision conflict.
     async fn cas(&self, key: &str, rev: Option<u64>, value: Vec<u8>) -> Result<Option<u64>, Fail> {
         let value = Bytes::from(value);
@@ -2043,12 +2145,15 @@ impl Cerebro {
     async fn sync_locked(&self, account: &str, copy: &mut BookCopy) -> Result<bool, Fail> {
         self.ensure_loaded(account, copy).await?;
         let state = self.state_of(account);
+        let mut short = Vec::new();
         let changed = {
             let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
             let fills = self.fills.read().unwrap_or_else(|p| p.into_inner());
             let ev = Evidence::new(state.as_deref(), &ended, Utc::now()).with_fills(&fills);
-            copy.book.reconcile(&ev, &SettleRules::of(&self.settings))
+            copy.book
+                .reconcile_noting(&ev, &SettleRules::of(&self.settings), &mut short)
         };
+        self.note_short_ends(copy, &short).await?;
         copy.dirty |= changed;
         if !copy.dirty {
             return Ok(true);
@@ -2144,8 +2249,9 @@ impl Cerebro {
         for (at, d) in msgs.iter().enumerate() {
             match serde_json::from_slice::<StandardizedSignal>(&d.payload) {
                 Ok(signal) => {
-                    let expired = (self.settings.max_deliver > 1
-                        && d.deliveries as i64 >= self.settings.max_deliver - 1)
+                    let last_chance = self.settings.max_deliver > 1
+                        && d.deliveries as i64 >= self.settings.max_deliver - 1;
+                    let expired = last_chance
                         || at_least(base_now, signal.received_at, self.settings.entry_wait);
                     jobs.push(Job {
                         at,
@@ -2154,6 +2260,7 @@ impl Cerebro {
                             entry_wait_expired: expired,
                         },
                         deliveries: d.deliveries,
+                        last_chance,
                     });
                 }
                 Err(e) => results[at] = Some(Err(Fail::Reject("invalid_signal", e.to_string()))),
@@ -2234,6 +2341,16 @@ impl Cerebro {
         for (job, read) in futures::future::join_all(reads).await {
             match read {
                 Ok((entry, exits)) => {
+                    // An exit received before its entry was decided (both
+                    // waited in a backlog) waits for the fill from the
+                    // decision on, not from its own receipt.
+                    let mut opts = job.opts;
+                    if let Some(at) = entry.as_ref().and_then(|e| e.decided_at) {
+                        if !job.last_chance && at > job.signal.received_at {
+                            opts.entry_wait_expired =
+                                at_least(base_now, at, self.settings.entry_wait);
+                        }
+                    }
                     let account = entry.as_ref().map(|e| e.account.clone()).or_else(|| {
                         self.live
                             .read()
@@ -2243,7 +2360,12 @@ impl Cerebro {
                     by_account
                         .entry(account.unwrap_or_default())
                         .or_default()
-                        .push(Linked { job, entry, exits });
+                        .push(Linked {
+                            job,
+                            opts,
+                            entry,
+                            exits,
+                        });
                 }
                 Err(f) => results[job.at] = Some(Err(f)),
             }
@@ -2254,7 +2376,7 @@ impl Cerebro {
                 let inputs = self.base_inputs(Utc::now(), list.iter().map(|l| &l.job.signal));
                 for l in list {
                     let j = l.job;
-                    let r = self.finish(&j.signal, decide_with(&j.signal, &inputs, j.opts), j);
+                    let r = self.finish(&j.signal, decide_with(&j.signal, &inputs, l.opts), j);
                     out.push((j.at, r));
                 }
                 return out;
@@ -2325,14 +2447,19 @@ impl Cerebro {
                     with_outputs.push(Some(entry_record_output(subject, &key, body)));
                 }
                 _ => {
-                    puts.push(self.stores.state.put(key, body.into()));
+                    let store = &self.stores.state;
+                    puts.push(async move {
+                        match store.create(key, body.into()).await {
+                            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+                            r => r.map(|_| ()).map_err(retry),
+                        }
+                    });
                     with_outputs.push(None);
                 }
             }
         }
         for r in futures::future::join_all(puts).await {
-            if let Err(e) = r {
-                let f = retry(e);
+            if let Err(f) = r {
                 return jobs.iter().map(|_| Err(f.clone())).collect();
             }
         }
@@ -2369,11 +2496,12 @@ impl Cerebro {
             let mut inputs = self.base_inputs(now, jobs.iter().map(|j| &j.signal));
             // Reconcile once, sum once; the redelivered signals' own
             // earlier entries aside.
+            let mut short = Vec::new();
             let (changed, mut totals, mut own, mut pending) = {
                 let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
                 let fills = self.fills.read().unwrap_or_else(|p| p.into_inner());
                 let ev = Evidence::new(state.as_deref(), &ended, now).with_fills(&fills);
-                let changed = copy.book.reconcile(&ev, &rules);
+                let changed = copy.book.reconcile_noting(&ev, &rules, &mut short);
                 let totals = copy.book.reserved(&ev, &rules, None);
                 let own: HashMap<String, (String, Reservation)> = jobs
                     .iter()
@@ -2391,6 +2519,7 @@ impl Cerebro {
                 let pending = copy.book.pending_units(&ev, &rules, &strategies);
                 (changed, totals, own, pending)
             };
+            self.note_short_ends(copy, &short).await?;
             copy.dirty |= changed;
             if let Some(st) = &state {
                 inputs
@@ -2514,6 +2643,7 @@ impl Cerebro {
                         .contains_key(sid)
                         .then_some(copy.rev)
                         .flatten(),
+                    decided_at: Some(now),
                 };
                 if let Some(slot) = records.last_mut() {
                     *slot = Some((entry_key(sid), serde_json::to_vec(&se).map_err(retry)?));
@@ -2579,11 +2709,12 @@ impl Cerebro {
             let now = Utc::now();
             let state = self.state_of(account);
             let mut inputs = self.base_inputs(now, now_list.iter().map(|l| &l.job.signal));
+            let mut short = Vec::new();
             let records: Vec<Option<EntryRecord>> = {
                 let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
                 let fills = self.fills.read().unwrap_or_else(|p| p.into_inner());
                 let ev = Evidence::new(state.as_deref(), &ended, now).with_fills(&fills);
-                copy.dirty |= copy.book.reconcile(&ev, &rules);
+                copy.dirty |= copy.book.reconcile_noting(&ev, &rules, &mut short);
                 if let Some(st) = &state {
                     let mut a = Self::account_inputs(st, now);
                     // Exits reserve nothing and are not in the book.
@@ -2615,6 +2746,11 @@ impl Cerebro {
                     })
                     .collect()
             };
+            if let Err(f) = self.note_short_ends(copy, &short).await {
+                out.extend(now_list.iter().map(|l| (l.job.at, Err(f.clone()))));
+                out.extend(pending.iter().map(|l| (l.job.at, Err(f.clone()))));
+                return out;
+            }
             // Decide each; collect the exit-progress writes.
             let mut decided = Vec::with_capacity(now_list.len());
             for (l, rec) in now_list.into_iter().zip(records) {
@@ -2624,7 +2760,7 @@ impl Cerebro {
                 if let Some(rec) = rec {
                     inputs.entries.insert(id.clone(), rec);
                 }
-                let d = decide_with(signal, &inputs, l.job.opts);
+                let d = decide_with(signal, &inputs, l.opts);
                 let mut write = None;
                 if let (DecisionOutput::Decided(dd), Some(_)) = (&d, &l.entry) {
                     if !dd.orders.is_empty() {
@@ -2846,6 +2982,11 @@ fn entry_with_progress(
                     LegProgress::Settled => (l.ordered_quantity, OrderStatus::Filled),
                     _ => (Decimal::ZERO, OrderStatus::Pending),
                 },
+                // Released from the book with its end noted in the record
+                // (it filled less than ordered).
+                (None, None, None) if l.status.is_terminal() => {
+                    (l.filled_quantity.min(l.ordered_quantity), l.status)
+                }
                 // Released from the book: settled.
                 (None, None, None) => (l.ordered_quantity, OrderStatus::Filled),
             };
@@ -3186,6 +3327,7 @@ mod tests {
                 status: OrderStatus::Pending,
             }],
             book_revision: Some(7),
+            decided_at: None,
         };
         let b = book(&["a"]);
         let held = b.held.get("a");

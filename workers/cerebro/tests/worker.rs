@@ -435,8 +435,8 @@ async fn aapl_fixture_decision_and_order_published_and_reserved_once() {
 
 /// An approved entry's record travels with its decision and order; the
 /// signal is acked only once the record is stored. Here the bucket refuses
-/// the record (its key already holds a value and the bucket is told to keep
-/// the first value per key): decision and order go out, the signal is not
+/// the record (its stream is told to take only the books' keys for a
+/// while): decision and order go out, the signal is not
 /// acked and comes back; once the bucket accepts writes again a redelivery
 /// stores the record, with no second decision or order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,14 +445,23 @@ async fn an_entry_record_the_bucket_refuses_is_stored_by_a_redelivery() {
     let (_c, _h) = env.replica().await;
     let sig = aapl("rec1");
     let key = worker::entry_key(&sig.signal_id);
-    env.state.put(&key, "placeholder".into()).await.unwrap();
     let stream = env.state.stream_name.clone();
+    // Refusing: the bucket's stream takes only the reservation books' keys,
+    // so the record's put finds no stream (the book write still works).
     let set_refuse = |on: bool| {
         let (js, stream) = (env.js.clone(), stream.clone());
         async move {
             let mut st = js.get_stream(&stream).await.unwrap();
             let mut cfg = st.info().await.unwrap().config.clone();
-            cfg.discard_new_per_subject = on;
+            let all = cfg.subjects[0]
+                .trim_end_matches('>')
+                .trim_end_matches("reservations.")
+                .to_string();
+            cfg.subjects = vec![if on {
+                format!("{all}reservations.>")
+            } else {
+                format!("{all}>")
+            }];
             js.update_stream(&cfg).await.unwrap();
         }
     };
@@ -475,10 +484,7 @@ async fn an_entry_record_the_bucket_refuses_is_stored_by_a_redelivery() {
         assert!(start.elapsed() < T, "the signal must come back");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        &env.state.get(&key).await.unwrap().unwrap()[..],
-        b"placeholder"
-    );
+    assert!(env.state.get(&key).await.unwrap().is_none(), "not stored");
 
     set_refuse(false).await;
     env.drained().await;
@@ -1785,5 +1791,313 @@ async fn max_position_size_counts_units_approved_but_not_yet_booked() {
     assert_ne!(r.final_quantity, d("40"), "{}", r.reason);
     let total: Decimal = env.orders().await.iter().map(|o| o.quantity).sum();
     assert!(total * d("150") <= d("10000"), "ordered {total} units");
+    env.shutdown.cancel();
+}
+
+// ----- entries and exits under races, redeliveries and backlogs ----------------
+
+/// The accounts stage applies order events and executions on two separate
+/// consumers, so a state can show the FILLED event (order gone from
+/// `open_orders`) before the execution is booked (no position, no margin,
+/// `executions_seq` below the fill). A reservation must not be released by
+/// such a state: the fill's margin would then be counted nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seen_order_is_not_released_before_its_fill_is_booked() {
+    let env = Env::new().await;
+    // No grace can settle the reservation during the test.
+    let (c, _h) = env
+        .replica_with(|s| {
+            s.booking_grace = chrono::Duration::hours(1);
+            s.unbooked_grace = chrono::Duration::hours(2);
+        })
+        .await;
+    let entry = aapl("sb1");
+    env.publish(&entry).await;
+    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
+    assert_eq!(r.final_quantity, d("17"));
+    let oid = order_id(&entry.signal_id, 0);
+
+    // 1. The accounts stage lists the order working (it read it from ORDERS).
+    let mut st = fresh_state(d("1000000"));
+    st.open_orders.push(OpenOrder {
+        order_id: oid.clone(),
+        instrument: "AAPL".into(),
+        side: Side::Buy,
+        quantity: d("17"),
+        order_type: OrderType::Market,
+        price: Some(d("150")),
+    });
+    env.put_state(&st).await;
+    let mut seen = false;
+    for _ in 0..100 {
+        let book = c.reservation_book(ACCOUNT).await.unwrap();
+        if book
+            .held
+            .get(&entry.signal_id)
+            .is_some_and(|h| h.legs[0].seen)
+        {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen, "the working order was seen");
+
+    // 2. The venue fills it: FILLED event and execution report.
+    env.publish_filled(&oid, d("17")).await;
+    let seq = env.publish_execution(&oid, d("17")).await;
+    assert!(wait_until(T, || c.ended_order(&oid).is_some()).await);
+
+    // 3. A state that applied the FILLED event but not the execution yet.
+    let mut st = fresh_state(d("1000000"));
+    st.executions_seq = Some(seq - 1);
+    env.put_state(&st).await;
+    assert!(
+        wait_until(T, || c
+            .account_state(ACCOUNT)
+            .is_some_and(|s| s.open_orders.is_empty()))
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // The next entry is checked against margin_used 0 + reserved: the
+    // unbooked fill's 637.50 must still be counted.
+    let next = aapl("sb2");
+    env.publish(&next).await;
+    let r2 = env.decision_of(&next.signal_id, T).await.unwrap();
+    let book = c.reservation_book(ACCOUNT).await.unwrap();
+    assert_eq!(
+        r2.risk_assessment.portfolio_margin_before,
+        Some(d("637.50")),
+        "the unbooked fill's margin is counted nowhere (book holds entry: {})",
+        book.held.contains_key(&entry.signal_id)
+    );
+    env.shutdown.cancel();
+}
+
+/// A signal delivered again after its first decision went out (a lost ack,
+/// a crash before the ack) is decided afresh against the account state,
+/// which by then may hold the entry's own fill. The entry record
+/// (`entries.<signal_id>`, content-addressed message id) is then overwritten
+/// with the second decision, while the order the venue filled (same order
+/// id, deduplicated) is the first one: the exit closes what the record says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_entry_does_not_rewrite_the_entry_record() {
+    let env = Env::new().await;
+    let mut s = strategy(SPX);
+    s.risk_limits = Some(mtx_cerebro::RiskLimits {
+        max_position_size: Some(d("3000")),
+        ..Default::default()
+    });
+    env.put_strategy(&s).await;
+    let (c, _h) = env.replica().await;
+    let entry = aapl("rd1");
+    env.publish(&entry).await;
+    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
+    assert_eq!(
+        (r.decision, r.final_quantity),
+        (Decision::Approved, d("17"))
+    );
+    let oid = order_id(&entry.signal_id, 0);
+
+    // The venue fills the 17; the accounts stage books them.
+    env.publish_filled(&oid, d("17")).await;
+    let seq = env.publish_execution(&oid, d("17")).await;
+    let mut st = holding_aapl("1000000");
+    st.executions_seq = Some(seq);
+    env.put_state(&st).await;
+    assert!(
+        wait_until(T, || c.ended_order(&oid).is_some()
+            && c.account_state(ACCOUNT)
+                .is_some_and(|s| !s.open_positions.is_empty()))
+        .await
+    );
+
+    // The same signal comes again (what a redelivery hands the worker).
+    let subject = env
+        .subjects
+        .signals_standardized(entry.environment, &entry.strategy_id)
+        .unwrap();
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", "redelivery-rd1");
+    h.insert("Mtx-Signal-Id", entry.signal_id.as_str());
+    env.js
+        .publish_with_headers(subject, h, serde_json::to_vec(&entry).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    env.drained().await;
+
+    let rec = env
+        .state
+        .get(worker::entry_key(&entry.signal_id))
+        .await
+        .unwrap()
+        .unwrap();
+    let rec: worker::StoredEntry = serde_json::from_slice(&rec).unwrap();
+    println!(
+        "entry record after the redelivery: decision {:?}, ordered {:?}",
+        rec.decision,
+        rec.legs
+            .iter()
+            .map(|l| l.ordered_quantity)
+            .collect::<Vec<_>>()
+    );
+
+    // The sender exits its whole entry: the 17 held must be closed.
+    let exit = exit_of(&entry, "rd2", true);
+    env.publish(&exit).await;
+    let x = env.decision_of(&exit.signal_id, T).await.unwrap();
+    assert_eq!(
+        x.final_quantity,
+        d("17"),
+        "exit of a 17-share entry closes {} ({}: {})",
+        x.final_quantity,
+        x.decision,
+        x.reason
+    );
+    env.shutdown.cancel();
+}
+
+/// Signals that waited in a backlog (Cerebro down or behind for more than
+/// `entry_wait`, 300 s) carry an old `received_at`. An exit of an entry
+/// decided a moment ago must still wait for that entry's fill (the README:
+/// "an EXIT / CANCEL waits at most this long for its entry to fill"), not
+/// give up at once and send a cancel of an order that fills a millisecond
+/// later (too late to cancel: the position is never closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_from_a_backlog_still_waits_for_its_entry_fill() {
+    let env = Env::new().await;
+    let (_c, _h) = env.replica().await;
+    let queued_at = Utc::now() - chrono::Duration::minutes(10);
+    let mut entry = aapl("bl1");
+    entry.received_at = queued_at;
+    env.publish(&entry).await;
+    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
+    assert_eq!(
+        (r.decision, r.final_quantity),
+        (Decision::Approved, d("17"))
+    );
+
+    let mut exit = exit_of(&entry, "bl2", true);
+    exit.received_at = queued_at + chrono::Duration::seconds(30);
+    env.publish(&exit).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let early = env
+        .decisions()
+        .await
+        .into_iter()
+        .find(|r| r.signal_id == exit.signal_id);
+    let cancels = env
+        .read::<mtx_schemas::order::CancelOrder>(streams::ORDERS, "orders.*.cancel")
+        .await;
+    assert!(
+        early.is_none(),
+        "exit decided before its entry could fill: {:?} final {:?} ({}); cancels sent: {:?}",
+        early.as_ref().map(|r| r.decision),
+        early.as_ref().map(|r| r.final_quantity),
+        early.as_ref().map(|r| r.reason.clone()).unwrap_or_default(),
+        cancels.iter().map(|c| &c.order_id).collect::<Vec<_>>()
+    );
+    env.shutdown.cancel();
+}
+
+/// An entry order that ended partly filled (5 of 17, the rest cancelled):
+/// once Cerebro no longer remembers the order's end (forgotten one minute
+/// after it by the janitor pass, or never seen by a replica started after
+/// it: the order-event feed starts at `New`) and the reservation is
+/// released, `entry_with_progress` treats the entry as FILLED with its whole
+/// ordered quantity, and the linked exit closes 17 of the strategy's
+/// position: 12 shares that other entries opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_of_a_partly_filled_entry_never_closes_more_than_it_filled() {
+    let env = Env::new().await;
+    let (c, _h) = env.replica().await;
+    let entry = aapl("pf1");
+    env.publish(&entry).await;
+    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
+    assert_eq!(
+        (r.decision, r.final_quantity),
+        (Decision::Approved, d("17"))
+    );
+    let oid = order_id(&entry.signal_id, 0);
+
+    // The venue fills 5, then the rest is cancelled.
+    let e = |seq, status, previous_status, filled_quantity| OrderEvent {
+        order_id: oid.clone(),
+        account: ACCOUNT.into(),
+        status,
+        previous_status,
+        filled_quantity,
+        avg_fill_price: None,
+        reason: None,
+        timestamp: Utc::now(),
+        seq,
+    };
+    let events = [
+        e(1, OrderStatus::Submitted, None, Decimal::ZERO),
+        e(
+            2,
+            OrderStatus::Accepted,
+            Some(OrderStatus::Submitted),
+            Decimal::ZERO,
+        ),
+        e(
+            3,
+            OrderStatus::PartiallyFilled,
+            Some(OrderStatus::Accepted),
+            d("5"),
+        ),
+        e(
+            4,
+            OrderStatus::Cancelled,
+            Some(OrderStatus::PartiallyFilled),
+            d("5"),
+        ),
+    ];
+    env.publish_json(env.subjects.orders_events(ACCOUNT).unwrap(), &events)
+        .await;
+    let seq = env.publish_execution(&oid, d("5")).await;
+    assert!(wait_until(T, || c.ended_order(&oid).is_some()).await);
+    // The account books the 5; the strategy also holds 100 AAPL of earlier entries.
+    let mut st = holding_aapl("1000000");
+    st.open_positions[0].quantity = d("105");
+    st.executions_seq = Some(seq);
+    env.put_state(&st).await;
+    let mut released = false;
+    for _ in 0..100 {
+        if !c
+            .reservation_book(ACCOUNT)
+            .await
+            .unwrap()
+            .held
+            .contains_key(&entry.signal_id)
+        {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(released, "the entry's reservation is released (booked)");
+
+    // A few minutes later the janitor has forgotten the order's end.
+    c.janitor_pass(Utc::now() + chrono::Duration::minutes(5))
+        .await
+        .unwrap();
+    assert!(c.ended_order(&oid).is_none());
+
+    // The sender exits its whole entry: only the 5 it filled may be sold.
+    let exit = exit_of(&entry, "pf2", true);
+    env.publish(&exit).await;
+    let x = env.decision_of(&exit.signal_id, T).await.unwrap();
+    assert_eq!(
+        x.final_quantity,
+        d("5"),
+        "exit of an entry that filled 5 sells {} ({}: {})",
+        x.final_quantity,
+        x.decision,
+        x.reason
+    );
     env.shutdown.cancel();
 }

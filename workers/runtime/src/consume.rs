@@ -718,6 +718,9 @@ async fn process_batch<H: Handler>(
         let now = now_nanos();
         for ((owner, r), t) in owners.into_iter().zip(results).zip(received) {
             match r {
+                // A first-writer-wins message whose subject already holds
+                // one ([`Outgoing::only_if_new_subject`]): stored before.
+                Err(e) if e.already_stored => {}
                 Err(e) => publish_failed[owner] = Some(e.to_string()),
                 Ok(_) => {
                     if let Some(t) = t {
