@@ -16,8 +16,9 @@
 //! Market prices come first because a fill price is not a market observation
 //! (a resting LIMIT fills at its limit when the market trades through it).
 //! Both are maxima over sets, so they do not depend on arrival order: a
-//! replay that reads the executions stream first and the latest price per
-//! symbol after gets the live marks exactly.
+//! replay that reads the executions stream first and every retained price
+//! after (the last price of a symbol is not enough: it may be a late tick or
+//! one refused) gets the live marks exactly.
 //!
 //! # Accounts
 //!

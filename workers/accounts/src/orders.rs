@@ -173,9 +173,12 @@ impl OpenOrders {
         while let Some((at, stamp, id)) = self.expiry.front() {
             let stale = self.finished.get(id).is_none_or(|f| f.stamp != *stamp);
             let over = self.finished.len() > self.retention.max_finished;
-            let old = self
-                .clock
-                .is_some_and(|c| *at + self.retention.retention < c);
+            // A retention beyond the calendar (`at + retention` overflows)
+            // never expires a tombstone.
+            let old = self.clock.is_some_and(|c| {
+                at.checked_add_signed(self.retention.retention)
+                    .is_some_and(|end| end < c)
+            });
             if !(stale || over || old) {
                 break;
             }
@@ -390,6 +393,23 @@ mod tests {
         assert_eq!(b.for_account("A").len(), 1, "only o3");
         b.apply_event(&event_at("o3", OrderStatus::Filled, 2, 200));
         assert_eq!((b.working_len(), b.finished_len()), (0, 1));
+    }
+
+    #[test]
+    fn a_retention_beyond_the_calendar_never_expires() {
+        // The largest retention `ledger_config` can build: `at + retention`
+        // is past chrono's range and means "never", not a panic.
+        let mut b = OpenOrders::new(OrderRetention {
+            retention: chrono::Duration::MAX,
+            max_finished: 1_000,
+        });
+        b.track(&at("o1", 0));
+        b.apply_event(&event_at("o1", OrderStatus::Filled, 1, 0));
+        b.track(&at("o2", 1_000_000_000));
+        b.apply_event(&event_at("o2", OrderStatus::Accepted, 1, 1_000_000_000));
+        assert_eq!(b.finished_len(), 1, "o1's tombstone is kept");
+        assert!(!b.track(&at("o1", 0)), "o1 stays finished");
+        assert_eq!(b.for_account("A").len(), 1, "only o2");
     }
 
     proptest::proptest! {

@@ -63,21 +63,26 @@
 //! is the ledger. Before its first batch (and after any failure that may
 //! have left the book half-updated) the stage rebuilds the book from nothing
 //! with [`rebuild`]: every execution from the beginning of `EXECUTIONS` in
-//! stream order, then the latest price per symbol on `MARKET`, then every
-//! order and order event still in `ORDERS` / `ORDER_EVENTS`, each through
-//! the same [`Book::apply`] (messages the live loop dead-letters are skipped
-//! the same way). Then the durable consumers resume; anything they redeliver
-//! was already replayed and is a duplicate (a late copy of an order that has
-//! finished since is ignored, see [`crate::orders`]).
+//! stream order, then every price still in `MARKET` (up to 1,000 per
+//! symbol, not just the last one), then every order and order event still in
+//! `ORDERS` / `ORDER_EVENTS`, each through the same [`Book::apply`]
+//! (messages the live loop dead-letters are skipped the same way). Then the
+//! durable consumers resume; anything they redeliver was already replayed
+//! and is a duplicate (a late copy of an order that has finished since is
+//! ignored, see [`crate::orders`]).
 //!
 //! Exactness: executions are applied in stream order both live and in replay
 //! (first deliveries come in stream order, and no execution outcome is ever
 //! retried), the ledger is idempotent on `execution_id`, marks are an
-//! order-independent maximum ([`crate::book`]), and open orders are keyed by
-//! per-order event sequence. So the rebuilt state equals the live one field
-//! for field — except where a stream's age limit has dropped the input: a
-//! mark older than `MARKET`'s age limit (the latest fill price is used
-//! instead) and an order still working after `ORDERS`' age limit; and
+//! order-independent maximum over the valid prices ([`crate::book`]) and the
+//! replay reads every retained price, refusing the same ones the live stage
+//! refused (a late tick is read but does not win; a price stamped too far
+//! ahead is refused again), and open orders are keyed by per-order event
+//! sequence. So the rebuilt state equals the live one field for field —
+//! except where a stream's limits have dropped the input: a mark older than
+//! `MARKET`'s age limit (the latest fill price is used instead), or pushed
+//! out by 1,000 later prices of its symbol that were all stamped earlier
+//! (late ticks), and an order still working after `ORDERS`' age limit; and
 //! except an order first seen live more than the finished-order retention
 //! after newer orders finished (`accounts.finished_order_retention_secs` /
 //! `accounts.finished_orders_max`, [`crate::orders`]), which the live book
@@ -147,9 +152,12 @@ pub enum WorkerError {
 pub fn ledger_config(cfg: &AccountsConfig) -> LedgerConfig {
     LedgerConfig {
         order_retention: crate::orders::OrderRetention {
-            retention: chrono::Duration::seconds(
-                i64::try_from(cfg.finished_order_retention_secs).unwrap_or(i64::MAX / 1_000),
-            ),
+            // The config bounds the setting; beyond chrono's range (an
+            // unvalidated config) the retention is the longest there is.
+            retention: i64::try_from(cfg.finished_order_retention_secs)
+                .ok()
+                .and_then(chrono::Duration::try_seconds)
+                .unwrap_or(chrono::Duration::MAX),
             max_finished: cfg.finished_orders_max,
         },
         default_initial_balance: cfg.default_initial_balance,
@@ -295,9 +303,9 @@ fn refusal(e: &LedgerError) -> Refusal {
     (e.reason_code(), e.to_string())
 }
 
-/// Read every message of `stream` under `filter` (all of it, or the last per
-/// subject) and hand each to `f`, in stream order. Reads up to what the
-/// stream held when the read started.
+/// Read every message of `stream` under `filter` (from where
+/// `deliver_policy` starts) and hand each to `f`, in stream order. Reads up
+/// to what the stream held when the read started.
 async fn read_stream(
     js: &jetstream::Context,
     stream: &str,
@@ -394,7 +402,10 @@ pub async fn rebuild(
             Source::Market,
             streams::MARKET,
             "market.prices.>",
-            consumer::DeliverPolicy::LastPerSubject,
+            // Every retained price, not the last per subject: the live mark
+            // is the greatest (timestamp, price) of all valid prices, and the
+            // last message of a subject may be a late tick or a refused one.
+            consumer::DeliverPolicy::All,
         ),
         (
             Source::Orders,
@@ -1109,5 +1120,20 @@ mod tests {
             event("o", "OTHER", 2, "ACCEPTED")
         ]);
         assert_eq!(decode(elsewhere).unwrap_err().0, "account_mismatch");
+    }
+
+    #[test]
+    fn a_retention_beyond_chrono_is_the_longest_there_is() {
+        // The config refuses these; an unvalidated one must still not panic.
+        for secs in [i64::MAX as u64, u64::MAX] {
+            let cfg = AccountsConfig {
+                finished_order_retention_secs: secs,
+                ..Default::default()
+            };
+            let c = ledger_config(&cfg);
+            assert_eq!(c.order_retention.retention, chrono::Duration::MAX, "{secs}");
+        }
+        let c = ledger_config(&AccountsConfig::default());
+        assert_eq!(c.order_retention.retention, chrono::Duration::seconds(300));
     }
 }

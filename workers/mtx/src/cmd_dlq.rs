@@ -53,6 +53,11 @@ pub enum DlqCmd {
         /// Print what would be sent; send nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Send a letter again even if it was already redriven with the same
+        /// bytes (without it such a letter is skipped, so repeating a command
+        /// that failed half-way cannot send one twice).
+        #[arg(long)]
+        again: bool,
     },
 }
 
@@ -103,6 +108,7 @@ pub async fn run(cmd: DlqCmd, cfg: &Config) -> Result<ExitCode> {
             ids,
             payload_file,
             dry_run,
+            again,
         } => {
             if payload_file.is_some() && ids.len() != 1 {
                 bail!("--payload-file replaces the payload of exactly one dead letter");
@@ -123,12 +129,19 @@ pub async fn run(cmd: DlqCmd, cfg: &Config) -> Result<ExitCode> {
             if dry_run {
                 for d in &letters {
                     let body = payload.clone().unwrap_or_else(|| ops::payload_bytes(d));
-                    println!(
-                        "would publish {} bytes on {} (dead letter {})",
-                        body.len(),
-                        ops::show(d.get("original_subject")),
-                        ops::show(d.get("dead_letter_id"))
-                    );
+                    match ops::earlier_redrive(d, &body).filter(|_| !again) {
+                        Some(r) => println!(
+                            "would skip dead letter {}: already redriven with these bytes as {} (--again sends it once more)",
+                            ops::show(d.get("dead_letter_id")),
+                            ops::show(r.get("msg_id"))
+                        ),
+                        None => println!(
+                            "would publish {} bytes on {} (dead letter {})",
+                            body.len(),
+                            ops::show(d.get("original_subject")),
+                            ops::show(d.get("dead_letter_id"))
+                        ),
+                    }
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -137,13 +150,24 @@ pub async fn run(cmd: DlqCmd, cfg: &Config) -> Result<ExitCode> {
                 .with_context(|| format!("connecting to NATS at {}", cfg.nats.url))?;
             let mut failed = 0;
             for d in &letters {
-                match ops::redrive(&store, &js, d, payload.clone()).await {
-                    Ok(r) => println!(
-                        "redriven {} -> {} seq {}{}{}",
+                match ops::redrive(&store, &js, d, payload.clone(), again).await {
+                    Ok(r) if r.duplicate => println!(
+                        "already redriven {} -> {} seq {} as {}: not sent again{}",
                         r.dead_letter_id,
                         r.subject,
                         r.seq,
-                        if r.duplicate { " (already sent)" } else { "" },
+                        r.msg_id,
+                        if again {
+                            ""
+                        } else {
+                            " (--again sends it once more)"
+                        }
+                    ),
+                    Ok(r) => println!(
+                        "redriven {} -> {} seq {}{}",
+                        r.dead_letter_id,
+                        r.subject,
+                        r.seq,
                         if r.payload_changed {
                             " with the fixed payload"
                         } else {

@@ -670,7 +670,8 @@ pub struct AccountsConfig {
     /// orders) is not re-encoded, stored and sent every window under load.
     pub publish_bytes_per_sec: u64,
     /// A finished order is remembered (so a late copy cannot reopen it) until
-    /// events this many seconds newer than its end have been seen.
+    /// events this many seconds newer than its end have been seen (1 s to
+    /// [`MAX_FINISHED_ORDER_RETENTION_SECS`], 10 years).
     pub finished_order_retention_secs: u64,
     /// At most this many finished orders are remembered (oldest dropped first).
     pub finished_orders_max: usize,
@@ -720,6 +721,9 @@ impl Default for InstrumentConfig {
     }
 }
 
+/// Upper bound of `accounts.finished_order_retention_secs`: 10 years.
+pub const MAX_FINISHED_ORDER_RETENTION_SECS: u64 = 315_360_000;
+
 impl AccountsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |s: String| Err(ConfigError(s));
@@ -740,6 +744,12 @@ impl AccountsConfig {
         }
         if self.finished_order_retention_secs == 0 {
             return bad("accounts.finished_order_retention_secs: must be > 0".into());
+        }
+        if self.finished_order_retention_secs > MAX_FINISHED_ORDER_RETENTION_SECS {
+            return bad(format!(
+                "accounts.finished_order_retention_secs (MTX_ACCOUNTS__FINISHED_ORDER_RETENTION_SECS): {} must be <= {MAX_FINISHED_ORDER_RETENTION_SECS} (10 years)",
+                self.finished_order_retention_secs
+            ));
         }
         if self.finished_orders_max == 0 {
             return bad("accounts.finished_orders_max: must be > 0".into());
@@ -1109,6 +1119,34 @@ margin_per_contract = "16500"
             assert_eq!(
                 e,
                 "config error: accounts.publish_bytes_per_sec (MTX_ACCOUNTS__PUBLISH_BYTES_PER_SEC): 999 must be 0 (no limit) or >= 10000"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn accounts_finished_order_retention_is_bounded() {
+        let mut c = Config::default();
+        c.accounts.finished_order_retention_secs = MAX_FINISHED_ORDER_RETENTION_SECS;
+        assert!(c.validate().is_ok(), "10 years is accepted");
+        // Beyond that, `at + retention` leaves the calendar: refused, naming
+        // the setting.
+        c.accounts.finished_order_retention_secs = u64::MAX;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            format!(
+                "config error: accounts.finished_order_retention_secs (MTX_ACCOUNTS__FINISHED_ORDER_RETENTION_SECS): {} must be <= 315360000 (10 years)",
+                u64::MAX
+            )
+        );
+        Jail::expect_with(|jail| {
+            jail.set_env("MTX_ACCOUNTS__FINISHED_ORDER_RETENTION_SECS", "315360001");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(
+                e.starts_with(
+                    "config error: accounts.finished_order_retention_secs (MTX_ACCOUNTS__FINISHED_ORDER_RETENTION_SECS): 315360001 must be <="
+                ),
+                "{e}"
             );
             Ok(())
         });

@@ -8,7 +8,8 @@
 //!   and why.
 //! - [`redrive`]: publish a dead letter's payload (or a fixed one) back on
 //!   its original subject, so it goes through its stage again, and record
-//!   the redrive on the dead letter.
+//!   the redrive on the dead letter; the same bytes are not sent twice
+//!   unless asked to (`mtx dlq redrive --again`).
 
 use crate::error::SinkError;
 use crate::spec::{names, Db};
@@ -573,21 +574,34 @@ pub struct Redriven {
     pub msg_id: String,
     /// Stream sequence (0 when JetStream dropped it as a duplicate).
     pub seq: u64,
-    /// JetStream had already stored this redrive (a repeated command).
+    /// Nothing new was published: the letter had already been redriven with
+    /// the same bytes (`msg_id` and `seq` are that earlier redrive's; see
+    /// [`redrive`]), or JetStream had already stored this redrive (a repeated
+    /// command whose record was not written).
     pub duplicate: bool,
     /// The payload was replaced by a fixed one.
     pub payload_changed: bool,
 }
 
 /// Publish a dead letter back on its original subject (with `payload` instead
-/// of the stored bytes when given) and record it on the dead letter. The
-/// message id is `redrive:<dead letter id>:<n>`, so repeating a redrive
-/// command that failed half-way cannot publish twice.
+/// of the stored bytes when given) and record it on the dead letter (with
+/// the SHA-256 of the bytes sent, `payload_sha256`).
+///
+/// A letter already redriven with the same bytes is not published again
+/// unless `again` is set: the earlier redrive is returned with `duplicate`
+/// set, so repeating a redrive command that failed half-way (`mtx dlq
+/// redrive A B` that sent A and failed on B) cannot publish A twice. A
+/// record from before `payload_sha256` counts as the same bytes as the
+/// stored payload when its `payload_changed` is false. The message id is
+/// `redrive:<dead letter id>:<n>` (`n` = recorded redrives + 1), so a
+/// publish whose record was not written is dropped by JetStream's duplicate
+/// window when repeated, and `again` gets a new one.
 pub async fn redrive(
     store: &Store,
     js: &jetstream::Context,
     dead_letter: &Document,
     payload: Option<Vec<u8>>,
+    again: bool,
 ) -> Result<Redriven, SinkError> {
     let id = dead_letter
         .get_str("dead_letter_id")
@@ -623,6 +637,24 @@ pub async fn redrive(
         )));
     }
     let body = payload.unwrap_or_else(|| payload_bytes(dead_letter));
+    let sha = crate::mapping::sha256_hex(&body);
+    if !again {
+        if let Some(earlier) = earlier_redrive_of(dead_letter, &sha) {
+            return Ok(Redriven {
+                dead_letter_id: id,
+                subject: earlier
+                    .get_str("subject")
+                    .map(str::to_string)
+                    .unwrap_or(subject),
+                msg_id: earlier.get_str("msg_id").unwrap_or_default().to_string(),
+                seq: int_of(earlier.get("seq"))
+                    .and_then(|s| u64::try_from(s).ok())
+                    .unwrap_or(0),
+                duplicate: true,
+                payload_changed,
+            });
+        }
+    }
     let mut h = async_nats::HeaderMap::new();
     if let Ok(hs) = dead_letter.get_document("headers") {
         for (k, v) in hs {
@@ -651,6 +683,7 @@ pub async fn redrive(
         "stream": &ack.stream,
         "seq": ack.sequence as i64,
         "payload_changed": payload_changed,
+        "payload_sha256": &sha,
     };
     let c = store.coll(Db::Trading, names::DEAD_LETTERS);
     store
@@ -671,6 +704,37 @@ pub async fn redrive(
         duplicate: ack.duplicate,
         payload_changed,
     })
+}
+
+/// The first recorded redrive of `dead_letter` that sent `body`, if any
+/// (what [`redrive`] without `again` skips).
+pub fn earlier_redrive<'a>(dead_letter: &'a Document, body: &[u8]) -> Option<&'a Document> {
+    earlier_redrive_of(dead_letter, &crate::mapping::sha256_hex(body))
+}
+
+/// The first recorded redrive of `dead_letter` that sent the bytes hashing
+/// to `sha` (hex SHA-256). A record without `payload_sha256` (written before
+/// it was recorded) sent the stored payload when its `payload_changed` is
+/// false; one with a fixed payload of unknown bytes matches nothing.
+fn earlier_redrive_of<'a>(dead_letter: &'a Document, sha: &str) -> Option<&'a Document> {
+    let mut original = None;
+    dead_letter
+        .get_array("redrives")
+        .ok()?
+        .iter()
+        .filter_map(Bson::as_document)
+        .find(|r| match r.get_str("payload_sha256") {
+            Ok(h) => h == sha,
+            Err(_) => {
+                matches!(r.get_bool("payload_changed"), Ok(false))
+                    && original
+                        .get_or_insert_with(|| {
+                            crate::mapping::sha256_hex(&payload_bytes(dead_letter))
+                        })
+                        .as_str()
+                        == sha
+            }
+        })
 }
 
 /// Number of redrives recorded on a dead letter.

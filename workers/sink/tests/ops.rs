@@ -91,7 +91,9 @@ async fn lifecycle_and_dead_letter_redrive() {
     let mut hs = slim.get_document("headers").cloned().unwrap_or_default();
     hs.insert(mtx_runtime::dlq::DLQ_PAYLOAD_OMITTED, "true");
     slim.insert("headers", hs);
-    let refused = ops::redrive(&store, &t.js, &slim, None).await.unwrap_err();
+    let refused = ops::redrive(&store, &t.js, &slim, None, false)
+        .await
+        .unwrap_err();
     assert!(
         refused.to_string().contains("original payload"),
         "{refused}"
@@ -105,6 +107,7 @@ async fn lifecycle_and_dead_letter_redrive() {
         &t.js,
         &shown,
         Some(serde_json::to_vec(&fixed).unwrap()),
+        false,
     )
     .await
     .unwrap();
