@@ -53,6 +53,8 @@ TOPOLOGY = os.path.join(ROOT, "subjects/topology/consumers")
 AUTH_CONF = os.path.join(ROOT, "deploy/nats/auth.conf")
 KEDA_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication")}
 POOLS = ["gateway", "bridge", "standardizer", "cerebro", "execution", "accounts", "sink"]
+# Pools that read or write MongoDB (cerebro: strategy_backtest_data for CVaR).
+MONGO_POOLS = {"gateway", "bridge", "cerebro", "sink"}
 # Pools that must run exactly one replica (deploy/README.md: Kubernetes, "Singletons"):
 #   bridge     tails the collector's change stream: two would publish every signal
 #              twice and race on one saved resume token;
@@ -190,7 +192,12 @@ def validate_overlay(label, path, version, replicas, r):
         r.check(res.get("requests", {}).get("cpu") and res.get("requests", {}).get("memory")
                 and res.get("limits", {}).get("memory"), f"{where}: cpu/memory requests and a memory limit")
         r.check(pod.get("automountServiceAccountToken") is False, f"{where}: no service account token")
+        # Service link variables (MTX_GATEWAY_PORT, ...) are MTX_ keys the
+        # config refuses as unknown: the process would not start.
+        r.check(pod.get("enableServiceLinks") is False, f"{where}: enableServiceLinks must be false")
         env = env_of(c)
+        if pool in MONGO_POOLS:
+            r.check("MTX_MONGO__URI" in env, f"{where}: uses MongoDB but has no MTX_MONGO__URI")
         user = (env.get("MTX_NATS__USER") or {}).get("value")
         r.check(user == pool, f"{where}: MTX_NATS__USER {user!r} != {pool!r}")
         r.check(user in users, f"{where}: NATS user {user!r} is not in deploy/nats/auth.conf")
@@ -220,6 +227,7 @@ def validate_overlay(label, path, version, replicas, r):
                     f"{label}: `topology apply` must use the NATS admin user")
         r.check(pod["containers"][0].get("args") == ["db", "migrate"], f"{label}: mtx-setup must run `mtx db migrate`")
         r.check(pod.get("securityContext", {}).get("runAsNonRoot") is True, f"{label}: mtx-setup non-root")
+        r.check(pod.get("enableServiceLinks") is False, f"{label}: mtx-setup enableServiceLinks must be false")
     return len(docs)
 
 

@@ -179,15 +179,15 @@ async fn outcomes_drive_ack_delayed_redelivery_and_dlq() {
 
     let text = mtx_runtime::metrics::render(&run.registry);
     for line in [
-        "mtx_messages_processed_total{outcome=\"ok\",stage=\"standardizer\"} 2",
-        "mtx_messages_processed_total{outcome=\"dlq\",stage=\"standardizer\"} 2",
-        "mtx_messages_processed_total{outcome=\"retry\",stage=\"standardizer\"} 3",
+        "mtx_messages_processed_total{consumer=\"standardizer\",outcome=\"ok\",stage=\"standardizer\"} 2",
+        "mtx_messages_processed_total{consumer=\"standardizer\",outcome=\"dlq\",stage=\"standardizer\"} 2",
+        "mtx_messages_processed_total{consumer=\"standardizer\",outcome=\"retry\",stage=\"standardizer\"} 3",
         "mtx_dlq_messages_total{reason=\"bad_input\",stage=\"standardizer\"} 1",
         "mtx_dlq_messages_total{reason=\"max_deliveries\",stage=\"standardizer\"} 1",
         "mtx_redeliveries_total{stage=\"standardizer\"} 3",
         "mtx_messages_received_total{stage=\"standardizer\"} 7",
         // Series that never moved exist at 0 from the start.
-        "mtx_messages_processed_total{outcome=\"duplicate\",stage=\"standardizer\"} 0",
+        "mtx_messages_processed_total{consumer=\"standardizer\",outcome=\"duplicate\",stage=\"standardizer\"} 0",
     ] {
         assert!(text.contains(line), "missing `{line}` in\n{text}");
     }

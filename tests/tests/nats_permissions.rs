@@ -641,12 +641,12 @@ async fn pipeline_runs_end_to_end_with_role_credentials() {
         .unwrap();
     for line in [
         "mtx_nats_connected 1".to_string(),
-        format!("mtx_messages_processed_total{{outcome=\"ok\",stage=\"echo\"}} {n}"),
+        format!("mtx_messages_processed_total{{consumer=\"standardizer\",outcome=\"ok\",stage=\"echo\"}} {n}"),
     ] {
         assert!(metrics.contains(&line), "missing `{line}` in\n{metrics}");
     }
     assert!(
-        metrics.contains("mtx_messages_processed_total{outcome=\"dlq\",stage=\"echo\"} 0"),
+        metrics.contains("mtx_messages_processed_total{consumer=\"standardizer\",outcome=\"dlq\",stage=\"echo\"} 0"),
         "{metrics}"
     );
 

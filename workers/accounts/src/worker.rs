@@ -108,6 +108,7 @@ use chrono::Utc;
 use futures::future::join_all;
 use futures::{FutureExt, StreamExt};
 use mtx_runtime::config::AccountsConfig;
+use mtx_runtime::health::Beat;
 use mtx_runtime::process::{Process, ProcessError};
 use mtx_runtime::publish::Publisher;
 use mtx_runtime::{Delivery, Handler, Outcome, Outgoing};
@@ -311,6 +312,7 @@ async fn read_stream(
     stream: &str,
     filter: &str,
     deliver_policy: consumer::DeliverPolicy,
+    progress: &(dyn Fn() + Sync),
     mut f: impl FnMut(&str, &[u8], u64, Option<chrono::DateTime<Utc>>),
 ) -> Result<u64, String> {
     let st = js
@@ -345,6 +347,7 @@ async fn read_stream(
             .await
             .map_err(|e| format!("replay fetch on {stream}: {e}"))?;
         let mut got = 0u64;
+        progress();
         while let Some(m) = batch.next().await {
             let m = m.map_err(|e| format!("replay on {stream}: {e}"))?;
             got += 1;
@@ -388,6 +391,17 @@ pub async fn rebuild(
     topology: &Topology,
     config: LedgerConfig,
 ) -> Result<(Book, u64), String> {
+    rebuild_with_progress(js, topology, config, &|| {}).await
+}
+
+/// [`rebuild`], calling `progress` before every fetch of up to 1,000
+/// messages (the stage's liveness beat: a long replay is not a hang).
+pub async fn rebuild_with_progress(
+    js: &jetstream::Context,
+    topology: &Topology,
+    config: LedgerConfig,
+    progress: &(dyn Fn() + Sync),
+) -> Result<(Book, u64), String> {
     let subjects = Subjects::new(&topology.settings.prefix);
     let mut book = Book::new(config);
     let mut refused = 0u64;
@@ -426,6 +440,7 @@ pub async fn rebuild(
             &topology.stream_name(stream),
             &subjects.raw_subject(filter),
             policy,
+            progress,
             |subject, payload, seq, stored| {
                 let applied = decode(&subjects, source, subject, payload, stored)
                     .and_then(|input| book.apply(&input).map_err(|e| refusal(&e)));
@@ -580,6 +595,8 @@ pub struct Accounts {
     bytes_per_sec: u64,
     retry_after: Duration,
     shutdown: CancellationToken,
+    /// Liveness of the publisher, also beaten while a replay makes progress.
+    beat: Beat,
 }
 
 impl Accounts {
@@ -618,6 +635,7 @@ impl Accounts {
             bytes_per_sec: cfg.publish_bytes_per_sec,
             retry_after: Duration::from_millis(process.config.worker.publish_retry_delay_ms),
             shutdown: process.shutdown.clone(),
+            beat: process.health.beat("accounts publisher"),
         })
     }
 
@@ -665,7 +683,12 @@ impl Accounts {
 
     async fn ensure<'a>(&self, guard: &'a mut Option<Live>) -> Result<&'a mut Live, String> {
         if guard.is_none() {
-            let rebuilt = rebuild(&self.js, &self.topology, self.config.clone()).await;
+            let beat = self.beat.clone();
+            let rebuilt =
+                rebuild_with_progress(&self.js, &self.topology, self.config.clone(), &move || {
+                    beat.beat()
+                })
+                .await;
             let (book, refused) = match rebuilt {
                 Ok(r) => r,
                 Err(e) => {
@@ -974,16 +997,23 @@ impl Accounts {
     /// (the first time right away, which also rebuilds the book), a retry
     /// `worker.publish_retry_delay_ms` after a failed round, and a last
     /// round of everything pending on shutdown.
-    async fn publish_loop(self: Arc<Self>, shutdown: CancellationToken, beat: impl Fn()) {
+    async fn publish_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let mut heartbeat = tokio::time::interval(self.interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Liveness on its own cadence: the re-publish interval may be as
+        // long as the liveness timeout.
+        let mut alive = tokio::time::interval(self.interval.min(Duration::from_secs(5)));
+        alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next: Option<Instant> = None;
         loop {
             let until = next.map(tokio::time::Instant::from_std);
             let force = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = alive.tick() => {
+                    self.beat.beat();
+                    continue;
+                }
                 _ = heartbeat.tick() => {
-                    beat();
                     self.mark_all().await;
                     true
                 }
@@ -1049,12 +1079,7 @@ pub fn spawn(process: &mut Process) -> Result<Arc<Accounts>, WorkerError> {
             }),
         )?;
     }
-    let beat = process.health.beat("accounts publisher");
-    process.spawn(
-        engine
-            .clone()
-            .publish_loop(process.shutdown.clone(), move || beat.beat()),
-    );
+    process.spawn(engine.clone().publish_loop(process.shutdown.clone()));
     Ok(engine)
 }
 

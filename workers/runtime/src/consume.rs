@@ -313,7 +313,7 @@ async fn run_inner<H: Handler>(
         let stage = b.stage.as_str();
         m.received.with_label_values(&[stage]);
         for outcome in ["ok", "duplicate", "retry", "dlq"] {
-            m.processed.with_label_values(&[stage, outcome]);
+            m.processed.with_label_values(&[stage, &b.durable, outcome]);
         }
         m.redeliveries.with_label_values(&[stage]);
         m.in_flight.with_label_values(&[stage]);
@@ -781,7 +781,9 @@ async fn process_batch<H: Handler>(
             // The server will redeliver after ack_wait; nothing is lost.
             tracing::warn!(error = %e, "could not settle message");
         }
-        m.processed.with_label_values(&[stage, outcome_label]).inc();
+        m.processed
+            .with_label_values(&[stage, &b.durable, outcome_label])
+            .inc();
     }
     m.in_flight.with_label_values(&[stage]).sub(n as i64);
 }

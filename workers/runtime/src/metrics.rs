@@ -61,9 +61,9 @@ impl RuntimeMetrics {
             processed: IntCounterVec::new(
                 Opts::new(
                     "mtx_messages_processed_total",
-                    "Messages finished, by outcome",
+                    "Messages finished, by durable consumer and outcome",
                 ),
-                &["stage", "outcome"],
+                &["stage", "consumer", "outcome"],
             )?,
             handler_seconds: HistogramVec::new(
                 HistogramOpts::new("mtx_handler_duration_seconds", "Handler time per message")

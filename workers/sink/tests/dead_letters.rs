@@ -54,13 +54,16 @@ async fn publish_letter(t: &Setup, raw_sub: &str, i: usize, seq: u64, time: &str
     publish_with(&t.js, t.sub.dlq("standardizer").unwrap(), h, body).await;
 }
 
-/// `mtx_messages_processed_total{stage="sink",outcome=...}`.
+/// `mtx_messages_processed_total{stage="sink",outcome=...}`, summed over the
+/// sink's durable consumers.
 fn processed(text: &str, outcome: &str) -> u64 {
-    let key = format!("mtx_messages_processed_total{{outcome=\"{outcome}\",stage=\"sink\"}} ");
+    let (o, s) = (format!("outcome=\"{outcome}\""), "stage=\"sink\"");
     text.lines()
-        .find_map(|l| l.strip_prefix(key.as_str()))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .filter(|l| {
+            l.starts_with("mtx_messages_processed_total{") && l.contains(&o) && l.contains(s)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<u64>().ok())
+        .sum()
 }
 
 async fn sink_consumers_drained(t: &Setup) -> bool {
