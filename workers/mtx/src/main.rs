@@ -33,6 +33,7 @@ mod cmd_secrets;
 mod cmd_signal;
 mod cmd_signal_show;
 mod cmd_strategies;
+mod cmd_system;
 mod passthrough;
 mod workers;
 
@@ -72,6 +73,11 @@ enum Cmd {
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+    /// The kill switch: `mtx system show | halt | resume`.
+    System {
+        #[command(subcommand)]
+        cmd: cmd_system::SystemCmd,
     },
     /// Market data by hand: `mtx market price <symbol> <price>`.
     Market {
@@ -201,6 +207,7 @@ async fn dispatch(cmd: Cmd, cfg: Config) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Topology { cmd } => topology(cmd, cfg).await,
+        Cmd::System { cmd } => cmd_system::run(cmd, &cfg).await,
         Cmd::Market { cmd } => cmd_market::run(cmd, &cfg).await,
         Cmd::Signal { cmd } => cmd_signal_show::run(cmd, &cfg).await,
         Cmd::Secrets { cmd } => cmd_secrets::run(cmd, &cfg).await,
