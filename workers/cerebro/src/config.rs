@@ -14,7 +14,7 @@
 //! | `reservation_max_age_secs` | 86400 | safety prune: a reservation older than this is dropped whatever the state says |
 //! | `reservation_max_entries` | 4000 | most approved-but-unbooked entries per account; more are rejected `reservation_backlog` (a single-leg entry is ~210 bytes of the one KV value, limit 1 MiB) |
 //! | `entry_wait_secs` | 300 | an EXIT / CANCEL waits this long for its entry, then closes against the position |
-//! | `entry_done_retention_secs` | 86400 | a finished entry's `entries.*` / `exits.*` keys are deleted this long after their last change |
+//! | `entry_done_retention_secs` | 86400 | a fully exited entry is settled this long after its last change (exits folded into its record, its `exits.*` key deleted) |
 //! | `entry_max_age_secs` | 2592000 | any `entries.*` / `exits.*` key unchanged this long is deleted |
 //! | `janitor_interval_secs` | 600 | how often a replica prunes those keys |
 //! | `defer_retry_ms` | 250 | redelivery delay of a deferred EXIT / CANCEL (entry not filled or not booked yet) for its first `defer_fast_retries` deferrals |

@@ -1,21 +1,24 @@
 //! When the worker's per-entry KV keys (`entries.<signal_id>`,
-//! `exits.<entry_signal_id>` in the `account_state` bucket) are deleted.
+//! `exits.<entry_signal_id>` in the `account_state` bucket) are settled and
+//! deleted.
 //!
 //! An entry record is what later EXIT / CANCEL signals of that entry resolve
 //! against, so it cannot go the moment the entry fills: an exit may come
-//! weeks later, and a *second* exit of a fully closed entry must still find
-//! "nothing left to close" instead of closing the strategy's other
-//! positions. So:
+//! weeks later, and a *second* exit of a fully closed entry (or an exit of a
+//! REJECTED one) must still find "nothing left to close" instead of closing
+//! the strategy's other positions. So:
 //!
-//! - a **finished** entry — REJECTED (nothing opened), or no longer reserved
-//!   and every leg closed by approved exits (`Σ exit quantity ≥ ordered`, or
-//!   ≥ filled for a leg whose short end the record notes) —
-//!   is deleted `entry_done_retention` after its keys last changed (default
-//!   one day);
-//! - **any** entry, finished or not, is deleted `entry_max_age` after its keys
-//!   last changed (default 30 days). An exit of an entry deleted this way
-//!   waits `entry_wait` for the record, then closes against the strategy's
-//!   position in the instrument (the unlinked path).
+//! - a **finished** entry — no longer reserved and every leg closed by
+//!   approved exits (`Σ exit quantity ≥ ordered`, or ≥ filled for a leg
+//!   whose short end the record notes) — is **settled**
+//!   `entry_done_retention` after its keys last changed (default one day):
+//!   its exits are folded into the record's legs (`closed_quantity`,
+//!   `sender_quantity_exited`, `settled: true`) with a compare-and-set, and
+//!   its `exits.*` key is deleted. The record stays, one key per entry;
+//! - **any** entry — settled, REJECTED, open — is deleted `entry_max_age`
+//!   after its keys last changed (default 30 days). An exit of an entry
+//!   deleted this way waits `entry_wait` for the record, then closes against
+//!   the strategy's position in the instrument (the unlinked path).
 //! - an `exits.*` key whose entry key is gone is deleted after
 //!   `entry_done_retention`.
 //!
@@ -28,24 +31,18 @@ use chrono::{DateTime, Duration, Utc};
 use mtx_schemas::Decision;
 use rust_decimal::Decimal;
 
+use crate::inputs::EntryLeg;
 use crate::worker::{ExitProgress, StoredEntry};
-
-/// Why a key is deleted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Purge {
-    /// The entry is finished and its retention passed.
-    Done,
-    /// The key is older than `entry_max_age`.
-    MaxAge,
-}
 
 /// What to do with one entry's keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
     /// Keep them.
     Keep,
-    /// Delete them.
-    Purge(Purge),
+    /// Fold the exits into the record and delete the exits key.
+    Settle,
+    /// Delete them (older than `entry_max_age`).
+    Purge,
 }
 
 /// Retention rules.
@@ -57,6 +54,30 @@ pub struct Retention {
     pub max_age: Duration,
 }
 
+/// Quantity and sender quantity the exits closed of `leg` (its instrument
+/// and direction): what a settled record folded in plus `exits`.
+pub fn closed_of(
+    entry: &StoredEntry,
+    leg: &EntryLeg,
+    exits: Option<&ExitProgress>,
+) -> (Decimal, Decimal) {
+    exits
+        .map(|x| {
+            x.exits
+                .iter()
+                .filter(|(k, _)| !entry.folded_exits.contains(k))
+                .flat_map(|(_, v)| v.iter())
+                .filter(|t| t.instrument == leg.instrument && t.direction == leg.direction)
+                .fold((Decimal::ZERO, Decimal::ZERO), |(q, s), t| {
+                    (q + t.quantity, s + t.sender_quantity)
+                })
+        })
+        .map_or(
+            (leg.closed_quantity, leg.sender_quantity_exited),
+            |(q, s)| (leg.closed_quantity + q, leg.sender_quantity_exited + s),
+        )
+}
+
 /// Whether the entry opened nothing more that exits still have to close.
 pub fn finished(entry: &StoredEntry, exits: Option<&ExitProgress>, reserved: bool) -> bool {
     if entry.decision == Decision::Rejected || entry.legs.is_empty() {
@@ -66,16 +87,6 @@ pub fn finished(entry: &StoredEntry, exits: Option<&ExitProgress>, reserved: boo
         return false;
     }
     entry.legs.iter().all(|l| {
-        let closed: Decimal = exits
-            .map(|x| {
-                x.exits
-                    .values()
-                    .flatten()
-                    .filter(|t| t.instrument == l.instrument && t.direction == l.direction)
-                    .map(|t| t.quantity)
-                    .sum()
-            })
-            .unwrap_or_default();
         // A leg whose end the record notes (it filled less than ordered)
         // is done once what it filled is closed.
         let opened = if l.status.is_terminal() {
@@ -83,8 +94,27 @@ pub fn finished(entry: &StoredEntry, exits: Option<&ExitProgress>, reserved: boo
         } else {
             l.ordered_quantity
         };
-        closed >= opened
+        closed_of(entry, l, exits).0 >= opened
     })
+}
+
+/// The record of a finished entry with `exits` folded in (see the module
+/// docs).
+pub fn settle(entry: &StoredEntry, exits: Option<&ExitProgress>) -> StoredEntry {
+    let mut out = entry.clone();
+    for l in &mut out.legs {
+        (l.closed_quantity, l.sender_quantity_exited) = closed_of(entry, l, exits);
+    }
+    out.settled = true;
+    if let Some(x) = exits {
+        out.folded_exits.extend(
+            x.exits
+                .keys()
+                .filter(|k| !entry.folded_exits.contains(k))
+                .cloned(),
+        );
+    }
+    out
 }
 
 /// What to do with an entry's keys last changed at `last_change`.
@@ -97,10 +127,11 @@ pub fn entry_disposition(
     r: Retention,
 ) -> Disposition {
     let idle = now.signed_duration_since(last_change);
+    let opened = entry.decision != Decision::Rejected && !entry.legs.is_empty();
     if idle >= r.max_age {
-        Disposition::Purge(Purge::MaxAge)
-    } else if idle >= r.done && finished(entry, exits, reserved) {
-        Disposition::Purge(Purge::Done)
+        Disposition::Purge
+    } else if idle >= r.done && opened && !entry.settled && finished(entry, exits, reserved) {
+        Disposition::Settle
     } else {
         Disposition::Keep
     }
@@ -109,7 +140,6 @@ pub fn entry_disposition(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inputs::EntryLeg;
     use crate::worker::ExitTake;
     use chrono::TimeZone;
     use mtx_schemas::{Direction, InstrumentType, OrderStatus};
@@ -139,6 +169,8 @@ mod tests {
             },
             book_revision: None,
             decided_at: None,
+            settled: false,
+            folded_exits: vec![],
         }
     }
 
@@ -163,21 +195,22 @@ mod tests {
     }
 
     #[test]
-    fn finished_entries_go_after_retention_others_after_max_age() {
+    fn finished_entries_settle_after_retention_all_go_after_max_age() {
         let t = Utc.with_ymd_and_hms(2026, 1, 5, 0, 0, 0).unwrap();
         let r = Retention {
             done: Duration::days(1),
             max_age: Duration::days(30),
         };
         let at = |d: i64| t + Duration::days(d);
+        // A REJECTED entry's record says "not opened": kept until max age.
         let rejected = entry(Decision::Rejected, Decimal::ZERO);
         assert_eq!(
-            entry_disposition(&rejected, None, false, t, at(0), r),
+            entry_disposition(&rejected, None, false, t, at(2), r),
             Disposition::Keep
         );
         assert_eq!(
-            entry_disposition(&rejected, None, false, t, at(1), r),
-            Disposition::Purge(Purge::Done)
+            entry_disposition(&rejected, None, false, t, at(30), r),
+            Disposition::Purge
         );
         let open = entry(Decision::Approved, dec!(17));
         // Partly exited: kept until max age.
@@ -189,7 +222,7 @@ mod tests {
         );
         assert_eq!(
             entry_disposition(&open, Some(&part), false, t, at(30), r),
-            Disposition::Purge(Purge::MaxAge)
+            Disposition::Purge
         );
         // Fully exited (a ladder of two): finished unless still reserved.
         let all = exits(&[dec!(10), dec!(7)]);
@@ -197,11 +230,43 @@ mod tests {
         assert!(!finished(&open, Some(&all), true));
         assert_eq!(
             entry_disposition(&open, Some(&all), false, t, at(2), r),
-            Disposition::Purge(Purge::Done)
+            Disposition::Settle
         );
         assert_eq!(
             entry_disposition(&open, None, false, t, at(2), r),
             Disposition::Keep
+        );
+        // Settled: the exits are in the record, which stays finished
+        // without its exits key, and is kept until max age.
+        let settled = settle(&open, Some(&all));
+        assert!(settled.settled);
+        assert_eq!(settled.legs[0].closed_quantity, dec!(17));
+        assert_eq!(settled.legs[0].sender_quantity_exited, dec!(10));
+        assert!(finished(&settled, None, false));
+        // An exits key that outlived the settlement: its folded exits count
+        // once, a new one on top.
+        let mut later = exits(&[dec!(10), dec!(7)]);
+        later.exits.insert(
+            "x9".into(),
+            vec![ExitTake {
+                instrument: "AAPL".into(),
+                direction: Direction::Long,
+                quantity: dec!(1),
+                sender_quantity: dec!(1),
+            }],
+        );
+        assert_eq!(settled.folded_exits, ["x0", "x1"]);
+        assert_eq!(
+            closed_of(&settled, &settled.legs[0], Some(&later)).0,
+            dec!(18)
+        );
+        assert_eq!(
+            entry_disposition(&settled, None, false, t, at(2), r),
+            Disposition::Keep
+        );
+        assert_eq!(
+            entry_disposition(&settled, None, false, t, at(30), r),
+            Disposition::Purge
         );
     }
 }

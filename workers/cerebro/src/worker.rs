@@ -205,7 +205,7 @@ use crate::inputs::{
     AccountInputs, ActiveAllocation, DecideOptions, EntryLeg, EntryRecord, InstrumentConfig,
     InstrumentSpecs, MarginRule, Mark, PendingUnits, Reservation, StrategyConfig, SystemConfig,
 };
-use crate::janitor::{entry_disposition, Disposition, Retention};
+use crate::janitor::{entry_disposition, settle, Disposition, Retention};
 use crate::Inputs;
 
 /// Stage name (metrics, `dlq.cerebro`).
@@ -973,6 +973,16 @@ pub struct StoredEntry {
     /// after the exit was received (both waited in a backlog).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_at: Option<DateTime<Utc>>,
+    /// The janitor folded the exits of this finished entry into its legs'
+    /// `closed_quantity` / `sender_quantity_exited` and deleted its exits
+    /// key: the record stays (until `entry_max_age`) so a late exit still
+    /// finds nothing left to close.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub settled: bool,
+    /// The exit signals a settlement folded in: an exits key that outlived
+    /// the settlement (an exit decided meanwhile) counts only the others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub folded_exits: Vec<String>,
 }
 
 /// What one exit closed.
@@ -1184,6 +1194,8 @@ pub struct JanitorReport {
     pub entries: usize,
     /// `entries.*` keys deleted.
     pub entries_purged: usize,
+    /// Finished entries settled (exits folded in, exits key deleted).
+    pub entries_settled: usize,
     /// `exits.*` keys deleted.
     pub exits_purged: usize,
     /// Ended-order records forgotten.
@@ -1816,13 +1828,31 @@ impl Cerebro {
                 now,
                 self.settings.entry_retention,
             );
-            if let Disposition::Purge(why) = d {
-                if self.purge(&e.key, e.revision).await {
-                    report.entries_purged += 1;
-                    tracing::debug!(key = %e.key, ?why, "entry record deleted");
-                    if let Some(x) = &x {
-                        if self.purge(&x.key, x.revision).await {
-                            report.exits_purged += 1;
+            match d {
+                Disposition::Keep => {}
+                Disposition::Purge => {
+                    if self.purge(&e.key, e.revision).await {
+                        report.entries_purged += 1;
+                        tracing::debug!(key = %e.key, "entry record deleted (max age)");
+                        if let Some(x) = &x {
+                            if self.purge(&x.key, x.revision).await {
+                                report.exits_purged += 1;
+                            }
+                        }
+                    }
+                }
+                Disposition::Settle => {
+                    // The record first (compare-and-set: an entry rewritten
+                    // meanwhile is left for the next pass), then its exits.
+                    let body = serde_json::to_vec(&settle(&entry, progress.as_ref()))
+                        .map_err(|e| e.to_string())?;
+                    if let Ok(Some(_)) = self.cas(&e.key, Some(e.revision), body).await {
+                        report.entries_settled += 1;
+                        tracing::debug!(key = %e.key, "finished entry settled");
+                        if let Some(x) = &x {
+                            if self.purge(&x.key, x.revision).await {
+                                report.exits_purged += 1;
+                            }
                         }
                     }
                 }
@@ -2644,6 +2674,8 @@ impl Cerebro {
                         .then_some(copy.rev)
                         .flatten(),
                     decided_at: Some(now),
+                    settled: false,
+                    folded_exits: vec![],
                 };
                 if let Some(slot) = records.last_mut() {
                     *slot = Some((entry_key(sid), serde_json::to_vec(&se).map_err(retry)?));
@@ -2990,15 +3022,17 @@ fn entry_with_progress(
                 // Released from the book: settled.
                 (None, None, None) => (l.ordered_quantity, OrderStatus::Filled),
             };
+            // A settled record carries the exits folded into it.
             let (closed, sender_exited) = exits
                 .exits
                 .iter()
-                .filter(|(k, _)| k.as_str() != this_exit)
+                .filter(|(k, _)| k.as_str() != this_exit && !se.folded_exits.contains(k))
                 .flat_map(|(_, v)| v.iter())
                 .filter(|t| t.instrument == l.instrument && t.direction == l.direction)
-                .fold((Decimal::ZERO, Decimal::ZERO), |(q, s), t| {
-                    (q + t.quantity, s + t.sender_quantity)
-                });
+                .fold(
+                    (l.closed_quantity, l.sender_quantity_exited),
+                    |(q, s), t| (q + t.quantity, s + t.sender_quantity),
+                );
             EntryLeg {
                 filled_quantity: filled,
                 closed_quantity: closed,
@@ -3328,6 +3362,8 @@ mod tests {
             }],
             book_revision: Some(7),
             decided_at: None,
+            settled: false,
+            folded_exits: vec![],
         };
         let b = book(&["a"]);
         let held = b.held.get("a");

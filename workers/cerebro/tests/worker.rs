@@ -1449,7 +1449,7 @@ async fn unbooked_backlog_is_capped_with_a_typed_rejection_and_fills_release_it(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn entry_and_exit_keys_are_deleted_when_done_or_too_old() {
+async fn finished_entries_are_settled_and_every_record_goes_when_too_old() {
     let env = Env::new().await;
     let mut held = holding_aapl("1000000");
     held.strategy_pnl_today.clear();
@@ -1510,22 +1510,60 @@ async fn entry_and_exit_keys_are_deleted_when_done_or_too_old() {
     // Within the retention nothing goes.
     let r = c.janitor_pass(Utc::now()).await.unwrap();
     assert_eq!((r.entries, r.entries_purged, r.exits_purged), (3, 0, 0));
-    // Two days on: the finished ones (rejected; filled and fully exited) go.
+    // Two days on: the filled and fully exited entry is settled (its exits
+    // folded into the record, the exits key deleted); the rejected one and
+    // the open one stay as they are.
     let r = c
         .janitor_pass(Utc::now() + chrono::Duration::days(2))
         .await
         .unwrap();
-    assert_eq!((r.entries_purged, r.exits_purged), (2, 1), "{r:?}");
-    assert!(!key_live(k1.clone()).await);
-    assert!(!key_live(k2.clone()).await);
+    assert_eq!(
+        (r.entries_purged, r.entries_settled, r.exits_purged),
+        (0, 1, 1),
+        "{r:?}"
+    );
+    assert!(
+        key_live(k1.clone()).await,
+        "a rejected entry's record stays"
+    );
+    assert!(key_live(k2.clone()).await, "a settled record stays");
     assert!(!key_live(x2.clone()).await);
     assert!(key_live(k4.clone()).await, "an open entry stays");
+    let settled: worker::StoredEntry =
+        serde_json::from_slice(&env.state.get(&k2).await.unwrap().unwrap()).unwrap();
+    assert!(settled.settled);
+    assert_eq!(settled.legs[0].closed_quantity, d("17"));
+    // A second exit of the closed entry, and an exit of the rejected one,
+    // find nothing to close: never the strategy's other AAPL.
+    for (entry, tag) in [(&done, "j5"), (&rejected, "j6")] {
+        let late = exit_of(entry, tag, true);
+        env.publish(&late).await;
+        let r = env.decision_of(&late.signal_id, T).await.unwrap();
+        assert_eq!(r.decision, Decision::Rejected, "{tag}: {}", r.reason);
+    }
+    assert_eq!(
+        env.orders()
+            .await
+            .iter()
+            .filter(|o| o.action == SignalAction::Exit)
+            .count(),
+        1,
+        "only the first exit closed anything"
+    );
+    // A later pass leaves a settled record alone.
+    let r = c
+        .janitor_pass(Utc::now() + chrono::Duration::days(3))
+        .await
+        .unwrap();
+    assert_eq!((r.entries_purged, r.entries_settled), (0, 0), "{r:?}");
     // Past the max age everything goes.
     let r = c
         .janitor_pass(Utc::now() + chrono::Duration::days(31))
         .await
         .unwrap();
-    assert_eq!(r.entries_purged, 1, "{r:?}");
+    assert_eq!(r.entries_purged, 3, "{r:?}");
+    assert!(!key_live(k1).await);
+    assert!(!key_live(k2).await);
     assert!(!key_live(k4).await);
     let mut keys = env.state.keys().await.unwrap();
     while let Some(k) = keys.next().await {
