@@ -1053,7 +1053,9 @@ enum Source {
     AccountState,
 }
 
-fn parse_bool(v: &[u8]) -> Option<bool> {
+/// A switch value of the `system` bucket: `true`/`false` (also `1`/`0`,
+/// `on`/`off`, `yes`/`no`, quoted or not, any case); anything else is `None`.
+pub fn parse_bool(v: &[u8]) -> Option<bool> {
     let s = std::str::from_utf8(v).ok()?.trim().trim_matches('"');
     match s.to_ascii_lowercase().as_str() {
         "true" | "1" | "on" | "yes" => Some(true),

@@ -19,7 +19,7 @@ use anyhow::{anyhow, Context, Result};
 use async_nats::jetstream::kv;
 use bson::{doc, Document};
 use clap::{Args, Subcommand};
-use mtx_cerebro::worker::SYSTEM_CONFIG_KEY;
+use mtx_cerebro::worker::{parse_bool, SYSTEM_CONFIG_KEY};
 use mtx_cerebro::SystemConfig;
 use mtx_runtime::config::Config;
 use mtx_sink::spec::{names, Db};
@@ -77,15 +77,6 @@ impl Switch {
             .or(self.config)
             .unwrap_or(SystemConfig::default().trading_enabled);
         base && self.kill_switch != Some(true)
-    }
-}
-
-fn parse_bool(v: &[u8]) -> Option<bool> {
-    let s = std::str::from_utf8(v).ok()?.trim().trim_matches('"');
-    match s.to_ascii_lowercase().as_str() {
-        "true" | "1" | "on" | "yes" => Some(true),
-        "false" | "0" | "off" | "no" => Some(false),
-        _ => None,
     }
 }
 

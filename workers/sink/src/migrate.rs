@@ -496,24 +496,14 @@ async fn data_steps(store: &Store, report: &mut MigrateReport) -> Result<(), Sin
         // machine's own status moves to venue_status.
         let coll = spec::names::TRADING_ORDERS;
         let mut n = 0;
-        for s in [
-            "PENDING",
-            "SUBMITTED",
-            "ACCEPTED",
-            "PARTIALLY_FILLED",
-            "FILLED",
-            "CANCEL_REQUESTED",
-            "CANCELLED",
-            "REJECTED",
-            "EXPIRED",
-        ] {
+        for s in spec::ORDER_STATUS {
             n += store
                 .update_many(
                     Db::Trading,
                     coll,
-                    doc! {"venue_status": {"$exists": false}, "status": s},
+                    doc! {"venue_status": {"$exists": false}, "status": *s},
                     doc! {"$set": {
-                        "venue_status": s,
+                        "venue_status": *s,
                         "status": crate::mapping::seed_order_status(s),
                     }},
                 )

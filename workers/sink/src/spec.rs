@@ -474,7 +474,7 @@ const SIDE: &[&str] = &["BUY", "SELL"];
 /// Seed 000's `trading_orders.status` values.
 const SEED_ORDER_STATUS: &[&str] = &["PENDING", "SUBMITTED", "FILLED", "REJECTED", "CANCELLED"];
 /// Every status of the order state machine (`order_events`, `venue_status`).
-const ORDER_STATUS: &[&str] = &[
+pub(crate) const ORDER_STATUS: &[&str] = &[
     "PENDING",
     "SUBMITTED",
     "ACCEPTED",
