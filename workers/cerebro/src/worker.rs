@@ -462,6 +462,9 @@ pub struct CerebroMetrics {
     pub decisions: IntCounterVec,
     /// 1 while the kill switch allows trading, 0 when halted.
     pub trading_enabled: IntGauge,
+    /// Strategies in the loaded backtest table; 0 while none is loaded
+    /// (the CVaR limit is then not evaluated).
+    pub backtest_strategies: IntGauge,
 }
 
 impl CerebroMetrics {
@@ -480,8 +483,13 @@ impl CerebroMetrics {
                 "mtx_trading_enabled",
                 "1 when the kill switch allows trading, 0 when halted",
             )?,
+            backtest_strategies: IntGauge::new(
+                "mtx_cerebro_backtest_strategies",
+                "Strategies in Cerebro's loaded backtest table (0: none loaded, CVaR not evaluated)",
+            )?,
         };
         registry.register(Box::new(m.decisions.clone()))?;
+        registry.register(Box::new(m.backtest_strategies.clone()))?;
         match registry.register(Box::new(m.trading_enabled.clone())) {
             Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
             Err(e) => return Err(e),
@@ -1731,6 +1739,9 @@ impl Cerebro {
                         st.skipped = loaded.skipped;
                         st.loaded_at = Some(Utc::now());
                         st.last_error = None;
+                        self.metrics
+                            .backtest_strategies
+                            .set(i64::try_from(st.strategies).unwrap_or(i64::MAX));
                         self.settings.backtest_refresh
                     }
                     Err(e) => {
@@ -1740,6 +1751,11 @@ impl Cerebro {
                             tracing::warn!(error = %e, "backtest returns unavailable; CVaR not evaluated");
                         }
                         st.last_error = Some(e);
+                        self.metrics.backtest_strategies.set(if st.table.is_some() {
+                            st.strategies as i64
+                        } else {
+                            0
+                        });
                         if st.table.is_some() {
                             self.settings.backtest_refresh
                         } else {

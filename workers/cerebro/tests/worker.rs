@@ -1064,10 +1064,21 @@ async fn cvar_from_mongo_backtests_and_unavailable_while_mongo_is_down() {
 
     // Mongo is down when Cerebro starts: decisions go on, CVaR unavailable.
     mongo.stop();
-    let (c, _h) = env
-        .replica_with(|s| s.backtest_retry = Duration::from_millis(300))
+    let (c, _h, registry) = env
+        .replica_metered(|s| s.backtest_retry = Duration::from_millis(300))
         .await;
     assert!(wait_until(T, || c.backtest_state().last_error.is_some()).await);
+    // What the MtxBacktestsUnavailable alert watches.
+    let gauge = || {
+        mtx_runtime::metrics::render(&registry)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("mtx_cerebro_backtest_strategies ")?
+                    .parse::<i64>()
+                    .ok()
+            })
+    };
+    assert_eq!(gauge(), Some(0));
     let s1 = aapl("cv1");
     env.publish(&s1).await;
     let r = env.decision_of(&s1.signal_id, T).await.unwrap();
@@ -1096,6 +1107,7 @@ async fn cvar_from_mongo_backtests_and_unavailable_while_mongo_is_down() {
         .await
     );
     assert_eq!(c.backtest_state().strategies, 2);
+    assert_eq!(gauge(), Some(2));
     let s2 = aapl("cv2");
     env.publish(&s2).await;
     let r = env.decision_of(&s2.signal_id, T).await.unwrap();
