@@ -248,7 +248,9 @@ fn kv_put_subject(store: &kv::Store, key: &str) -> Option<String> {
 /// a signal is the one whose orders the venue has (a redelivery's orders
 /// carry the same ids and are dropped), so a redelivery decided afresh
 /// against a state that meanwhile booked the entry's own fill must not
-/// replace the record exits resolve against.
+/// replace the record exits resolve against. (A stored REJECTED record is
+/// the exception: an approved redelivery replaces it, see
+/// [`Cerebro::group_commit`].)
 fn entry_record_output(subject: String, key: &str, body: Vec<u8>) -> Outgoing {
     let id = derive_id("rec", &[key, &String::from_utf8_lossy(&body)]);
     Outgoing::new(subject, id, body).only_if_new_subject()
@@ -536,23 +538,33 @@ pub struct HeldLeg {
 }
 
 impl HeldLeg {
-    /// Units this leg will still add to its position once booked: the
-    /// remaining quantity while working, what filled when it ended, all of
-    /// it while unseen, nothing once settled.
+    /// Units this leg will still add to its position once booked: what it
+    /// will fill (all of it while working or unseen, what filled once it
+    /// ended) less what the state already books of it (exact evidence: its
+    /// executions the state's `executions_seq` covers; without, the
+    /// remaining quantity while working), nothing once settled.
     fn pending(
         &self,
         created_at: DateTime<Utc>,
         ev: &Evidence<'_>,
         rules: &SettleRules,
     ) -> Decimal {
-        match progress(self, created_at, ev, rules) {
-            LegProgress::Working(rem) => rem,
+        let booked = ev.booked_quantity(&self.order_id);
+        let to_fill = match progress(self, created_at, ev, rules) {
+            LegProgress::Working(rem) => match booked {
+                Some(_) => self.quantity,
+                None => return rem,
+            },
             LegProgress::Unbooked => ev
                 .ended
                 .get(&self.order_id)
                 .map_or(self.quantity, |e| e.filled.min(self.quantity)),
-            LegProgress::Settled => Decimal::ZERO,
-        }
+            LegProgress::Settled => return Decimal::ZERO,
+        };
+        to_fill
+            .checked_sub(booked.unwrap_or_default())
+            .unwrap_or_default()
+            .max(Decimal::ZERO)
     }
 }
 
@@ -696,7 +708,7 @@ pub struct EndedOrder {
 }
 
 /// What Cerebro's `EXECUTIONS` feed saw of one order's fills.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FillProgress {
     /// Quantity of every execution seen.
     pub quantity: Decimal,
@@ -704,6 +716,9 @@ pub struct FillProgress {
     pub last_seq: u64,
     /// Its timestamp (old entries are forgotten like order ends).
     pub at: DateTime<Utc>,
+    /// (stream sequence, quantity) of each execution (a few per order): how
+    /// much of the order a state's `executions_seq` covers.
+    pub executions: Vec<(u64, Decimal)>,
 }
 
 /// When held legs count as settled (see the module docs).
@@ -768,6 +783,22 @@ impl<'a> Evidence<'a> {
     pub fn with_fills(mut self, fills: &'a HashMap<String, FillProgress>) -> Self {
         self.fills = Some(fills);
         self
+    }
+
+    /// With exact evidence, the quantity of `order_id` the state books (its
+    /// executions at or below the state's `executions_seq`); `None` without.
+    fn booked_quantity(&self, order_id: &str) -> Option<Decimal> {
+        let (Some(fills), Some(seq)) = (self.fills, self.state.and_then(|s| s.executions_seq))
+        else {
+            return None;
+        };
+        Some(fills.get(order_id).map_or(Decimal::ZERO, |f| {
+            f.executions
+                .iter()
+                .filter(|(s, _)| *s <= seq)
+                .map(|(_, q)| *q)
+                .sum()
+        }))
     }
 
     /// The state provably books all of `order_id`'s `filled` quantity: the
@@ -1687,6 +1718,7 @@ impl Cerebro {
             quantity: Decimal::ZERO,
             last_seq: 0,
             at: x.timestamp,
+            executions: Vec::new(),
         });
         // An ordered feed delivers each message once, in order; a re-opened
         // one resumes after the last sequence, so nothing is counted twice.
@@ -1694,6 +1726,7 @@ impl Cerebro {
             f.quantity += x.quantity;
             f.last_seq = seq;
             f.at = f.at.max(x.timestamp);
+            f.executions.push((seq, x.quantity));
         }
     }
 
@@ -2482,26 +2515,47 @@ impl Cerebro {
             Ok(x) => x,
             Err(f) => return jobs.iter().map(|_| Err(f.clone())).collect(),
         };
-        let mut puts = Vec::new();
+        let mut puts: Vec<futures::future::BoxFuture<'_, Result<(), Fail>>> = Vec::new();
         let mut with_outputs = Vec::with_capacity(jobs.len());
-        for (job, record) in jobs.iter().zip(records) {
+        for ((job, record), out) in jobs.iter().zip(records).zip(&decided) {
             let Some((key, body)) = record else {
                 with_outputs.push(None);
                 continue;
             };
+            let store = &self.stores.state;
+            // First writer wins, except over a rejection: a redelivery that
+            // is approved where the first delivery was rejected (its record
+            // stored, its decision not) is the decision whose orders go out.
+            let approved = matches!(out, DecisionOutput::Decided(d) if d.record.decision != Decision::Rejected);
+            if job.deliveries > 1 && approved {
+                match self.read_json::<StoredEntry>(&key).await {
+                    Ok(Some((rev, old))) if old.decision == Decision::Rejected => {
+                        puts.push(Box::pin(async move {
+                            store
+                                .update(key, body.into(), rev)
+                                .await
+                                .map(|_| ())
+                                .map_err(retry)
+                        }));
+                        with_outputs.push(None);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(f) => return jobs.iter().map(|_| Err(f.clone())).collect(),
+                }
+            }
             let read_in_batch = read_now.contains(job.signal.signal_id.as_str());
-            match kv_put_subject(&self.stores.state, &key) {
+            match kv_put_subject(store, &key) {
                 Some(subject) if !read_in_batch => {
                     with_outputs.push(Some(entry_record_output(subject, &key, body)));
                 }
                 _ => {
-                    let store = &self.stores.state;
-                    puts.push(async move {
+                    puts.push(Box::pin(async move {
                         match store.create(key, body.into()).await {
                             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
                             r => r.map(|_| ()).map_err(retry),
                         }
-                    });
+                    }));
                     with_outputs.push(None);
                 }
             }
@@ -3263,6 +3317,7 @@ mod tests {
                     quantity: q,
                     last_seq: seq,
                     at: t(5),
+                    executions: vec![(seq, q)],
                 },
             )])
         };
@@ -3474,5 +3529,61 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    /// An order filled in two executions (4 at stream
+    /// sequence 40, 6 at 42) whose first execution the state already books
+    /// (`executions_seq` 40: the position shows 4). Held must be 10 (what
+    /// the order makes the position): the booked 4 are not pending too.
+    #[test]
+    fn pending_units_do_not_count_booked_executions_twice() {
+        let mut b = book(&["a"]);
+        b.held.get_mut("a").unwrap().legs[0].position = Some(("AAPL".to_string(), Direction::Long));
+        let fills = HashMap::from([(
+            "ord_a".to_string(),
+            FillProgress {
+                quantity: dec!(10),
+                last_seq: 42,
+                at: t(5),
+                executions: vec![(40, dec!(4)), (42, dec!(6))],
+            },
+        )]);
+        let with_position = |working: &[(&str, Decimal)]| {
+            let mut st = state(5, working);
+            st.executions_seq = Some(40);
+            st.open_positions.push(mtx_schemas::order::OpenPosition {
+                strategy_id: "s".into(),
+                instrument: "AAPL".into(),
+                direction: Direction::Long,
+                quantity: dec!(4),
+                entry_price: dec!(160),
+                current_price: dec!(160),
+                unrealized_pnl: Decimal::ZERO,
+                margin_required: dec!(160),
+                multiplier: None,
+            });
+            st
+        };
+        let strategies: HashSet<&str> = HashSet::from(["s"]);
+        let held = |st: &AccountState, ended: &HashMap<String, EndedOrder>| {
+            let ev = Evidence::new(Some(st), ended, t(6)).with_fills(&fills);
+            let pending: Decimal = b
+                .pending_units(&ev, &rules(), &strategies)
+                .get("s")
+                .map(|v| v.iter().map(|(_, p)| p.quantity).sum())
+                .unwrap_or_default();
+            st.open_positions[0].quantity + pending
+        };
+        // Ended FILLED 10; the state books the first execution only.
+        let ended = ended_a(dec!(10), t(5), OrderStatus::Filled);
+        let ended_held = held(&with_position(&[]), &ended);
+        // Still working (3 left after 7 filled), 4 of them booked.
+        let none = HashMap::new();
+        assert_eq!(
+            held(&with_position(&[("ord_a", dec!(3))]), &none),
+            dec!(10),
+            "working, partly booked"
+        );
+        assert_eq!(ended_held, dec!(10), "ended, half booked");
     }
 }

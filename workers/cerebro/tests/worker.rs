@@ -2151,3 +2151,92 @@ async fn exit_of_a_partly_filled_entry_never_closes_more_than_it_filled() {
     );
     env.shutdown.cancel();
 }
+
+/// First-writer-wins entry records vs. a first delivery that was REJECTED.
+/// The entry is rejected (kill switch); its record is stored but the
+/// decision's publish fails, so the signal comes back. Meanwhile trading
+/// resumed: the redelivery is APPROVED and its order goes to the venue. Its
+/// record replaces the REJECTED one, so the linked exit closes the 17 shares
+/// the entry bought (a record kept REJECTED would say "entry not opened").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_redelivery_replaces_a_rejected_first_record() {
+    let mut env = Env::new().await;
+    // Enough deliveries for the outage below (10 × 1.5 s).
+    env.cfg.worker.publish_retry_delay_ms = 1_500;
+    let (c, _h) = env.replica().await;
+    let dec_stream = env.topo.stream_name(streams::CEREBRO_DECISIONS);
+    let set_refuse = |on: bool| {
+        let (js, stream) = (env.js.clone(), dec_stream.clone());
+        async move {
+            let mut st = js.get_stream(&stream).await.unwrap();
+            let mut cfg = st.info().await.unwrap().config.clone();
+            cfg.subjects = cfg
+                .subjects
+                .iter()
+                .map(|s| {
+                    if on {
+                        s.replace("cerebro.decisions", "cerebro.refused")
+                    } else {
+                        s.replace("cerebro.refused", "cerebro.decisions")
+                    }
+                })
+                .collect();
+            js.update_stream(&cfg).await.unwrap();
+        }
+    };
+    env.system.put("kill_switch", "true".into()).await.unwrap();
+    assert!(wait_until(T, || !c.system().trading_enabled).await);
+    set_refuse(true).await;
+
+    let entry = aapl("rj1");
+    let key = worker::entry_key(&entry.signal_id);
+    env.publish(&entry).await;
+    // The REJECTED record is stored; the decision is not.
+    let start = Instant::now();
+    while env.state.get(&key).await.unwrap().is_none() {
+        assert!(start.elapsed() < T, "record stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Trading resumes, the decisions stream is back: the redelivery is decided.
+    env.system.put("kill_switch", "false".into()).await.unwrap();
+    assert!(wait_until(T, || c.system().trading_enabled).await);
+    set_refuse(false).await;
+    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
+    assert_eq!(
+        (r.decision, r.final_quantity),
+        (Decision::Approved, d("17")),
+        "{}",
+        r.reason
+    );
+    let oid = order_id(&entry.signal_id, 0);
+    assert!(env.orders().await.iter().any(|o| o.order_id == oid));
+    env.drained().await;
+    let rec: worker::StoredEntry =
+        serde_json::from_slice(&env.state.get(&key).await.unwrap().unwrap()).unwrap();
+    assert_eq!(
+        rec.decision,
+        Decision::Approved,
+        "the approved record replaced the rejection"
+    );
+
+    // The venue fills the 17, the account books them.
+    env.publish_filled(&oid, d("17")).await;
+    let seq = env.publish_execution(&oid, d("17")).await;
+    let mut st = holding_aapl("1000000");
+    st.executions_seq = Some(seq);
+    env.put_state(&st).await;
+    assert!(wait_until(T, || c.ended_order(&oid).is_some()).await);
+
+    let exit = exit_of(&entry, "rj2", true);
+    env.publish(&exit).await;
+    let x = env.decision_of(&exit.signal_id, T).await.unwrap();
+    assert_eq!(
+        (x.decision, x.final_quantity),
+        (Decision::Approved, d("17")),
+        "exit of an entry whose order bought 17: {} {} ({})",
+        x.decision,
+        x.final_quantity,
+        x.reason
+    );
+    env.shutdown.cancel();
+}
