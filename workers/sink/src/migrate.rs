@@ -514,6 +514,27 @@ async fn data_steps(store: &Store, report: &mut MigrateReport) -> Result<(), Sin
                 "moved the venue status of {n} trading_orders to venue_status"
             ));
         }
+        // strategy_backtest_data: max_drawdown and win_rate in percent, as
+        // the seed's percentages are; documents say which by their units.
+        let n = store
+            .update_many(
+                Db::Trading,
+                spec::names::STRATEGY_BACKTEST_DATA,
+                doc! {"metadata.units.win_rate": {"$regex": "^fraction"}},
+                doc! {
+                    "$mul": {"max_drawdown": 100.0, "win_rate": 100.0},
+                    "$set": {
+                        "metadata.units.max_drawdown": "percent of the running peak of compounded equity (34.1 = 34.1 %)",
+                        "metadata.units.win_rate": "percent of days with a positive return (54.7 = 54.7 %)",
+                    },
+                },
+            )
+            .await?;
+        if n > 0 {
+            report.changes.push(format!(
+                "max_drawdown and win_rate of {n} strategy_backtest_data in percent"
+            ));
+        }
     }
     Ok(())
 }

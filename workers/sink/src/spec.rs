@@ -40,7 +40,7 @@ pub const VERSIONS: &[(&str, &str)] = &[
     ),
     (
         "1.3.0",
-        "trading_orders.status within the seed's five values, the state machine's status in venue_status; the schema version filed under system_config category features",
+        "trading_orders.status within the seed's five values, the state machine's status in venue_status; strategy_backtest_data max_drawdown and win_rate in percent; the schema version filed under system_config category features",
     ),
 ];
 

@@ -217,6 +217,14 @@ async fn migrate_upgrades_an_older_database() {
         ])
         .await
         .unwrap();
+    // A backtest ingested before 1.3.0: drawdown and win rate as fractions.
+    trading
+        .collection::<Document>("strategy_backtest_data")
+        .insert_one(doc! {"strategy_id": "SPY", "max_drawdown": 0.25, "win_rate": 0.5,
+            "metadata": {"units": {"max_drawdown": "fraction of the running peak of compounded equity",
+                                   "win_rate": "fraction of days with a positive return"}}})
+        .await
+        .unwrap();
     core.run_command(doc! {"createIndexes": "trades", "indexes": [
         {"key": {"created_at": 1}, "name": "created_at_1", "expireAfterSeconds": 100_i64},
         {"key": {"fee_asset": 1}, "name": "fee_asset_1"},
@@ -286,6 +294,22 @@ async fn migrate_upgrades_an_older_database() {
         .unwrap();
     assert_eq!(v.get_str("value").unwrap(), SCHEMA_VERSION);
     assert_eq!(v.get_str("updated_by").unwrap(), "mtx db migrate");
+    let bt = trading
+        .collection::<Document>("strategy_backtest_data")
+        .find_one(doc! {"strategy_id": "SPY"})
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bt.get_f64("max_drawdown").unwrap(), 25.0);
+    assert_eq!(bt.get_f64("win_rate").unwrap(), 50.0);
+    assert!(bt
+        .get_document("metadata")
+        .unwrap()
+        .get_document("units")
+        .unwrap()
+        .get_str("win_rate")
+        .unwrap()
+        .starts_with("percent"));
 
     let again = mtx_sink::migrate(&s, &c.mongo).await.unwrap();
     assert!(again.is_noop(), "{:#?}", again.changes);
