@@ -165,16 +165,11 @@ impl AccountInputs {
         instrument: &str,
         direction: Direction,
     ) -> Decimal {
-        self.state
-            .open_positions
-            .iter()
-            .filter(|p| {
-                p.strategy_id == strategy_id
-                    && p.instrument == instrument
-                    && p.direction == direction
-            })
-            .map(|p| p.quantity)
-            .sum()
+        let rows = self.state.open_positions.iter();
+        sum_for(
+            rows.map(|p| (&p.strategy_id, &p.instrument, p.direction, p.quantity)),
+            (strategy_id, instrument, direction),
+        )
     }
 
     /// Units the strategy's approved, unbooked entries will add in
@@ -185,16 +180,23 @@ impl AccountInputs {
         instrument: &str,
         direction: Direction,
     ) -> Decimal {
-        self.pending
-            .iter()
-            .filter(|p| {
-                p.strategy_id == strategy_id
-                    && p.instrument == instrument
-                    && p.direction == direction
-            })
-            .map(|p| p.quantity)
-            .sum()
+        let rows = self.pending.iter();
+        sum_for(
+            rows.map(|p| (&p.strategy_id, &p.instrument, p.direction, p.quantity)),
+            (strategy_id, instrument, direction),
+        )
     }
+}
+
+/// Σ quantity of the (strategy, instrument, direction, quantity) rows of one
+/// position.
+fn sum_for<'a>(
+    rows: impl Iterator<Item = (&'a String, &'a String, Direction, Decimal)>,
+    (strategy_id, instrument, direction): (&str, &str, Direction),
+) -> Decimal {
+    rows.filter(|(s, i, d, _)| *s == strategy_id && *i == instrument && *d == direction)
+        .map(|(_, _, _, q)| q)
+        .sum()
 }
 
 /// Global switches (the system config KV entry).
