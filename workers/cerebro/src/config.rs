@@ -9,6 +9,7 @@
 //! | `backtest_retry_secs` | 10 | retry this soon while no backtest data could be loaded yet |
 //! | `mongo_timeout_ms` | 3000 | Mongo server selection / connect timeout of the backtest loader |
 //! | `marks_initial_wait_ms` | 3000 | at start, wait at most this long for the latest mark per symbol |
+//! | `evidence_initial_wait_ms` | 20000 | at start, wait at most this long for the order events and executions replayed since the oldest reservation |
 //! | `unbooked_grace_secs` | 30 | a reserved order never seen working and without a known end is settled once a state this much newer than the approval omits it |
 //! | `booking_grace_secs` | 1 | a filled order (terminal order event) is settled once a state this much newer than the fill omits it (covers the accounts stage booking the execution a moment after the event) |
 //! | `reservation_max_age_secs` | 86400 | safety prune: a reservation older than this is dropped whatever the state says |

@@ -8,8 +8,10 @@
 //! With `entry_signal_id` and Cerebro's [`EntryRecord`] of that entry, each
 //! exit leg closes the entry leg with the same instrument and direction:
 //!
-//! - `open = filled − closed` of that entry leg, and never more than the
-//!   strategy's open position in the account (`closable = min(open, account)`);
+//! - `open = filled − closed` of that entry leg (`closed`: what earlier
+//!   exits' orders filled, or all they ordered while working), and never
+//!   more than the strategy's open position in the account
+//!   (`closable = min(open, account)`);
 //! - the sender's fraction `f = exit qty / (entry sender qty − sender qty
 //!   already exited)`; `f ≥ 1` closes everything open, otherwise
 //!   `open × f` rounded toward zero to the lot (so a ladder of partial exits

@@ -69,7 +69,7 @@ pub fn closed_of(
                 .flat_map(|(_, v)| v.iter())
                 .filter(|t| t.instrument == leg.instrument && t.direction == leg.direction)
                 .fold((Decimal::ZERO, Decimal::ZERO), |(q, s), t| {
-                    (q + t.quantity, s + t.sender_quantity)
+                    (q + t.closed(None), s + t.sender_quantity)
                 })
         })
         .map_or(
@@ -187,6 +187,8 @@ mod tests {
                             direction: Direction::Long,
                             quantity: *q,
                             sender_quantity: dec!(5),
+                            order_id: None,
+                            filled: None,
                         }],
                     )
                 })
@@ -253,6 +255,8 @@ mod tests {
                 direction: Direction::Long,
                 quantity: dec!(1),
                 sender_quantity: dec!(1),
+                order_id: None,
+                filled: None,
             }],
         );
         assert_eq!(settled.folded_exits, ["x0", "x1"]);

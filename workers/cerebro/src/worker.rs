@@ -9,8 +9,8 @@
 //! | system config | KV `system`: key `config` = [`SystemConfig`] JSON; key `TRADING_ENABLED` (`true`/`false`) and key `kill_switch` (`true` = halted) override the kill switch (watched) |
 //! | account state | KV `account_state`, key `account_state_key(account)` (watched: single-token keys only); `strategy_pnl_today` feeds `max_daily_loss` when the state is of the decision's UTC day |
 //! | marks | `market.prices.<symbol>` on `MARKET`: an ordered consumer per replica starting with the last price per subject (so the latest marks are known at start; `start` waits up to `marks_initial_wait` for them), then every new price; the greatest `(timestamp, price)` per symbol is kept (order-independent, like the accounts stage). They price MARKET legs and measure the slippage rule's drift (fresh: not older than `mark_max_age_secs`) |
-//! | order events | `orders.<account>.events` on `ORDER_EVENTS`: an ordered consumer per replica from the time it starts (re-opened after a failure from the next stream sequence, so no event is skipped); terminal events release reservations and tell exits what their entry filled (below) |
-//! | executions | `executions.<account>` on `EXECUTIONS`: an ordered consumer per replica from the time it starts (same re-opening); per order, the quantity executed and the stream sequence of its last execution, so a state whose `executions_seq` covers it proves the fill booked (below) |
+//! | order events | `orders.<account>.events` on `ORDER_EVENTS`: an ordered consumer per replica, starting at the oldest hold of any reservation book (at least a minute back, at most `reservation_max_age`), so an order that ended while the replica was down is known; `start` waits up to `evidence_initial_wait` for the replay, and book syncs wait for it (re-opened after a failure from the next stream sequence, so no event is skipped); terminal events release reservations and tell exits what their entry filled (below) |
+//! | executions | `executions.<account>` on `EXECUTIONS`: an ordered consumer per replica from the same start (same re-opening); per order, the quantity executed and the stream sequence of its last execution, so a state whose `executions_seq` covers it proves the fill booked (below) |
 //! | backtest returns | MongoDB `<mongo.trading_db>.strategy_backtest_data` ([`crate::backtests`]), loaded in the background at start and every `backtest_refresh`; unavailable = CVaR recorded as [`crate::CvarSkip::Unavailable`], never a blocked decision |
 //! | instrument specs | built-in table ([`InstrumentSpecs::with_defaults`]) overridden by `[accounts.instruments]`, so Cerebro and the ledger margin alike |
 //!
@@ -167,6 +167,14 @@
 //! ([`crate::DeferReason::PositionNotBooked`]): exits never close more than
 //! the account holds.
 //!
+//! An exit's closing orders are held in the book too (reserving nothing,
+//! under the exit's signal id, naming the entry: [`Held::exit_of`]), written
+//! before they go out. When one ends short — rejected, cancelled or expired
+//! with less filled than ordered — what it filled is noted in the entry's
+//! exit progress ([`ExitTake::filled`]) before the book drops the hold, so a
+//! later exit of the entry (the sender retrying) still closes what is really
+//! open. The janitor does not settle an entry while one of its exits is held.
+//!
 //! These keys do not live forever: every `janitor_interval` each replica
 //! deletes those of finished entries after `entry_done_retention` and all
 //! of them after `entry_max_age` ([`crate::janitor`]).
@@ -322,6 +330,9 @@ pub struct Settings {
     pub marks: bool,
     /// Start-up wait for the latest marks.
     pub marks_initial_wait: Duration,
+    /// Start-up wait for the order events and executions replayed since the
+    /// oldest hold (decisions and book syncs wait for them).
+    pub evidence_initial_wait: Duration,
     /// Read order events from `orders.*.events` (fills and ends release
     /// reservations sooner and resolve exits).
     pub order_events: bool,
@@ -352,6 +363,7 @@ impl Default for Settings {
             backtest_retry: Duration::ZERO,
             marks: true,
             marks_initial_wait: Duration::ZERO,
+            evidence_initial_wait: Duration::ZERO,
             order_events: true,
         };
         s.apply(&CerebroConfig::default());
@@ -382,6 +394,7 @@ impl Settings {
         self.backtest_refresh = Duration::from_secs(c.backtest_refresh_secs.max(1));
         self.backtest_retry = Duration::from_secs(c.backtest_retry_secs.max(1));
         self.marks_initial_wait = Duration::from_millis(c.marks_initial_wait_ms);
+        self.evidence_initial_wait = Duration::from_millis(c.evidence_initial_wait_ms);
         self.defer_retry = Duration::from_millis(c.defer_retry_ms.max(1));
         self.defer_fast_retries = c.defer_fast_retries;
         self.defer_backoff = Duration::from_millis(c.defer_backoff_ms.max(1));
@@ -568,7 +581,8 @@ impl HeldLeg {
     }
 }
 
-/// The reservation of one approved entry.
+/// The reservation of one approved entry, or the closing orders of one
+/// linked exit (`exit_of`) held until their ends are known.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Held {
     /// Strategy.
@@ -577,6 +591,13 @@ pub struct Held {
     pub created_at: DateTime<Utc>,
     /// Its legs.
     pub legs: Vec<HeldLeg>,
+    /// The entry this exit closes: its closing orders reserve nothing and
+    /// are held only so that one ending short (rejected, cancelled, expired
+    /// part-filled) is noted in the entry's exit progress before its end is
+    /// forgotten — a later exit of the entry then closes what is really
+    /// still open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_of: Option<String>,
 }
 
 impl Held {
@@ -686,12 +707,15 @@ pub struct ReservationBook {
     pub held: BTreeMap<String, Held>,
 }
 
-/// An entry dropped from the book whose legs (some of them) ended filling
-/// less than they ordered: (order id, its end) of each such leg.
+/// An entry (or a linked exit) dropped from the book whose legs (some of
+/// them) ended filling less than they ordered: (order id, its end) of each
+/// such leg.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShortEnd {
-    /// The entry's signal id.
+    /// The entry's (or the exit's) signal id.
     pub signal_id: String,
+    /// For an exit: the entry it closes (its exit progress is noted).
+    pub exit_of: Option<String>,
     /// Its short legs.
     pub legs: Vec<(String, EndedOrder)>,
 }
@@ -705,6 +729,9 @@ pub struct EndedOrder {
     pub at: DateTime<Utc>,
     /// The terminal status.
     pub status: OrderStatus,
+    /// When this replica learned it: forgetting counts from here, so an
+    /// end replayed at start is kept as long as a fresh one.
+    pub learned: DateTime<Utc>,
 }
 
 /// What Cerebro's `EXECUTIONS` feed saw of one order's fills.
@@ -714,7 +741,8 @@ pub struct FillProgress {
     pub quantity: Decimal,
     /// Stream sequence of the last one.
     pub last_seq: u64,
-    /// Its timestamp (old entries are forgotten like order ends).
+    /// When this replica last learned of one (old entries are forgotten
+    /// like order ends, counting from here).
     pub at: DateTime<Utc>,
     /// (stream sequence, quantity) of each execution (a few per order): how
     /// much of the order a state's `executions_seq` covers.
@@ -930,6 +958,7 @@ impl ReservationBook {
                 if !legs.is_empty() {
                     short.push(ShortEnd {
                         signal_id: sid.clone(),
+                        exit_of: h.exit_of.clone(),
                         legs,
                     });
                 }
@@ -984,9 +1013,13 @@ impl ReservationBook {
         out
     }
 
-    /// Held entries other than `except`.
+    /// Held entries other than `except` (held exits are not counted: they
+    /// reserve nothing and go once their orders end).
     pub fn in_flight(&self, except: Option<&str>) -> usize {
-        self.held.len() - usize::from(except.is_some_and(|e| self.held.contains_key(e)))
+        self.held
+            .iter()
+            .filter(|(sid, h)| h.exit_of.is_none() && Some(sid.as_str()) != except)
+            .count()
     }
 }
 
@@ -1031,10 +1064,34 @@ pub struct ExitTake {
     pub instrument: String,
     /// Direction of the position closed.
     pub direction: Direction,
-    /// Quantity closed.
+    /// Quantity ordered to close.
     pub quantity: Decimal,
     /// Sender quantity of the exit leg.
     pub sender_quantity: Decimal,
+    /// The closing order (absent: written by an older build).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    /// What the closing order filled when it ended short of `quantity`
+    /// (rejected, cancelled, expired): noted from its terminal order event.
+    /// Absent while it works or once it filled in full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filled: Option<Decimal>,
+}
+
+impl ExitTake {
+    /// Quantity this exit really closes: what its order filled once it
+    /// ended short (noted, or known from `ended`), else all it ordered
+    /// (working orders are expected to fill).
+    pub fn closed(&self, ended: Option<&HashMap<String, EndedOrder>>) -> Decimal {
+        let end = self
+            .order_id
+            .as_ref()
+            .and_then(|id| ended.and_then(|m| m.get(id)))
+            .map(|e| e.filled);
+        self.filled
+            .or(end)
+            .map_or(self.quantity, |f| f.max(Decimal::ZERO).min(self.quantity))
+    }
 }
 
 /// `exits.<entry_signal_id>`: what each exit signal closed.
@@ -1051,7 +1108,7 @@ const ENDED_PRUNE_MIN: usize = 4096;
 /// by the fallback rule `unbooked_grace` after its reservation anyway.
 fn forget_ended(ended: &mut HashMap<String, EndedOrder>, settings: &Settings, now: DateTime<Utc>) {
     let keep = forget_after(settings);
-    ended.retain(|_, e| after(e.at, keep).is_none_or(|t| t > now));
+    ended.retain(|_, e| after(e.learned, keep).is_none_or(|t| t > now));
 }
 
 /// Fills are forgotten with the order ends they prove booked.
@@ -1284,6 +1341,10 @@ pub struct Cerebro {
     epoch: AtomicU64,
     /// Accounts with a background book sync scheduled.
     syncing: std::sync::Mutex<HashSet<String>>,
+    /// True once the evidence feeds caught up at start (or the wait for
+    /// them ran out): book syncs wait for it, so no hold is settled by the
+    /// time rules while its order's end is still being replayed.
+    evidence_ready: tokio::sync::watch::Sender<bool>,
     metrics: CerebroMetrics,
     shutdown: CancellationToken,
 }
@@ -1424,6 +1485,7 @@ impl Cerebro {
             books: std::sync::Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
             syncing: std::sync::Mutex::new(HashSet::new()),
+            evidence_ready: tokio::sync::watch::Sender::new(false),
             metrics,
             shutdown: shutdown.clone(),
         });
@@ -1479,20 +1541,55 @@ impl Cerebro {
             }
         }
         if me.settings.order_events {
-            spawn_feed(
+            // From the oldest hold on: an order may have ended (or filled)
+            // while this replica was down, and only its event tells a
+            // hold that it ended short.
+            let since = me.evidence_since(Utc::now()).await;
+            let deliver = i128::from(since.timestamp_nanos_opt().unwrap_or(0));
+            let deliver = match async_nats::datetime::from_nanos(deliver) {
+                Ok(start_time) => consumer::DeliverPolicy::ByStartTime { start_time },
+                Err(_) => consumer::DeliverPolicy::New,
+            };
+            let mut events = spawn_feed(
                 streams::ORDER_EVENTS,
                 "orders.*.events",
-                consumer::DeliverPolicy::New,
+                deliver,
                 "order events",
                 Cerebro::on_order_event,
             );
-            spawn_feed(
+            let mut fills = spawn_feed(
                 streams::EXECUTIONS,
                 "executions.*",
-                consumer::DeliverPolicy::New,
+                deliver,
                 "executions",
                 Cerebro::on_execution,
             );
+            let wait = me.settings.evidence_initial_wait;
+            let caught_up = tokio::time::timeout(wait, async {
+                let _ = events.wait_for(|r| *r).await.is_ok();
+                let _ = fills.wait_for(|r| *r).await.is_ok();
+            })
+            .await
+            .is_ok();
+            if !caught_up {
+                tracing::warn!(
+                    ?wait,
+                    %since,
+                    "order events / executions since the oldest reservation not replayed yet; starting without them"
+                );
+            }
+        }
+        me.evidence_ready.send_replace(true);
+        // Reconcile every book with what was replayed while it is fresh.
+        let accounts: Vec<String> = {
+            let live = me.live.read().unwrap_or_else(|p| p.into_inner());
+            live.accounts
+                .values()
+                .map(|(_, st)| st.account.clone())
+                .collect()
+        };
+        for account in accounts {
+            me.schedule_sync(account);
         }
         if let Some(source) = me.settings.backtests.clone() {
             tokio::spawn(Arc::clone(&me).backtest_loop(source, shutdown.clone()));
@@ -1682,6 +1779,7 @@ impl Cerebro {
                 filled: e.filled_quantity,
                 at: e.timestamp,
                 status: e.status,
+                learned: Utc::now(),
             },
         );
         // Bounded: ends older than the fallback grace (twice) no longer
@@ -1714,10 +1812,11 @@ impl Cerebro {
         };
         let seq = info.stream_sequence;
         let mut fills = self.fills.write().unwrap_or_else(|p| p.into_inner());
+        let now = Utc::now();
         let f = fills.entry(x.order_id).or_insert(FillProgress {
             quantity: Decimal::ZERO,
             last_seq: 0,
-            at: x.timestamp,
+            at: now,
             executions: Vec::new(),
         });
         // An ordered feed delivers each message once, in order; a re-opened
@@ -1725,7 +1824,7 @@ impl Cerebro {
         if seq > f.last_seq {
             f.quantity += x.quantity;
             f.last_seq = seq;
-            f.at = f.at.max(x.timestamp);
+            f.at = f.at.max(now);
             f.executions.push((seq, x.quantity));
         }
     }
@@ -1844,7 +1943,8 @@ impl Cerebro {
                 Some((id, e))
             })
             .collect();
-        // Per account: the encoded signal ids its reservation book holds.
+        // Per account: the encoded signal ids its reservation book holds
+        // (entries, and the entries of held exits).
         let mut books: BTreeMap<String, HashSet<String>> = BTreeMap::new();
         report.entries = entries.len();
         for e in entries {
@@ -1865,7 +1965,12 @@ impl Cerebro {
                     .await
                     .map_err(|_| format!("reservation book of {}", entry.account))?
                     .1;
-                let ids = book.held.keys().map(|sid| StrategyConfig::kv_key(sid));
+                // An entry with a held exit counts as held too: that exit's
+                // end may still change what the entry has left open.
+                let ids = book
+                    .held
+                    .iter()
+                    .map(|(sid, h)| StrategyConfig::kv_key(h.exit_of.as_deref().unwrap_or(sid)));
                 books.insert(entry.account.clone(), ids.collect());
             }
             // The key holds the encoded signal id.
@@ -2043,6 +2148,13 @@ impl Cerebro {
     /// failure the copy (which already dropped them) is invalidated.
     async fn note_short_ends(&self, copy: &mut BookCopy, short: &[ShortEnd]) -> Result<(), Fail> {
         for s in short {
+            if let Some(entry_id) = &s.exit_of {
+                if let Err(f) = self.note_exit_end(entry_id, s).await {
+                    copy.epoch = None;
+                    return Err(f);
+                }
+                continue;
+            }
             let key = entry_key(&s.signal_id);
             let noted = async {
                 let Some((_, mut se)) = self.read_json::<StoredEntry>(&key).await? else {
@@ -2074,6 +2186,68 @@ impl Cerebro {
             }
         }
         Ok(())
+    }
+
+    /// Where the order-event and execution feeds start: at the oldest hold
+    /// of any reservation book (its order may have ended while this replica
+    /// was down), at least the time ends are remembered back (ends just
+    /// before a restart), never more than `reservation_max_age` back (older
+    /// holds are dropped anyway; also the fallback when the books cannot
+    /// be read).
+    async fn evidence_since(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        let back = |d: chrono::Duration| now.checked_sub_signed(d).unwrap_or(now);
+        let floor = back(self.settings.reservation_max_age);
+        let recent = back(forget_after(&self.settings));
+        match scan_kv(&self.js, &self.stores.state, "reservations.*", false).await {
+            Ok(books) => books
+                .iter()
+                .filter_map(|b| serde_json::from_slice::<ReservationBook>(&b.value).ok())
+                .flat_map(|b| b.held.into_values().map(|h| h.created_at))
+                .fold(recent, DateTime::min)
+                .max(floor),
+            Err(e) => {
+                tracing::warn!(error = %e, "reservation books unreadable; replaying order events from the oldest possible reservation");
+                floor
+            }
+        }
+    }
+
+    /// Note in `exits.<entry_id>` what the exit `s` names really filled
+    /// of its closing orders that ended short (compare-and-set: other exits
+    /// of the entry write the same key). Nothing to note when the key or the
+    /// exit's takes are gone (the entry was purged).
+    async fn note_exit_end(&self, entry_id: &str, s: &ShortEnd) -> Result<(), Fail> {
+        let key = exits_key(entry_id);
+        for _ in 0..self.settings.cas_attempts.max(1) {
+            let Some((rev, mut progress)) = self.read_json::<ExitProgress>(&key).await? else {
+                return Ok(());
+            };
+            let Some(takes) = progress.exits.get_mut(&s.signal_id) else {
+                return Ok(());
+            };
+            let mut changed = false;
+            for t in takes.iter_mut() {
+                let Some(id) = &t.order_id else { continue };
+                if let Some((_, e)) = s.legs.iter().find(|(o, _)| o == id) {
+                    let filled = e.filled.max(Decimal::ZERO).min(t.quantity);
+                    if t.filled != Some(filled) {
+                        t.filled = Some(filled);
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                return Ok(());
+            }
+            let body = serde_json::to_vec(&progress).map_err(retry)?;
+            if self.cas(&key, Some(rev), body).await?.is_some() {
+                return Ok(());
+            }
+        }
+        Err(Fail::Retry(format!(
+            "noting the end of exit {} in {key}: compare-and-set contention",
+            s.signal_id
+        )))
     }
 
     /// Compare-and-set write: the new revision, `None` on a revision conflict.
@@ -2181,6 +2355,11 @@ impl Cerebro {
     /// that changed anything, once the book has not been written for
     /// [`SYNC_QUIET`] (busy books carry their releases in their next write).
     async fn sync_book(&self, account: String) {
+        let mut ready = self.evidence_ready.subscribe();
+        tokio::select! {
+            _ = self.shutdown.cancelled() => return,
+            _ = ready.wait_for(|r| *r) => {}
+        }
         let lock = self.book_lock(&account);
         let mut attempts = 0;
         loop {
@@ -2821,7 +3000,7 @@ impl Cerebro {
                 copy.dirty |= copy.book.reconcile_noting(&ev, &rules, &mut short);
                 if let Some(st) = &state {
                     let mut a = Self::account_inputs(st, now);
-                    // Exits reserve nothing and are not in the book.
+                    // Exits reserve nothing (their holds carry no margin).
                     a.reserved = copy.book.reserved(&ev, &rules, None);
                     a.in_flight = copy.book.in_flight(None);
                     a.max_in_flight = Some(self.settings.reservation_max_entries);
@@ -2897,11 +3076,50 @@ impl Cerebro {
             });
             let results = futures::future::join_all(cases).await;
             let mut lost = Vec::new();
+            let mut won = Vec::new();
+            let mut holds = false;
             for ((l, d, _), r) in decided.into_iter().zip(results) {
                 match r {
-                    Ok(true) => out.push((l.job.at, self.finish(&l.job.signal, d, l.job))),
+                    Ok(true) => {
+                        // Its closing orders are held until their ends are
+                        // known (a redelivery keeps the first hold).
+                        if let (DecisionOutput::Decided(dd), Some(_)) = (&d, &l.entry) {
+                            let sid = &l.job.signal.signal_id;
+                            if !dd.orders.is_empty() && !copy.book.held.contains_key(sid) {
+                                let id = l.job.signal.entry_signal_id.as_deref().unwrap_or("");
+                                let h = held_exit(&l.job.signal, id, dd, now);
+                                copy.book.held.insert(sid.clone(), h);
+                                holds = true;
+                            }
+                        }
+                        won.push((l, d));
+                    }
                     Ok(false) => lost.push(l),
                     Err(f) => out.push((l.job.at, Err(f))),
+                }
+            }
+            // The holds are written before any closing order goes out; a
+            // failed write hands the exits back (their redelivery finds
+            // their progress stored and holds them again).
+            let held = if holds {
+                copy.dirty = true;
+                match serde_json::to_vec(&copy.book) {
+                    Ok(body) => match self.write_book(account, copy, body).await {
+                        Ok(true) => Ok(()),
+                        Ok(false) => Err(Fail::Retry(
+                            "reservation compare-and-set contention (exit holds)".into(),
+                        )),
+                        Err(f) => Err(f),
+                    },
+                    Err(e) => Err(retry(e)),
+                }
+            } else {
+                Ok(())
+            };
+            for (l, d) in won {
+                match &held {
+                    Ok(()) => out.push((l.job.at, self.finish(&l.job.signal, d, l.job))),
+                    Err(f) => out.push((l.job.at, Err(f.clone()))),
                 }
             }
             // Lost a compare-and-set: re-read the record, decide again.
@@ -3000,6 +3218,29 @@ fn held_of(signal: &StandardizedSignal, d: &Decided, now: DateTime<Utc>) -> Held
                 }
             })
             .collect(),
+        exit_of: None,
+    }
+}
+
+/// What the book holds of a linked exit: its closing orders, reserving
+/// nothing, until their ends are known (see [`Held::exit_of`]).
+fn held_exit(signal: &StandardizedSignal, entry_id: &str, d: &Decided, now: DateTime<Utc>) -> Held {
+    Held {
+        strategy_id: signal.strategy_id.clone(),
+        created_at: now,
+        legs: d
+            .orders
+            .iter()
+            .map(|o| HeldLeg {
+                order_id: o.order_id.clone(),
+                quantity: o.quantity,
+                margin: Decimal::ZERO,
+                notional: Decimal::ZERO,
+                seen: false,
+                position: None,
+            })
+            .collect(),
+        exit_of: Some(entry_id.to_string()),
     }
 }
 
@@ -3038,6 +3279,8 @@ fn exit_takes(signal: &StandardizedSignal, d: &Decided) -> Vec<ExitTake> {
                 .get(o.leg as usize)
                 .map(|l| l.quantity)
                 .unwrap_or_default(),
+            order_id: Some(o.order_id.clone()),
+            filled: None,
         })
         .collect()
 }
@@ -3103,7 +3346,7 @@ fn entry_with_progress(
                 .filter(|t| t.instrument == l.instrument && t.direction == l.direction)
                 .fold(
                     (l.closed_quantity, l.sender_quantity_exited),
-                    |(q, s), t| (q + t.quantity, s + t.sender_quantity),
+                    |(q, s), t| (q + t.closed(Some(ev.ended)), s + t.sender_quantity),
                 );
             EntryLeg {
                 filled_quantity: filled,
@@ -3217,6 +3460,7 @@ mod tests {
                                 seen: false,
                                 position: None,
                             }],
+                            exit_of: None,
                         },
                     )
                 })
@@ -3259,7 +3503,15 @@ mod tests {
         at: DateTime<Utc>,
         status: OrderStatus,
     ) -> HashMap<String, EndedOrder> {
-        HashMap::from([("ord_a".to_string(), EndedOrder { filled, at, status })])
+        HashMap::from([(
+            "ord_a".to_string(),
+            EndedOrder {
+                filled,
+                at,
+                status,
+                learned: at,
+            },
+        )])
     }
 
     fn reconcile(

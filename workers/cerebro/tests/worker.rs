@@ -1505,6 +1505,17 @@ async fn finished_entries_are_settled_and_every_record_goes_when_too_old() {
         "{}",
         r.reason
     );
+    // The exit's order fills: the book stops holding it (until then its
+    // entry cannot settle: the exit might still end short).
+    let xo = order_id(&exit.signal_id, 0);
+    env.publish_filled(&xo, d("17")).await;
+    assert!(wait_until(T, || c.ended_order(&xo).is_some()).await);
+    held.timestamp = Utc::now() + chrono::Duration::seconds(3);
+    env.put_state(&held).await;
+    assert!(
+        released(&c, &exit.signal_id).await,
+        "the filled exit is released"
+    );
     // 3. An entry still open (approved, never exited).
     let open = aapl("j4");
     env.publish(&open).await;
@@ -2236,6 +2247,230 @@ async fn an_approved_redelivery_replaces_a_rejected_first_record() {
         "exit of an entry whose order bought 17: {} {} ({})",
         x.decision,
         x.final_quantity,
+        x.reason
+    );
+    env.shutdown.cancel();
+}
+
+/// The events of one order, in order: (status, filled after it).
+fn order_events(oid: &str, steps: &[(OrderStatus, &str)]) -> Vec<OrderEvent> {
+    let mut previous = None;
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, (status, filled))| {
+            let e = OrderEvent {
+                order_id: oid.to_string(),
+                account: ACCOUNT.into(),
+                status: *status,
+                previous_status: previous,
+                filled_quantity: d(filled),
+                avg_fill_price: None,
+                reason: None,
+                timestamp: Utc::now(),
+                seq: i as u64 + 1,
+            };
+            previous = Some(*status);
+            e
+        })
+        .collect()
+}
+
+/// Wait until the book no longer holds `signal_id`.
+async fn released(c: &Cerebro, signal_id: &str) -> bool {
+    for _ in 0..200 {
+        let book = c.reservation_book(ACCOUNT).await.unwrap();
+        if !book.held.contains_key(signal_id) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// An exit whose closing order the venue rejects (or cancels part-filled)
+/// closed nothing (or only part): a later exit of the same entry still
+/// closes what is open, even once the order's end is long forgotten. The
+/// old exit progress counted every exit as closing all it ordered, so the
+/// retried exit found "nothing open" and the 17 shares stayed held while the
+/// strategy believed itself flat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_exit_closes_what_a_rejected_or_cut_short_exit_left_open() {
+    let env = Env::new().await;
+    let (c, _h) = env.replica().await;
+    let entry = aapl("xr1");
+    env.publish(&entry).await;
+    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
+    assert_eq!(
+        (r.decision, r.final_quantity),
+        (Decision::Approved, d("17"))
+    );
+    let oid = order_id(&entry.signal_id, 0);
+    let events_subject = env.subjects.orders_events(ACCOUNT).unwrap();
+    env.publish_json(
+        events_subject.clone(),
+        &order_events(
+            &oid,
+            &[(OrderStatus::Submitted, "0"), (OrderStatus::Filled, "17")],
+        ),
+    )
+    .await;
+    let mut seq = env.publish_execution(&oid, d("17")).await;
+    assert!(wait_until(T, || c.ended_order(&oid).is_some()).await);
+    // The strategy also holds 100 AAPL of earlier entries: a linked exit
+    // must close this entry's 17, never those.
+    let mut st = holding_aapl("1000000");
+    st.open_positions[0].quantity = d("117");
+    st.executions_seq = Some(seq);
+    env.put_state(&st).await;
+    assert!(released(&c, &entry.signal_id).await, "entry booked");
+
+    // Exit 1 sells the 17; the venue rejects its order.
+    let x1 = exit_of(&entry, "xr2", true);
+    env.publish(&x1).await;
+    let d1 = env.decision_of(&x1.signal_id, T).await.unwrap();
+    assert_eq!(d1.final_quantity, d("17"), "{}: {}", d1.decision, d1.reason);
+    let o1 = order_id(&x1.signal_id, 0);
+    let book = c.reservation_book(ACCOUNT).await.unwrap();
+    let hold = book.held.get(&x1.signal_id).expect("the exit is held");
+    assert_eq!(hold.exit_of.as_deref(), Some(entry.signal_id.as_str()));
+    assert_eq!(c.reservation_book(ACCOUNT).await.unwrap().held.len(), 1);
+    env.publish_json(
+        events_subject.clone(),
+        &order_events(
+            &o1,
+            &[(OrderStatus::Submitted, "0"), (OrderStatus::Rejected, "0")],
+        ),
+    )
+    .await;
+    assert!(wait_until(T, || c.ended_order(&o1).is_some()).await);
+    st.timestamp = Utc::now();
+    env.put_state(&st).await;
+    assert!(released(&c, &x1.signal_id).await, "rejected exit released");
+    // Hours later the order's end is forgotten.
+    c.janitor_pass(Utc::now() + chrono::Duration::minutes(5))
+        .await
+        .unwrap();
+    assert!(c.ended_order(&o1).is_none());
+
+    // Exit 2 (the sender retries): the 17 are still open. The venue fills
+    // 5 of its order, then cancels the rest.
+    let x2 = exit_of(&entry, "xr3", true);
+    env.publish(&x2).await;
+    let d2 = env.decision_of(&x2.signal_id, T).await.unwrap();
+    assert_eq!(
+        d2.final_quantity,
+        d("17"),
+        "retried exit sells {} ({}: {})",
+        d2.final_quantity,
+        d2.decision,
+        d2.reason
+    );
+    let o2 = order_id(&x2.signal_id, 0);
+    env.publish_json(
+        events_subject.clone(),
+        &order_events(
+            &o2,
+            &[
+                (OrderStatus::Submitted, "0"),
+                (OrderStatus::PartiallyFilled, "5"),
+                (OrderStatus::Cancelled, "5"),
+            ],
+        ),
+    )
+    .await;
+    seq = env.publish_execution(&o2, d("5")).await;
+    assert!(wait_until(T, || c.ended_order(&o2).is_some()).await);
+    st.open_positions[0].quantity = d("112");
+    st.executions_seq = Some(seq);
+    st.timestamp = Utc::now();
+    env.put_state(&st).await;
+    assert!(released(&c, &x2.signal_id).await, "cut-short exit released");
+    c.janitor_pass(Utc::now() + chrono::Duration::minutes(5))
+        .await
+        .unwrap();
+    assert!(c.ended_order(&o2).is_none());
+
+    // Exit 3 closes the 12 left, not the strategy's other 100.
+    let x3 = exit_of(&entry, "xr4", true);
+    env.publish(&x3).await;
+    let d3 = env.decision_of(&x3.signal_id, T).await.unwrap();
+    assert_eq!(
+        d3.final_quantity,
+        d("12"),
+        "third exit sells {} ({}: {})",
+        d3.final_quantity,
+        d3.decision,
+        d3.reason
+    );
+    env.shutdown.cancel();
+}
+
+/// An order that ends short while Cerebro is down is known after the
+/// restart: the order-event and execution feeds start at the oldest hold of
+/// any book, not "from now". The old feeds started from now, so the
+/// restarted worker never learned the entry had filled only 5 of 17: the
+/// exit waited until the time rule settled the hold as filled in full, and
+/// would then sell 17 — 12 of them from the strategy's other positions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_that_ended_short_while_cerebro_was_down_is_known_after_restart() {
+    let env = Env::new().await;
+    let stop = env.shutdown.child_token();
+    let h1 = {
+        let mut p = Process::start(env.cfg.clone(), stop.clone()).await.unwrap();
+        worker::spawn(&mut p).await.unwrap();
+        tokio::spawn(p.wait())
+    };
+    let entry = aapl("rs1");
+    env.publish(&entry).await;
+    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
+    assert_eq!(
+        (r.decision, r.final_quantity),
+        (Decision::Approved, d("17"))
+    );
+    let oid = order_id(&entry.signal_id, 0);
+
+    // Cerebro goes down; meanwhile the venue fills 5 and cancels the rest,
+    // and the account books the 5 (it also holds 100 of earlier entries).
+    stop.cancel();
+    h1.await.unwrap();
+    env.publish_json(
+        env.subjects.orders_events(ACCOUNT).unwrap(),
+        &order_events(
+            &oid,
+            &[
+                (OrderStatus::Submitted, "0"),
+                (OrderStatus::PartiallyFilled, "5"),
+                (OrderStatus::Cancelled, "5"),
+            ],
+        ),
+    )
+    .await;
+    let seq = env.publish_execution(&oid, d("5")).await;
+    let mut st = holding_aapl("1000000");
+    st.open_positions[0].quantity = d("105");
+    st.executions_seq = Some(seq);
+    env.put_state(&st).await;
+
+    // Restarted, it knows the end before it decides anything.
+    let (c, _h) = env.replica().await;
+    let end = c.ended_order(&oid).expect("the end replayed at start");
+    assert_eq!((end.status, end.filled), (OrderStatus::Cancelled, d("5")));
+    assert!(released(&c, &entry.signal_id).await, "entry booked");
+    // Much later the end is forgotten; the record keeps it.
+    c.janitor_pass(Utc::now() + chrono::Duration::minutes(5))
+        .await
+        .unwrap();
+    assert!(c.ended_order(&oid).is_none());
+    let exit = exit_of(&entry, "rs2", true);
+    env.publish(&exit).await;
+    let x = env.decision_of(&exit.signal_id, T).await.unwrap();
+    assert_eq!(
+        x.final_quantity,
+        d("5"),
+        "exit after a restart sells {} ({}: {})",
+        x.final_quantity,
+        x.decision,
         x.reason
     );
     env.shutdown.cancel();

@@ -793,6 +793,9 @@ pub struct CerebroConfig {
     pub mongo_timeout_ms: u64,
     /// Start-up wait for the latest marks, milliseconds.
     pub marks_initial_wait_ms: u64,
+    /// Start-up wait for the order events and executions replayed since
+    /// the oldest reservation, milliseconds.
+    pub evidence_initial_wait_ms: u64,
     /// Fallback settlement of a reserved order never seen working and
     /// without a known end, seconds.
     pub unbooked_grace_secs: u64,
@@ -828,6 +831,7 @@ impl Default for CerebroConfig {
             backtest_retry_secs: 10,
             mongo_timeout_ms: 3_000,
             marks_initial_wait_ms: 3_000,
+            evidence_initial_wait_ms: 20_000,
             unbooked_grace_secs: 30,
             booking_grace_secs: 1,
             reservation_max_age_secs: 86_400,
