@@ -142,7 +142,8 @@ pub async fn run(cmd: AllocationsCmd, cfg: &Config) -> Result<ExitCode> {
 pub struct NewAllocation<'a> {
     /// `allocation_id`.
     pub allocation_id: &'a str,
-    /// `optimization_run_id`: the `run_id` of the run it came from.
+    /// `optimization_run_id`: the `_id` (hex) of the run it came from
+    /// ([`run_object_id`]), as the seed references runs.
     pub run_id: &'a str,
     /// Algorithm of that run.
     pub algorithm: &'a str,
@@ -278,10 +279,26 @@ struct RunInfo {
     cov: Vec<Vec<f64>>,
 }
 
+/// A run's `_id`: the 12-byte digest its `run_id` (`run_<24 hex>`) already
+/// carries, so the document id is derived, never random, and an
+/// allocation's `optimization_run_id` (the seed: a reference to
+/// `portfolio_optimization_runs._id`) names it.
+pub fn run_object_id(run_id: &str) -> Result<bson::oid::ObjectId> {
+    let hex = run_id.strip_prefix("run_").unwrap_or(run_id);
+    bson::oid::ObjectId::parse_str(hex)
+        .map_err(|e| anyhow!("run id {run_id} carries no 12-byte digest: {e}"))
+}
+
 async fn run_info(mongo: &Mongo, run_id: &str) -> Result<Option<RunInfo>> {
+    // The run's `_id` (hex); allocations stored by older builds hold its
+    // `run_id`.
+    let filter = match bson::oid::ObjectId::parse_str(run_id) {
+        Ok(oid) => doc! { "_id": oid },
+        Err(_) => doc! { "run_id": run_id },
+    };
     let Some(d) = mongo
         .coll(names::PORTFOLIO_OPTIMIZATION_RUNS)
-        .find_one(doc! { "run_id": run_id })
+        .find_one(filter)
         .await
         .with_context(|| format!("reading run {run_id}"))?
     else {
@@ -782,6 +799,15 @@ async fn edit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runs_object_id_is_the_digest_its_run_id_carries() {
+        let run_id = derive_id("run", &["max_sharpe", "2.0"]);
+        let oid = run_object_id(&run_id).unwrap();
+        assert_eq!(format!("run_{}", oid.to_hex()), run_id);
+        assert_eq!(run_object_id(&run_id).unwrap(), oid, "derived, not random");
+        assert!(run_object_id("run_nothex").is_err());
+    }
 
     #[test]
     fn sets_parse() {

@@ -5,7 +5,8 @@
 //!
 //! Stores, in the trading database:
 //!
-//! - a `portfolio_optimization_runs` document: `run_id`, `timestamp`,
+//! - a `portfolio_optimization_runs` document: `_id` (the ObjectId of the
+//!   12-byte digest the `run_id` carries), `run_id`, `timestamp`,
 //!   `algorithm`, `strategies_used`, `data_window` {`start_date`,
 //!   `end_date`, `total_days`}, `correlation_matrix` and `covariance_matrix`
 //!   (rows/columns in `strategies_used` order), `mean_returns_daily`,
@@ -19,7 +20,8 @@
 //! - when the solve succeeded, a `portfolio_allocations` document with
 //!   status `PENDING_APPROVAL`, whose `allocation_id` is derived from the
 //!   `run_id` (`alloc_` + hash), the same percentages, `expected_metrics`,
-//!   `optimization_run_id` = the `run_id`, and a copy of the constraints
+//!   `optimization_run_id` = the run's `_id` as hex (the seed's reference),
+//!   and a copy of the constraints
 //!   (which later edits are checked against).
 //!
 //! A run whose solver fails is still recorded (`success: false`, no
@@ -282,8 +284,11 @@ pub async fn run(a: OptimizeArgs, cfg: &Config) -> Result<ExitCode> {
             &now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         ],
     );
+    let run_oid = crate::cmd_allocations::run_object_id(&run_id)?;
+    let run_ref = run_oid.to_hex();
     let corr = moments.correlation();
     let mut run_doc = doc! {
+        "_id": run_oid,
         "run_id": &run_id,
         "timestamp": bdate(now),
         "algorithm": params.algorithm.as_str(),
@@ -381,7 +386,7 @@ pub async fn run(a: OptimizeArgs, cfg: &Config) -> Result<ExitCode> {
     )?;
     let new = NewAllocation {
         allocation_id: &allocation_id,
-        run_id: &run_id,
+        run_id: &run_ref,
         algorithm: params.algorithm.as_str(),
         pcts: &pcts,
         metrics: &expected,

@@ -740,7 +740,14 @@ async fn optimize_approve_edit_and_cerebro_resizes_without_restart() {
         .one("portfolio_allocations", doc! { "allocation_id": &a_id })
         .await;
     assert_eq!(a.get_str("status").unwrap(), "PENDING_APPROVAL");
-    assert_eq!(a.get_str("optimization_run_id").unwrap(), run_id);
+    // The seed: a reference to `portfolio_optimization_runs._id`.
+    let run = env
+        .one("portfolio_optimization_runs", doc! { "run_id": &run_id })
+        .await;
+    assert_eq!(
+        a.get_str("optimization_run_id").unwrap(),
+        run.get_object_id("_id").unwrap().to_hex()
+    );
     assert_eq!(pcts(&a, "allocations"), recommended);
     assert!(
         (a.get_document("expected_metrics")
