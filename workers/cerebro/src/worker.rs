@@ -907,6 +907,26 @@ fn progress(
     }
 }
 
+/// Note in `short` the legs of `h` (dropped from the book) whose known end
+/// filled less than they ordered.
+fn note_short(sid: &str, h: &Held, ev: &Evidence<'_>, short: &mut Vec<ShortEnd>) {
+    let legs: Vec<(String, EndedOrder)> = h
+        .legs
+        .iter()
+        .filter_map(|l| {
+            let e = ev.ended.get(&l.order_id)?;
+            (e.filled < l.quantity).then(|| (l.order_id.clone(), *e))
+        })
+        .collect();
+    if !legs.is_empty() {
+        short.push(ShortEnd {
+            signal_id: sid.to_string(),
+            exit_of: h.exit_of.clone(),
+            legs,
+        });
+    }
+}
+
 impl ReservationBook {
     /// Mark working legs seen, drop fully settled entries and entries older
     /// than `max_age`; whether anything changed.
@@ -927,6 +947,36 @@ impl ReservationBook {
         let mut changed = false;
         self.held.retain(|sid, h| {
             let expired = after(h.created_at, rules.max_age).is_some_and(|limit| ev.now >= limit);
+            if h.exit_of.is_some() {
+                // An exit hold reserves nothing: it goes once the end of
+                // every order is known (noted when short), never by the time
+                // rules (a state can show an order gone before its end
+                // event arrives); without an end it stays while working,
+                // else until `max_age`.
+                let mut all_ended = true;
+                let mut working = false;
+                for l in &mut h.legs {
+                    if ev.ended.contains_key(&l.order_id) {
+                        continue;
+                    }
+                    all_ended = false;
+                    if ev.working(&l.order_id).is_some() {
+                        working = true;
+                        if !l.seen {
+                            l.seen = true;
+                            changed = true;
+                        }
+                    }
+                }
+                if !all_ended && (working || !expired) {
+                    return true;
+                }
+                changed = true;
+                if all_ended {
+                    note_short(sid, h, ev, short);
+                }
+                return false;
+            }
             if expired {
                 changed = true;
                 return false;
@@ -947,21 +997,7 @@ impl ReservationBook {
             }
             if all_settled {
                 changed = true;
-                let legs: Vec<(String, EndedOrder)> = h
-                    .legs
-                    .iter()
-                    .filter_map(|l| {
-                        let e = ev.ended.get(&l.order_id)?;
-                        (e.filled < l.quantity).then(|| (l.order_id.clone(), *e))
-                    })
-                    .collect();
-                if !legs.is_empty() {
-                    short.push(ShortEnd {
-                        signal_id: sid.clone(),
-                        exit_of: h.exit_of.clone(),
-                        legs,
-                    });
-                }
+                note_short(sid, h, ev, short);
             }
             !all_settled
         });
@@ -3045,13 +3081,25 @@ impl Cerebro {
                 }
                 let d = decide_with(signal, &inputs, l.opts);
                 let mut write = None;
+                let mut noted = HashSet::new();
                 if let (DecisionOutput::Decided(dd), Some(_)) = (&d, &l.entry) {
                     if !dd.orders.is_empty() {
-                        let takes = exit_takes(signal, dd);
+                        let mut takes = exit_takes(signal, dd);
                         let (rev, mut progress) = match &l.exits {
                             Some((r, p)) => (Some(*r), p.clone()),
                             None => (None, ExitProgress::default()),
                         };
+                        // A redelivery keeps what was noted of its orders' ends.
+                        if let Some(old) = progress.exits.get(&signal.signal_id) {
+                            for t in &mut takes {
+                                if let Some(o) = old.iter().find(|o| o.order_id == t.order_id) {
+                                    t.filled = o.filled.map(|f| f.min(t.quantity));
+                                }
+                                if let (Some(id), Some(_)) = (&t.order_id, t.filled) {
+                                    noted.insert(id.clone());
+                                }
+                            }
+                        }
                         if progress.exits.get(&signal.signal_id) != Some(&takes) {
                             progress.exits.insert(signal.signal_id.clone(), takes);
                             match serde_json::to_vec(&progress) {
@@ -3064,9 +3112,9 @@ impl Cerebro {
                         }
                     }
                 }
-                decided.push((l, d, write));
+                decided.push((l, d, write, noted));
             }
-            let cases = decided.iter().map(|(_, _, w)| async move {
+            let cases = decided.iter().map(|(_, _, w, _)| async move {
                 match w {
                     Some((key, rev, body)) => {
                         self.cas(key, *rev, body.clone()).await.map(|r| r.is_some())
@@ -3077,19 +3125,33 @@ impl Cerebro {
             let results = futures::future::join_all(cases).await;
             let mut lost = Vec::new();
             let mut won = Vec::new();
-            let mut holds = false;
-            for ((l, d, _), r) in decided.into_iter().zip(results) {
+            let mut new_holds: Vec<(String, Held)> = Vec::new();
+            for ((l, d, _, noted), r) in decided.into_iter().zip(results) {
                 match r {
                     Ok(true) => {
                         // Its closing orders are held until their ends are
-                        // known (a redelivery keeps the first hold).
+                        // known (a redelivery keeps the first hold, and
+                        // holds no order whose end is known or noted).
                         if let (DecisionOutput::Decided(dd), Some(_)) = (&d, &l.entry) {
                             let sid = &l.job.signal.signal_id;
-                            if !dd.orders.is_empty() && !copy.book.held.contains_key(sid) {
+                            if self.settings.order_events
+                                && !dd.orders.is_empty()
+                                && !copy.book.held.contains_key(sid)
+                            {
                                 let id = l.job.signal.entry_signal_id.as_deref().unwrap_or("");
-                                let h = held_exit(&l.job.signal, id, dd, now);
-                                copy.book.held.insert(sid.clone(), h);
-                                holds = true;
+                                let mut h = held_exit(&l.job.signal, id, dd, now);
+                                {
+                                    let ended =
+                                        self.ended.read().unwrap_or_else(|p| p.into_inner());
+                                    h.legs.retain(|x| {
+                                        !noted.contains(&x.order_id)
+                                            && !ended.contains_key(&x.order_id)
+                                    });
+                                }
+                                if !h.legs.is_empty() {
+                                    copy.book.held.insert(sid.clone(), h.clone());
+                                    new_holds.push((sid.clone(), h));
+                                }
                             }
                         }
                         won.push((l, d));
@@ -3101,21 +3163,60 @@ impl Cerebro {
             // The holds are written before any closing order goes out; a
             // failed write hands the exits back (their redelivery finds
             // their progress stored and holds them again).
-            let held = if holds {
-                copy.dirty = true;
-                match serde_json::to_vec(&copy.book) {
-                    Ok(body) => match self.write_book(account, copy, body).await {
-                        Ok(true) => Ok(()),
-                        Ok(false) => Err(Fail::Retry(
-                            "reservation compare-and-set contention (exit holds)".into(),
-                        )),
-                        Err(f) => Err(f),
-                    },
-                    Err(e) => Err(retry(e)),
+            let mut held = Ok(());
+            if !new_holds.is_empty() {
+                held = Err(Fail::Retry(
+                    "reservation compare-and-set contention (exit holds)".into(),
+                ));
+                // A lost compare-and-set re-reads the book and adds the
+                // holds again (they depend on nothing else in it).
+                for _ in 0..self.settings.cas_attempts.max(1) {
+                    if let Err(f) = self.ensure_loaded(account, copy).await {
+                        held = Err(f);
+                        break;
+                    }
+                    for (sid, h) in &new_holds {
+                        copy.book
+                            .held
+                            .entry(sid.clone())
+                            .or_insert_with(|| h.clone());
+                    }
+                    copy.dirty = true;
+                    let body = match serde_json::to_vec(&copy.book) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            copy.epoch = None;
+                            held = Err(retry(e));
+                            break;
+                        }
+                    };
+                    // Reducing risk is never refused: a book too full for
+                    // the holds sends the exits without them (a short end
+                    // then goes unnoted).
+                    if body.len() > MAX_BOOK_BYTES {
+                        tracing::warn!(
+                            %account,
+                            bytes = body.len(),
+                            exits = new_holds.len(),
+                            "reservation book full: exits go out without holds"
+                        );
+                        copy.epoch = None;
+                        held = Ok(());
+                        break;
+                    }
+                    match self.write_book(account, copy, body).await {
+                        Ok(true) => {
+                            held = Ok(());
+                            break;
+                        }
+                        Ok(false) => continue,
+                        Err(f) => {
+                            held = Err(f);
+                            break;
+                        }
+                    }
                 }
-            } else {
-                Ok(())
-            };
+            }
             for (l, d) in won {
                 match &held {
                     Ok(()) => out.push((l.job.at, self.finish(&l.job.signal, d, l.job))),
@@ -3521,6 +3622,60 @@ mod tests {
         now: i64,
     ) -> bool {
         b.reconcile(&Evidence::new(st, ended, t(now)), &rules())
+    }
+
+    /// `book(ids)` with every hold an exit of entry `e`.
+    fn exit_book(ids: &[&str]) -> ReservationBook {
+        let mut b = book(ids);
+        for h in b.held.values_mut() {
+            h.exit_of = Some("e".into());
+            h.legs[0].margin = Decimal::ZERO;
+            h.legs[0].notional = Decimal::ZERO;
+        }
+        b
+    }
+
+    #[test]
+    fn an_exit_hold_goes_only_once_its_end_is_known_and_notes_a_short_one() {
+        let none = HashMap::new();
+        // Gone from a state far newer than the hold: no time rule applies.
+        let mut b = exit_book(&["a"]);
+        assert!(!reconcile(&mut b, Some(&state(600, &[])), &none, 600));
+        assert_eq!(b.held.len(), 1);
+        assert_eq!(b.in_flight(None), 0, "exit holds are not entries in flight");
+        // Working: seen, kept, also beyond max_age (a good-till-cancelled exit).
+        let working = [("ord_a", dec!(10))];
+        assert!(reconcile(&mut b, Some(&state(601, &working)), &none, 601));
+        assert!(b.held["a"].legs[0].seen);
+        assert!(!reconcile(
+            &mut b,
+            Some(&state(7200, &working)),
+            &none,
+            7200
+        ));
+        assert_eq!(b.held.len(), 1);
+        // Its end: dropped at once (nothing reserved, booking is moot), and
+        // a short end is noted for the entry's exit progress.
+        let mut short = Vec::new();
+        let ended = ended_a(dec!(4), t(7201), OrderStatus::Cancelled);
+        let st = state(7201, &working);
+        let ev = Evidence::new(Some(&st), &ended, t(7201));
+        assert!(b.reconcile_noting(&ev, &rules(), &mut short));
+        assert!(b.held.is_empty());
+        assert_eq!(short.len(), 1);
+        assert_eq!(short[0].exit_of.as_deref(), Some("e"));
+        assert_eq!(short[0].legs[0].1.filled, dec!(4));
+        // A full fill is dropped without a note.
+        let mut b = exit_book(&["a"]);
+        let mut short = Vec::new();
+        let ended = ended_a(dec!(10), t(5), OrderStatus::Filled);
+        let ev = Evidence::new(None, &ended, t(5));
+        assert!(b.reconcile_noting(&ev, &rules(), &mut short));
+        assert!(b.held.is_empty() && short.is_empty());
+        // Neither working nor ended past max_age: dropped, nothing to note.
+        let mut b = exit_book(&["a"]);
+        assert!(reconcile(&mut b, Some(&state(3600, &[])), &none, 3600));
+        assert!(b.held.is_empty());
     }
 
     #[test]

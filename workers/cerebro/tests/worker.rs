@@ -2475,3 +2475,209 @@ async fn an_order_that_ended_short_while_cerebro_was_down_is_known_after_restart
     );
     env.shutdown.cancel();
 }
+
+/// Publish `s` again under another message id: what a redelivery of the
+/// same signal hands the worker.
+async fn redeliver(env: &Env, s: &StandardizedSignal, tag: &str) {
+    let subject = env
+        .subjects
+        .signals_standardized(s.environment, &s.strategy_id)
+        .unwrap();
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", format!("redelivery-{tag}").as_str());
+    h.insert("Mtx-Signal-Id", s.signal_id.as_str());
+    env.js
+        .publish_with_headers(subject, h, serde_json::to_vec(s).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// An exit whose order was rejected is noted (`filled: 0`) when its hold
+/// goes. A redelivery of that same exit (lost ack, failed publish) decides
+/// it again and must keep the note. The first version overwrote the stored
+/// take with `filled: None` and put a new hold on an order id that would
+/// never report an end again (a duplicate message id; its end forgotten):
+/// the hold went by the time rule without a note, the exit counted as
+/// having sold all 17, and the sender's retry closed nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_rejected_exit_keeps_its_short_note() {
+    let env = Env::new().await;
+    let (c, _h) = env.replica().await;
+    let entry = aapl("rv1");
+    env.publish(&entry).await;
+    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
+    assert_eq!(r.final_quantity, d("17"));
+    let oid = order_id(&entry.signal_id, 0);
+    let events_subject = env.subjects.orders_events(ACCOUNT).unwrap();
+    env.publish_json(
+        events_subject.clone(),
+        &order_events(
+            &oid,
+            &[(OrderStatus::Submitted, "0"), (OrderStatus::Filled, "17")],
+        ),
+    )
+    .await;
+    let seq = env.publish_execution(&oid, d("17")).await;
+    assert!(wait_until(T, || c.ended_order(&oid).is_some()).await);
+    let mut st = holding_aapl("1000000");
+    st.open_positions[0].quantity = d("117");
+    st.executions_seq = Some(seq);
+    env.put_state(&st).await;
+    assert!(released(&c, &entry.signal_id).await, "entry booked");
+
+    // Exit 1 sells the 17; the venue rejects its order; the note is written.
+    let x1 = exit_of(&entry, "rv2", true);
+    env.publish(&x1).await;
+    let d1 = env.decision_of(&x1.signal_id, T).await.unwrap();
+    assert_eq!(d1.final_quantity, d("17"));
+    let o1 = order_id(&x1.signal_id, 0);
+    env.publish_json(
+        events_subject.clone(),
+        &order_events(
+            &o1,
+            &[(OrderStatus::Submitted, "0"), (OrderStatus::Rejected, "0")],
+        ),
+    )
+    .await;
+    assert!(wait_until(T, || c.ended_order(&o1).is_some()).await);
+    st.timestamp = Utc::now();
+    env.put_state(&st).await;
+    assert!(released(&c, &x1.signal_id).await, "rejected exit released");
+    let key = worker::exits_key(&entry.signal_id);
+    let progress: worker::ExitProgress =
+        serde_json::from_slice(&env.state.get(&key).await.unwrap().unwrap()).unwrap();
+    assert_eq!(progress.exits[&x1.signal_id][0].filled, Some(d("0")));
+    c.janitor_pass(Utc::now() + chrono::Duration::minutes(5))
+        .await
+        .unwrap();
+    assert!(c.ended_order(&o1).is_none());
+
+    // Exit 1 comes again (a redelivery).
+    redeliver(&env, &x1, "rv2").await;
+    env.drained().await;
+    let progress: worker::ExitProgress =
+        serde_json::from_slice(&env.state.get(&key).await.unwrap().unwrap()).unwrap();
+    println!(
+        "after the redelivery: take {:?}, held: {}",
+        progress.exits[&x1.signal_id][0].filled,
+        c.reservation_book(ACCOUNT)
+            .await
+            .unwrap()
+            .held
+            .contains_key(&x1.signal_id)
+    );
+    // A later state (nothing changed: the order was a duplicate).
+    st.timestamp = Utc::now() + chrono::Duration::seconds(40);
+    env.put_state(&st).await;
+    assert!(released(&c, &x1.signal_id).await);
+
+    // The sender retries the exit: the 17 are still open.
+    let x2 = exit_of(&entry, "rv3", true);
+    env.publish(&x2).await;
+    let d2 = env.decision_of(&x2.signal_id, T).await.unwrap();
+    assert_eq!(
+        d2.final_quantity,
+        d("17"),
+        "retried exit sells {} ({}: {})",
+        d2.final_quantity,
+        d2.decision,
+        d2.reason
+    );
+    env.shutdown.cancel();
+}
+
+/// `mtx_messages_processed_total{outcome}` of the process's registry.
+fn processed(registry: &prometheus::Registry, outcome: &str) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "mtx_messages_processed_total")
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "outcome" && l.value() == outcome)
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+/// What another replica does all day on a busy account: rewrite the
+/// reservation book (compare-and-set over the revision it read).
+async fn other_replica_writes_the_book(env: &Env) {
+    let key = reservations_key(ACCOUNT);
+    let e = env.state.entry(&key).await.unwrap().unwrap();
+    env.state
+        .update(&key, e.value.clone(), e.revision)
+        .await
+        .unwrap();
+}
+
+/// The exit hold is written after the exit's progress (`exits.<entry>`:
+/// "this exit closes 17") is stored; a lost compare-and-set (another
+/// replica wrote the book since this replica's copy was read) re-reads the
+/// book and tries again. The first version handed the exit back for a
+/// redelivery instead: on a busy multi-replica account every delivery met a
+/// stale copy, the exit burnt its deliveries and was dead-lettered, its
+/// order never went out, and the stored progress still said it closed 17.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_is_not_lost_when_another_replica_writes_the_book() {
+    let env = Env::new().await;
+    let (c, _h, registry) = env.replica_metered(|_| {}).await;
+    let entry = aapl("cc1");
+    env.publish(&entry).await;
+    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
+    assert_eq!(r.final_quantity, d("17"));
+    let oid = order_id(&entry.signal_id, 0);
+    env.publish_filled(&oid, d("17")).await;
+    let seq = env.publish_execution(&oid, d("17")).await;
+    assert!(wait_until(T, || c.ended_order(&oid).is_some()).await);
+    let mut st = holding_aapl("1000000");
+    st.executions_seq = Some(seq);
+    env.put_state(&st).await;
+    assert!(released(&c, &entry.signal_id).await, "entry booked");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // Replica B writes the book; then the exit comes (to replica A).
+    other_replica_writes_the_book(&env).await;
+    let x = exit_of(&entry, "cc2", true);
+    env.publish(&x).await;
+    // Every time A hands it back, A's copy is refreshed (a state arrives
+    // and is synced) and B writes the book again.
+    let mut failures = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        let now = processed(&registry, "retry") + processed(&registry, "dlq");
+        if processed(&registry, "dlq") > 0 {
+            break;
+        }
+        if now > failures {
+            failures = now;
+            st.timestamp = Utc::now();
+            env.put_state(&st).await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            other_replica_writes_the_book(&env).await;
+        }
+        if !env.undecided(&x.signal_id).await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let xo = order_id(&x.signal_id, 0);
+    let sent = env.orders().await.iter().any(|o| o.order_id == xo);
+    let progress: Option<worker::ExitProgress> = env
+        .state
+        .get(worker::exits_key(&entry.signal_id))
+        .await
+        .unwrap()
+        .map(|b| serde_json::from_slice(&b).unwrap());
+    println!(
+        "hand-backs {failures}, dead-lettered {}, exit order sent {sent}, stored takes {:?}",
+        processed(&registry, "dlq"),
+        progress.as_ref().and_then(|p| p.exits.get(&x.signal_id))
+    );
+    assert!(sent, "the exit's closing order never went out");
+    env.shutdown.cancel();
+}
