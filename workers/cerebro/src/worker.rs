@@ -173,7 +173,12 @@
 //! with less filled than ordered — what it filled is noted in the entry's
 //! exit progress ([`ExitTake::filled`]) before the book drops the hold, so a
 //! later exit of the entry (the sender retrying) still closes what is really
-//! open. The janitor does not settle an entry while one of its exits is held.
+//! open. A hold goes only once the ends of its orders are known — never by
+//! the time rules, since a state can show an order gone before its end
+//! event arrives — and stays while an order works, else at most
+//! `reservation_max_age`; a redelivered exit keeps what was noted and holds
+//! no order whose end is known. The janitor does not settle an entry while
+//! one of its exits is held.
 //!
 //! These keys do not live forever: every `janitor_interval` each replica
 //! deletes those of finished entries after `entry_done_retention` and all
