@@ -173,10 +173,12 @@
 //! with less filled than ordered — what it filled is noted in the entry's
 //! exit progress ([`ExitTake::filled`]) before the book drops the hold, so a
 //! later exit of the entry (the sender retrying) still closes what is really
-//! open. A hold goes only once the ends of its orders are known — never by
-//! the time rules, since a state can show an order gone before its end
-//! event arrives — and stays while an order works, else at most
-//! `reservation_max_age`; a redelivered exit keeps what was noted and holds
+//! open. Each order leaves the hold (noted when short) as soon as its end
+//! is known — never by the time rules, since a state can show an order gone
+//! before its end event arrives; a terminal event has the account's book
+//! reconciled while the end is remembered, even if no state follows. An
+//! order without a known end stays while it works, else at most
+//! `reservation_max_age`. A redelivered exit keeps what was noted and holds
 //! no order whose end is known. The janitor does not settle an entry while
 //! one of its exits is held.
 //!
@@ -958,13 +960,15 @@ impl ReservationBook {
                 // rules (a state can show an order gone before its end
                 // event arrives); without an end it stays while working,
                 // else until `max_age`.
-                let mut all_ended = true;
+                // Each leg goes (noted when short) as soon as its end is
+                // known: ends are forgotten after `forget_after`, so a leg
+                // waiting for a slower sibling would lose its own.
+                note_short(sid, h, ev, short);
+                let before = h.legs.len();
+                h.legs.retain(|l| !ev.ended.contains_key(&l.order_id));
+                changed |= h.legs.len() != before;
                 let mut working = false;
                 for l in &mut h.legs {
-                    if ev.ended.contains_key(&l.order_id) {
-                        continue;
-                    }
-                    all_ended = false;
                     if ev.working(&l.order_id).is_some() {
                         working = true;
                         if !l.seen {
@@ -973,13 +977,10 @@ impl ReservationBook {
                         }
                     }
                 }
-                if !all_ended && (working || !expired) {
+                if !h.legs.is_empty() && (working || !expired) {
                     return true;
                 }
                 changed = true;
-                if all_ended {
-                    note_short(sid, h, ev, short);
-                }
                 return false;
             }
             if expired {
@@ -1546,25 +1547,28 @@ impl Cerebro {
             tokio::spawn(Arc::clone(&me).watch(src, store, watch, shutdown.clone()));
         }
         // One ordered feed per replica: `on` sees every message from `deliver`.
-        let spawn_feed =
-            |stream: &str, filter: &str, deliver, what, on: fn(&Cerebro, &jetstream::Message)| {
-                let (ready, loaded) = tokio::sync::watch::channel(false);
-                let feed = Feed {
-                    stream: topology.stream_name(stream),
-                    filter: me.subjects.raw_subject(filter),
-                    deliver,
-                    what,
-                };
-                let c = Arc::clone(&me);
-                tokio::spawn(run_feed(
-                    js.clone(),
-                    feed,
-                    shutdown.clone(),
-                    ready,
-                    move |m| on(&c, m),
-                ));
-                loaded
+        let spawn_feed = |stream: &str,
+                          filter: &str,
+                          deliver,
+                          what,
+                          on: fn(&Arc<Cerebro>, &jetstream::Message)| {
+            let (ready, loaded) = tokio::sync::watch::channel(false);
+            let feed = Feed {
+                stream: topology.stream_name(stream),
+                filter: me.subjects.raw_subject(filter),
+                deliver,
+                what,
             };
+            let c = Arc::clone(&me);
+            tokio::spawn(run_feed(
+                js.clone(),
+                feed,
+                shutdown.clone(),
+                ready,
+                move |m| on(&c, m),
+            ));
+            loaded
+        };
         if me.settings.marks {
             let mut loaded = spawn_feed(
                 streams::MARKET,
@@ -1766,7 +1770,7 @@ impl Cerebro {
     /// A `market.prices.<symbol>` message: keep the latest observation per
     /// symbol (greatest `(timestamp, price)`, so arrival order and replays
     /// do not matter).
-    fn on_mark(&self, m: &jetstream::Message) {
+    fn on_mark(self: &Arc<Self>, m: &jetstream::Message) {
         let stored = m.info().ok().map(|i| {
             DateTime::from_timestamp_nanos(
                 i64::try_from(i.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
@@ -1798,7 +1802,7 @@ impl Cerebro {
     }
 
     /// An `orders.<account>.events` message: remember terminal ones.
-    fn on_order_event(&self, m: &jetstream::Message) {
+    fn on_order_event(self: &Arc<Self>, m: &jetstream::Message) {
         let Ok(AccountsInput::OrderEvents(events)) = decode_accounts_input(
             &self.subjects,
             AccountsSource::OrderEvents,
@@ -1813,32 +1817,38 @@ impl Cerebro {
         let Some(e) = events.into_iter().rev().find(|e| e.status.is_terminal()) else {
             return;
         };
-        let mut ended = self.ended.write().unwrap_or_else(|p| p.into_inner());
-        ended.insert(
-            e.order_id,
-            EndedOrder {
-                filled: e.filled_quantity,
-                at: e.timestamp,
-                status: e.status,
-                learned: Utc::now(),
-            },
-        );
-        // Bounded: ends older than the fallback grace (twice) no longer
-        // change any settlement; forget them every so often.
-        let prune_at = self.ended_prune_at.load(Ordering::Relaxed);
-        if ended.len() >= prune_at {
-            forget_ended(&mut ended, &self.settings, Utc::now());
-            let mut fills = self.fills.write().unwrap_or_else(|p| p.into_inner());
-            forget_fills(&mut fills, &self.settings, Utc::now());
-            // Amortized: the next prune once the map has doubled.
-            self.ended_prune_at
-                .store((ended.len() * 2).max(ENDED_PRUNE_MIN), Ordering::Relaxed);
+        {
+            let mut ended = self.ended.write().unwrap_or_else(|p| p.into_inner());
+            ended.insert(
+                e.order_id,
+                EndedOrder {
+                    filled: e.filled_quantity,
+                    at: e.timestamp,
+                    status: e.status,
+                    learned: Utc::now(),
+                },
+            );
+            // Bounded: ends older than the fallback grace (twice) no longer
+            // change any settlement; forget them every so often.
+            let prune_at = self.ended_prune_at.load(Ordering::Relaxed);
+            if ended.len() >= prune_at {
+                forget_ended(&mut ended, &self.settings, Utc::now());
+                let mut fills = self.fills.write().unwrap_or_else(|p| p.into_inner());
+                forget_fills(&mut fills, &self.settings, Utc::now());
+                // Amortized: the next prune once the map has doubled.
+                self.ended_prune_at
+                    .store((ended.len() * 2).max(ENDED_PRUNE_MIN), Ordering::Relaxed);
+            }
         }
+        // Reconcile the account's book while the end is remembered, even if
+        // no account state follows (an exit hold notes a short end then).
+        // Coalesced with the sync a state schedules.
+        self.schedule_sync(e.account);
     }
 
     /// An execution: how much of its order is filled, up to which stream
     /// sequence (the proof a state books it, see [`Evidence::with_fills`]).
-    fn on_execution(&self, m: &jetstream::Message) {
+    fn on_execution(self: &Arc<Self>, m: &jetstream::Message) {
         let Ok(AccountsInput::Execution(x)) = decode_accounts_input(
             &self.subjects,
             AccountsSource::Executions,
@@ -2230,20 +2240,24 @@ impl Cerebro {
     }
 
     /// Where the order-event and execution feeds start: at the oldest hold
-    /// of any reservation book (its order may have ended while this replica
-    /// was down), at least the time ends are remembered back (ends just
+    /// of any reservation book less a margin for clock skew (its order may
+    /// have ended while this replica was down), at least the time ends are remembered back (ends just
     /// before a restart), never more than `reservation_max_age` back (older
     /// holds are dropped anyway; also the fallback when the books cannot
     /// be read).
     async fn evidence_since(&self, now: DateTime<Utc>) -> DateTime<Utc> {
         let back = |d: chrono::Duration| now.checked_sub_signed(d).unwrap_or(now);
         let floor = back(self.settings.reservation_max_age);
-        let recent = back(forget_after(&self.settings));
+        let margin = forget_after(&self.settings);
+        let recent = back(margin);
         match scan_kv(&self.js, &self.stores.state, "reservations.*", false).await {
+            // A margin before the oldest hold: its time is this replica's
+            // clock, the stream's are the server's.
             Ok(books) => books
                 .iter()
                 .filter_map(|b| serde_json::from_slice::<ReservationBook>(&b.value).ok())
                 .flat_map(|b| b.held.into_values().map(|h| h.created_at))
+                .map(|t| t.checked_sub_signed(margin).unwrap_or(t))
                 .fold(recent, DateTime::min)
                 .max(floor),
             Err(e) => {
@@ -3681,6 +3695,72 @@ mod tests {
         let mut b = exit_book(&["a"]);
         assert!(reconcile(&mut b, Some(&state(3600, &[])), &none, 3600));
         assert!(b.held.is_empty());
+    }
+
+    /// A two-leg exit: leg `ord_a` fills at once, leg `ord_b` (a resting
+    /// LIMIT) works for minutes and is then cancelled with nothing filled.
+    /// By then the end of `ord_a` is forgotten (`forget_after`, one minute
+    /// by default), so the hold is neither "all ended" nor working: it
+    /// stays until `max_age` and then goes without noting that `ord_b`
+    /// closed nothing, and the exit counts as having sold all 10 of it.
+    #[test]
+    fn a_two_leg_exit_hold_notes_a_short_leg_that_ends_after_the_other_legs_end_is_forgotten() {
+        let settings = Settings::default();
+        let mut b = exit_book(&["x"]);
+        let h = b.held.get_mut("x").unwrap();
+        h.legs[0].order_id = "ord_a".into();
+        let mut leg_b = h.legs[0].clone();
+        leg_b.order_id = "ord_b".into();
+        h.legs.push(leg_b);
+        // ord_a fills in full at once; ord_b works.
+        let mut ended = ended_a(dec!(10), t(1), OrderStatus::Filled);
+        let working = [("ord_b", dec!(10))];
+        let mut short = Vec::new();
+        let st = state(2, &working);
+        b.reconcile_noting(
+            &Evidence::new(Some(&st), &ended, t(2)),
+            &rules(),
+            &mut short,
+        );
+        assert!(short.is_empty());
+        assert_eq!(b.held.len(), 1);
+        // Five minutes later (a janitor pass): ord_a's end is forgotten.
+        forget_ended(&mut ended, &settings, t(300));
+        assert!(ended.is_empty());
+        // ord_b is cancelled, nothing filled.
+        ended.insert(
+            "ord_b".into(),
+            EndedOrder {
+                filled: Decimal::ZERO,
+                at: t(301),
+                status: OrderStatus::Cancelled,
+                learned: t(301),
+            },
+        );
+        let st = state(302, &[]);
+        b.reconcile_noting(
+            &Evidence::new(Some(&st), &ended, t(302)),
+            &rules(),
+            &mut short,
+        );
+        // An hour later ord_b's end is long forgotten too.
+        forget_ended(&mut ended, &settings, t(3600));
+        let st = state(3600, &[]);
+        b.reconcile_noting(
+            &Evidence::new(Some(&st), &ended, t(3600)),
+            &rules(),
+            &mut short,
+        );
+        assert!(b.held.is_empty());
+        let noted: Vec<(String, Decimal)> = short
+            .iter()
+            .flat_map(|s| s.legs.iter().map(|(o, e)| (o.clone(), e.filled)))
+            .collect();
+        assert_eq!(
+            noted,
+            [("ord_b".to_string(), Decimal::ZERO)],
+            "the cancelled leg's short end was never noted"
+        );
     }
 
     #[test]
