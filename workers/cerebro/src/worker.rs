@@ -291,6 +291,12 @@ pub const MAX_BOOK_BYTES: usize = 900 * 1024;
 /// get them written with their next approval).
 pub const SYNC_QUIET: Duration = Duration::from_millis(500);
 
+/// Failed background syncs of one book (KV unreachable) retried before
+/// the next state or order event has to schedule another.
+const SYNC_ERROR_RETRIES: u32 = 10;
+/// Delay between those retries.
+const SYNC_ERROR_DELAY: Duration = Duration::from_secs(1);
+
 /// Worker knobs (defaults in the crate; instrument specs from config).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -849,6 +855,16 @@ impl<'a> Evidence<'a> {
             .is_some_and(|f| f.quantity >= filled && seq >= f.last_seq)
     }
 
+    /// The executions feed saw an execution of `order_id` past the state's
+    /// `executions_seq` (false without exact evidence).
+    fn executions_ahead(&self, order_id: &str) -> bool {
+        let (Some(fills), Some(seq)) = (self.fills, self.state.and_then(|s| s.executions_seq))
+        else {
+            return false;
+        };
+        fills.get(order_id).is_some_and(|f| f.last_seq > seq)
+    }
+
     /// Remaining quantity of `order_id` if the state lists it working.
     pub fn working(&self, order_id: &str) -> Option<Decimal> {
         self.working.get(order_id).copied()
@@ -903,10 +919,16 @@ fn progress(
         }
         return LegProgress::Working(rem);
     }
+    // The feed saw executions of the order that the state's
+    // `executions_seq` does not cover yet: provably not booked, so no time
+    // rule may settle it (the accounts stage's executions consumer can lag
+    // its order-events one).
+    let unbooked = exact && ev.executions_ahead(&leg.order_id);
     let booked = (leg.seen && !exact)
         || ended.is_some_and(|e| ev.booked(&leg.order_id, e.filled))
-        || ended.is_some_and(|e| at_least(state.timestamp, e.at, rules.booking_grace))
-        || at_least(state.timestamp, created_at, rules.unbooked_grace);
+        || (!unbooked
+            && (ended.is_some_and(|e| at_least(state.timestamp, e.at, rules.booking_grace))
+                || at_least(state.timestamp, created_at, rules.unbooked_grace)));
     if booked {
         LegProgress::Settled
     } else {
@@ -2417,6 +2439,7 @@ impl Cerebro {
         }
         let lock = self.book_lock(&account);
         let mut attempts = 0;
+        let mut errors = 0;
         loop {
             let wait = {
                 let copy = lock.lock().await;
@@ -2436,16 +2459,29 @@ impl Cerebro {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&account);
-            let mut copy = lock.lock().await;
-            match self.sync_locked(&account, &mut copy).await {
+            let r = {
+                let mut copy = lock.lock().await;
+                self.sync_locked(&account, &mut copy).await
+            };
+            match r {
                 Ok(true) => return,
                 Ok(false) if attempts < self.settings.cas_attempts => attempts += 1,
                 Ok(false) => {
                     tracing::debug!(%account, "reservation sync gave up (contention)");
                     return;
                 }
+                // Retried a while: a sync may be what notes an exit's short
+                // end before it is forgotten (no state may follow).
+                Err(e) if errors < SYNC_ERROR_RETRIES => {
+                    errors += 1;
+                    tracing::debug!(%account, error = ?e, "reservation sync failed; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(SYNC_ERROR_DELAY) => {}
+                    }
+                }
                 Err(e) => {
-                    tracing::debug!(%account, error = ?e, "reservation sync deferred");
+                    tracing::warn!(%account, error = ?e, "reservation sync failed; left to the next state or event");
                     return;
                 }
             }
@@ -3108,11 +3144,17 @@ impl Cerebro {
                             Some((r, p)) => (Some(*r), p.clone()),
                             None => (None, ExitProgress::default()),
                         };
-                        // A redelivery keeps what was noted of its orders' ends.
+                        // A redelivery keeps the stored take of each of its
+                        // orders (what was noted of its end, and its quantity:
+                        // the venue has the first order under that id, a
+                        // re-sent one is a duplicate).
                         if let Some(old) = progress.exits.get(&signal.signal_id) {
                             for t in &mut takes {
-                                if let Some(o) = old.iter().find(|o| o.order_id == t.order_id) {
-                                    t.filled = o.filled.map(|f| f.min(t.quantity));
+                                if let Some(o) = old
+                                    .iter()
+                                    .find(|o| o.order_id.is_some() && o.order_id == t.order_id)
+                                {
+                                    *t = o.clone();
                                 }
                                 if let (Some(id), Some(_)) = (&t.order_id, t.filled) {
                                     noted.insert(id.clone());
@@ -4021,6 +4063,48 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    /// A fill the executions feed saw but the state's `executions_seq`
+    /// does not cover yet is provably unbooked: no time rule releases its
+    /// margin (the accounts stage's executions consumer lags its
+    /// order-events one), however much newer the state. The old rule
+    /// released it `booking_grace` after the fill, counting it nowhere.
+    #[test]
+    fn a_fill_the_state_provably_has_not_booked_is_not_released_by_the_time_rules() {
+        let mut b = book(&["a"]);
+        let fills = HashMap::from([(
+            "ord_a".to_string(),
+            FillProgress {
+                quantity: dec!(10),
+                last_seq: 42,
+                at: t(5),
+                executions: vec![(42, dec!(10))],
+            },
+        )]);
+        let ended = ended_a(dec!(10), t(5), OrderStatus::Filled);
+        let at = |secs: i64, seq: u64| {
+            let mut st = state(secs, &[]);
+            st.executions_seq = Some(seq);
+            st
+        };
+        // Far past booking_grace (2 s) and unbooked_grace (30 s).
+        let st = at(600, 41);
+        let ev = Evidence::new(Some(&st), &ended, t(600)).with_fills(&fills);
+        assert!(!b.reconcile(&ev, &rules()));
+        assert_eq!(b.held.len(), 1, "released before its fill is booked");
+        assert_eq!(b.reserved(&ev, &rules(), None)["s"].margin, dec!(400));
+        // Booked: released.
+        let st = at(601, 42);
+        let ev = Evidence::new(Some(&st), &ended, t(601)).with_fills(&fills);
+        assert!(b.reconcile(&ev, &rules()));
+        assert!(b.held.is_empty());
+        // Without the feed's record of it (forgotten), the time rules apply.
+        let mut b = book(&["a"]);
+        let none = HashMap::new();
+        let st = at(600, 41);
+        let ev = Evidence::new(Some(&st), &ended, t(600)).with_fills(&none);
+        assert!(b.reconcile(&ev, &rules()));
     }
 
     /// An order filled in two executions (4 at stream

@@ -2681,3 +2681,124 @@ async fn an_exit_is_not_lost_when_another_replica_writes_the_book() {
     assert!(sent, "the exit's closing order never went out");
     env.shutdown.cancel();
 }
+
+/// A redelivered exit (lost ack) decided while its first closing order is
+/// part-filled meets a smaller position and rewrites its stored take to the
+/// smaller quantity, but the venue keeps the first order under that id (the
+/// re-sent one is a duplicate): the order fills all 17, the take says the
+/// exit closed 10, and a later exit of the same entry sells 7 shares that
+/// belong to other positions of the strategy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_exit_keeps_the_quantity_of_the_order_the_venue_has() {
+    let env = Env::new().await;
+    let (c, _h) = env.replica().await;
+    let entry = aapl("rq1");
+    env.publish(&entry).await;
+    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
+    assert_eq!(r.final_quantity, d("17"));
+    let oid = order_id(&entry.signal_id, 0);
+    let events_subject = env.subjects.orders_events(ACCOUNT).unwrap();
+    env.publish_json(
+        events_subject.clone(),
+        &order_events(
+            &oid,
+            &[(OrderStatus::Submitted, "0"), (OrderStatus::Filled, "17")],
+        ),
+    )
+    .await;
+    let seq = env.publish_execution(&oid, d("17")).await;
+    assert!(wait_until(T, || c.ended_order(&oid).is_some()).await);
+    let mut st = holding_aapl("1000000");
+    st.executions_seq = Some(seq);
+    env.put_state(&st).await;
+    assert!(released(&c, &entry.signal_id).await, "entry booked");
+
+    // Exit 1 sells the 17; its order fills 7 and works on.
+    let x1 = exit_of(&entry, "rq2", true);
+    env.publish(&x1).await;
+    let d1 = env.decision_of(&x1.signal_id, T).await.unwrap();
+    assert_eq!(d1.final_quantity, d("17"));
+    let o1 = order_id(&x1.signal_id, 0);
+    env.publish_json(
+        events_subject.clone(),
+        &order_events(
+            &o1,
+            &[
+                (OrderStatus::Submitted, "0"),
+                (OrderStatus::PartiallyFilled, "7"),
+            ],
+        ),
+    )
+    .await;
+    st.open_positions[0].quantity = d("10");
+    st.open_orders.push(OpenOrder {
+        order_id: o1.clone(),
+        instrument: "AAPL".into(),
+        side: Side::Sell,
+        quantity: d("10"),
+        order_type: OrderType::Market,
+        price: Some(d("150")),
+    });
+    st.timestamp = Utc::now();
+    env.put_state(&st).await;
+    assert!(
+        wait_until(T, || c.account_state(ACCOUNT).is_some_and(|s| s
+            .open_positions
+            .first()
+            .is_some_and(|p| p.quantity == d("10"))))
+        .await
+    );
+
+    // Exit 1 comes again (a lost ack); its orders are duplicates.
+    redeliver(&env, &x1, "rq2").await;
+    env.drained().await;
+    let key = worker::exits_key(&entry.signal_id);
+    let progress: worker::ExitProgress =
+        serde_json::from_slice(&env.state.get(&key).await.unwrap().unwrap()).unwrap();
+    println!(
+        "take after the redelivery: {:?}",
+        progress.exits[&x1.signal_id]
+    );
+
+    // The venue's order (17) fills in full.
+    env.publish_json(
+        events_subject.clone(),
+        &order_events(
+            &o1,
+            &[
+                (OrderStatus::Submitted, "0"),
+                (OrderStatus::PartiallyFilled, "7"),
+                (OrderStatus::Filled, "17"),
+            ],
+        ),
+    )
+    .await;
+    assert!(wait_until(T, || c.ended_order(&o1).is_some()).await);
+    assert!(released(&c, &x1.signal_id).await, "exit released");
+    // The entry is flat; the strategy later holds 100 AAPL of another entry.
+    st.open_orders.clear();
+    st.open_positions[0].quantity = d("100");
+    st.timestamp = Utc::now();
+    env.put_state(&st).await;
+    assert!(
+        wait_until(T, || c.account_state(ACCOUNT).is_some_and(|s| s
+            .open_positions
+            .first()
+            .is_some_and(|p| p.quantity == d("100"))))
+        .await
+    );
+
+    // A second exit of the same entry has nothing left to close.
+    let x2 = exit_of(&entry, "rq3", true);
+    env.publish(&x2).await;
+    let d2 = env.decision_of(&x2.signal_id, T).await.unwrap();
+    assert_eq!(
+        d2.final_quantity,
+        d("0"),
+        "second exit of a flat entry sells {} ({}: {})",
+        d2.final_quantity,
+        d2.decision,
+        d2.reason
+    );
+    env.shutdown.cancel();
+}
