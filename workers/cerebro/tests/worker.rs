@@ -2276,6 +2276,36 @@ fn order_events(oid: &str, steps: &[(OrderStatus, &str)]) -> Vec<OrderEvent> {
         .collect()
 }
 
+/// A linked full exit of `entry` (`tag`), decided to sell `quantity`.
+async fn exit_sells(
+    env: &Env,
+    entry: &StandardizedSignal,
+    tag: &str,
+    quantity: &str,
+) -> StandardizedSignal {
+    let x = exit_of(entry, tag, true);
+    env.publish(&x).await;
+    let r = env.decision_of(&x.signal_id, T).await.unwrap();
+    assert_eq!(
+        r.final_quantity,
+        d(quantity),
+        "exit {tag} sells {} ({}: {})",
+        r.final_quantity,
+        r.decision,
+        r.reason
+    );
+    x
+}
+
+/// The venue reports `steps` of order `oid` (its events, in order).
+async fn venue_says(env: &Env, oid: &str, steps: &[(OrderStatus, &str)]) {
+    env.publish_json(
+        env.subjects.orders_events(ACCOUNT).unwrap(),
+        &order_events(oid, steps),
+    )
+    .await;
+}
+
 /// Wait until the book no longer holds `signal_id`.
 async fn released(c: &Cerebro, signal_id: &str) -> bool {
     for _ in 0..200 {
@@ -2288,6 +2318,39 @@ async fn released(c: &Cerebro, signal_id: &str) -> bool {
     false
 }
 
+/// An AAPL entry (`tag`) approved for 17, filled and booked: the state
+/// (returned) shows `position` AAPL of the strategy, 17 of them this
+/// entry's.
+async fn booked_entry(
+    env: &Env,
+    c: &Cerebro,
+    tag: &str,
+    position: &str,
+) -> (StandardizedSignal, AccountState) {
+    let entry = aapl(tag);
+    env.publish(&entry).await;
+    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
+    assert_eq!(
+        (r.decision, r.final_quantity),
+        (Decision::Approved, d("17"))
+    );
+    let oid = order_id(&entry.signal_id, 0);
+    venue_says(
+        env,
+        &oid,
+        &[(OrderStatus::Submitted, "0"), (OrderStatus::Filled, "17")],
+    )
+    .await;
+    let seq = env.publish_execution(&oid, d("17")).await;
+    assert!(wait_until(T, || c.ended_order(&oid).is_some()).await);
+    let mut st = holding_aapl("1000000");
+    st.open_positions[0].quantity = d(position);
+    st.executions_seq = Some(seq);
+    env.put_state(&st).await;
+    assert!(released(c, &entry.signal_id).await, "entry booked");
+    (entry, st)
+}
+
 /// An exit whose closing order the venue rejects (or cancels part-filled)
 /// closed nothing (or only part): a later exit of the same entry still
 /// closes what is open, even once the order's end is long forgotten. The
@@ -2298,49 +2361,21 @@ async fn released(c: &Cerebro, signal_id: &str) -> bool {
 async fn a_later_exit_closes_what_a_rejected_or_cut_short_exit_left_open() {
     let env = Env::new().await;
     let (c, _h) = env.replica().await;
-    let entry = aapl("xr1");
-    env.publish(&entry).await;
-    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
-    assert_eq!(
-        (r.decision, r.final_quantity),
-        (Decision::Approved, d("17"))
-    );
-    let oid = order_id(&entry.signal_id, 0);
-    let events_subject = env.subjects.orders_events(ACCOUNT).unwrap();
-    env.publish_json(
-        events_subject.clone(),
-        &order_events(
-            &oid,
-            &[(OrderStatus::Submitted, "0"), (OrderStatus::Filled, "17")],
-        ),
-    )
-    .await;
-    let mut seq = env.publish_execution(&oid, d("17")).await;
-    assert!(wait_until(T, || c.ended_order(&oid).is_some()).await);
     // The strategy also holds 100 AAPL of earlier entries: a linked exit
     // must close this entry's 17, never those.
-    let mut st = holding_aapl("1000000");
-    st.open_positions[0].quantity = d("117");
-    st.executions_seq = Some(seq);
-    env.put_state(&st).await;
-    assert!(released(&c, &entry.signal_id).await, "entry booked");
+    let (entry, mut st) = booked_entry(&env, &c, "xr1", "117").await;
 
     // Exit 1 sells the 17; the venue rejects its order.
-    let x1 = exit_of(&entry, "xr2", true);
-    env.publish(&x1).await;
-    let d1 = env.decision_of(&x1.signal_id, T).await.unwrap();
-    assert_eq!(d1.final_quantity, d("17"), "{}: {}", d1.decision, d1.reason);
+    let x1 = exit_sells(&env, &entry, "xr2", "17").await;
     let o1 = order_id(&x1.signal_id, 0);
     let book = c.reservation_book(ACCOUNT).await.unwrap();
     let hold = book.held.get(&x1.signal_id).expect("the exit is held");
     assert_eq!(hold.exit_of.as_deref(), Some(entry.signal_id.as_str()));
     assert_eq!(c.reservation_book(ACCOUNT).await.unwrap().held.len(), 1);
-    env.publish_json(
-        events_subject.clone(),
-        &order_events(
-            &o1,
-            &[(OrderStatus::Submitted, "0"), (OrderStatus::Rejected, "0")],
-        ),
+    venue_says(
+        &env,
+        &o1,
+        &[(OrderStatus::Submitted, "0"), (OrderStatus::Rejected, "0")],
     )
     .await;
     assert!(wait_until(T, || c.ended_order(&o1).is_some()).await);
@@ -2355,31 +2390,19 @@ async fn a_later_exit_closes_what_a_rejected_or_cut_short_exit_left_open() {
 
     // Exit 2 (the sender retries): the 17 are still open. The venue fills
     // 5 of its order, then cancels the rest.
-    let x2 = exit_of(&entry, "xr3", true);
-    env.publish(&x2).await;
-    let d2 = env.decision_of(&x2.signal_id, T).await.unwrap();
-    assert_eq!(
-        d2.final_quantity,
-        d("17"),
-        "retried exit sells {} ({}: {})",
-        d2.final_quantity,
-        d2.decision,
-        d2.reason
-    );
+    let x2 = exit_sells(&env, &entry, "xr3", "17").await;
     let o2 = order_id(&x2.signal_id, 0);
-    env.publish_json(
-        events_subject.clone(),
-        &order_events(
-            &o2,
-            &[
-                (OrderStatus::Submitted, "0"),
-                (OrderStatus::PartiallyFilled, "5"),
-                (OrderStatus::Cancelled, "5"),
-            ],
-        ),
+    venue_says(
+        &env,
+        &o2,
+        &[
+            (OrderStatus::Submitted, "0"),
+            (OrderStatus::PartiallyFilled, "5"),
+            (OrderStatus::Cancelled, "5"),
+        ],
     )
     .await;
-    seq = env.publish_execution(&o2, d("5")).await;
+    let seq = env.publish_execution(&o2, d("5")).await;
     assert!(wait_until(T, || c.ended_order(&o2).is_some()).await);
     st.open_positions[0].quantity = d("112");
     st.executions_seq = Some(seq);
@@ -2392,17 +2415,7 @@ async fn a_later_exit_closes_what_a_rejected_or_cut_short_exit_left_open() {
     assert!(c.ended_order(&o2).is_none());
 
     // Exit 3 closes the 12 left, not the strategy's other 100.
-    let x3 = exit_of(&entry, "xr4", true);
-    env.publish(&x3).await;
-    let d3 = env.decision_of(&x3.signal_id, T).await.unwrap();
-    assert_eq!(
-        d3.final_quantity,
-        d("12"),
-        "third exit sells {} ({}: {})",
-        d3.final_quantity,
-        d3.decision,
-        d3.reason
-    );
+    exit_sells(&env, &entry, "xr4", "12").await;
     env.shutdown.cancel();
 }
 
@@ -2434,16 +2447,14 @@ async fn an_order_that_ended_short_while_cerebro_was_down_is_known_after_restart
     // and the account books the 5 (it also holds 100 of earlier entries).
     stop.cancel();
     h1.await.unwrap();
-    env.publish_json(
-        env.subjects.orders_events(ACCOUNT).unwrap(),
-        &order_events(
-            &oid,
-            &[
-                (OrderStatus::Submitted, "0"),
-                (OrderStatus::PartiallyFilled, "5"),
-                (OrderStatus::Cancelled, "5"),
-            ],
-        ),
+    venue_says(
+        &env,
+        &oid,
+        &[
+            (OrderStatus::Submitted, "0"),
+            (OrderStatus::PartiallyFilled, "5"),
+            (OrderStatus::Cancelled, "5"),
+        ],
     )
     .await;
     let seq = env.publish_execution(&oid, d("5")).await;
@@ -2505,40 +2516,15 @@ async fn redeliver(env: &Env, s: &StandardizedSignal, tag: &str) {
 async fn a_redelivered_rejected_exit_keeps_its_short_note() {
     let env = Env::new().await;
     let (c, _h) = env.replica().await;
-    let entry = aapl("rv1");
-    env.publish(&entry).await;
-    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
-    assert_eq!(r.final_quantity, d("17"));
-    let oid = order_id(&entry.signal_id, 0);
-    let events_subject = env.subjects.orders_events(ACCOUNT).unwrap();
-    env.publish_json(
-        events_subject.clone(),
-        &order_events(
-            &oid,
-            &[(OrderStatus::Submitted, "0"), (OrderStatus::Filled, "17")],
-        ),
-    )
-    .await;
-    let seq = env.publish_execution(&oid, d("17")).await;
-    assert!(wait_until(T, || c.ended_order(&oid).is_some()).await);
-    let mut st = holding_aapl("1000000");
-    st.open_positions[0].quantity = d("117");
-    st.executions_seq = Some(seq);
-    env.put_state(&st).await;
-    assert!(released(&c, &entry.signal_id).await, "entry booked");
+    let (entry, mut st) = booked_entry(&env, &c, "rv1", "117").await;
 
     // Exit 1 sells the 17; the venue rejects its order; the note is written.
-    let x1 = exit_of(&entry, "rv2", true);
-    env.publish(&x1).await;
-    let d1 = env.decision_of(&x1.signal_id, T).await.unwrap();
-    assert_eq!(d1.final_quantity, d("17"));
+    let x1 = exit_sells(&env, &entry, "rv2", "17").await;
     let o1 = order_id(&x1.signal_id, 0);
-    env.publish_json(
-        events_subject.clone(),
-        &order_events(
-            &o1,
-            &[(OrderStatus::Submitted, "0"), (OrderStatus::Rejected, "0")],
-        ),
+    venue_says(
+        &env,
+        &o1,
+        &[(OrderStatus::Submitted, "0"), (OrderStatus::Rejected, "0")],
     )
     .await;
     assert!(wait_until(T, || c.ended_order(&o1).is_some()).await);
@@ -2574,17 +2560,7 @@ async fn a_redelivered_rejected_exit_keeps_its_short_note() {
     assert!(released(&c, &x1.signal_id).await);
 
     // The sender retries the exit: the 17 are still open.
-    let x2 = exit_of(&entry, "rv3", true);
-    env.publish(&x2).await;
-    let d2 = env.decision_of(&x2.signal_id, T).await.unwrap();
-    assert_eq!(
-        d2.final_quantity,
-        d("17"),
-        "retried exit sells {} ({}: {})",
-        d2.final_quantity,
-        d2.decision,
-        d2.reason
-    );
+    exit_sells(&env, &entry, "rv3", "17").await;
     env.shutdown.cancel();
 }
 
@@ -2692,42 +2668,18 @@ async fn an_exit_is_not_lost_when_another_replica_writes_the_book() {
 async fn a_redelivered_exit_keeps_the_quantity_of_the_order_the_venue_has() {
     let env = Env::new().await;
     let (c, _h) = env.replica().await;
-    let entry = aapl("rq1");
-    env.publish(&entry).await;
-    let r = env.decision_of(&entry.signal_id, T).await.unwrap();
-    assert_eq!(r.final_quantity, d("17"));
-    let oid = order_id(&entry.signal_id, 0);
-    let events_subject = env.subjects.orders_events(ACCOUNT).unwrap();
-    env.publish_json(
-        events_subject.clone(),
-        &order_events(
-            &oid,
-            &[(OrderStatus::Submitted, "0"), (OrderStatus::Filled, "17")],
-        ),
-    )
-    .await;
-    let seq = env.publish_execution(&oid, d("17")).await;
-    assert!(wait_until(T, || c.ended_order(&oid).is_some()).await);
-    let mut st = holding_aapl("1000000");
-    st.executions_seq = Some(seq);
-    env.put_state(&st).await;
-    assert!(released(&c, &entry.signal_id).await, "entry booked");
+    let (entry, mut st) = booked_entry(&env, &c, "rq1", "17").await;
 
     // Exit 1 sells the 17; its order fills 7 and works on.
-    let x1 = exit_of(&entry, "rq2", true);
-    env.publish(&x1).await;
-    let d1 = env.decision_of(&x1.signal_id, T).await.unwrap();
-    assert_eq!(d1.final_quantity, d("17"));
+    let x1 = exit_sells(&env, &entry, "rq2", "17").await;
     let o1 = order_id(&x1.signal_id, 0);
-    env.publish_json(
-        events_subject.clone(),
-        &order_events(
-            &o1,
-            &[
-                (OrderStatus::Submitted, "0"),
-                (OrderStatus::PartiallyFilled, "7"),
-            ],
-        ),
+    venue_says(
+        &env,
+        &o1,
+        &[
+            (OrderStatus::Submitted, "0"),
+            (OrderStatus::PartiallyFilled, "7"),
+        ],
     )
     .await;
     st.open_positions[0].quantity = d("10");
@@ -2761,16 +2713,14 @@ async fn a_redelivered_exit_keeps_the_quantity_of_the_order_the_venue_has() {
     );
 
     // The venue's order (17) fills in full.
-    env.publish_json(
-        events_subject.clone(),
-        &order_events(
-            &o1,
-            &[
-                (OrderStatus::Submitted, "0"),
-                (OrderStatus::PartiallyFilled, "7"),
-                (OrderStatus::Filled, "17"),
-            ],
-        ),
+    venue_says(
+        &env,
+        &o1,
+        &[
+            (OrderStatus::Submitted, "0"),
+            (OrderStatus::PartiallyFilled, "7"),
+            (OrderStatus::Filled, "17"),
+        ],
     )
     .await;
     assert!(wait_until(T, || c.ended_order(&o1).is_some()).await);
@@ -2789,16 +2739,6 @@ async fn a_redelivered_exit_keeps_the_quantity_of_the_order_the_venue_has() {
     );
 
     // A second exit of the same entry has nothing left to close.
-    let x2 = exit_of(&entry, "rq3", true);
-    env.publish(&x2).await;
-    let d2 = env.decision_of(&x2.signal_id, T).await.unwrap();
-    assert_eq!(
-        d2.final_quantity,
-        d("0"),
-        "second exit of a flat entry sells {} ({}: {})",
-        d2.final_quantity,
-        d2.decision,
-        d2.reason
-    );
+    exit_sells(&env, &entry, "rq3", "0").await;
     env.shutdown.cancel();
 }
