@@ -9,7 +9,7 @@
 //! | system config | KV `system`: key `config` = [`SystemConfig`] JSON; key `TRADING_ENABLED` (`true`/`false`) and key `kill_switch` (`true` = halted) override the kill switch (watched) |
 //! | account state | KV `account_state`, key `account_state_key(account)` (watched: single-token keys only); `strategy_pnl_today` feeds `max_daily_loss` when the state is of the decision's UTC day |
 //! | marks | `market.prices.<symbol>` on `MARKET`: an ordered consumer per replica starting with the last price per subject (so the latest marks are known at start; `start` waits up to `marks_initial_wait` for them), then every new price; the greatest `(timestamp, price)` per symbol is kept (order-independent, like the accounts stage). They price MARKET legs and measure the slippage rule's drift (fresh: not older than `mark_max_age_secs`) |
-//! | order events | `orders.<account>.events` on `ORDER_EVENTS`: an ordered consumer per replica, starting at the oldest hold of any reservation book (at least a minute back, at most `reservation_max_age`), so an order that ended while the replica was down is known; `start` waits up to `evidence_initial_wait` for the replay, and book syncs wait for it (re-opened after a failure from the next stream sequence, so no event is skipped); terminal events release reservations and tell exits what their entry filled (below) |
+//! | order events | `orders.<account>.events` on `ORDER_EVENTS`: an ordered consumer per replica, starting at the oldest hold of any reservation book (at least a minute back, at most `reservation_max_age`), so an order that ended while the replica was down is known; `start` waits up to `evidence_initial_wait` for the replay, book syncs wait for it, and until it is done no hold is settled by the time rules (re-opened after a failure from the next stream sequence, so no event is skipped); terminal events release reservations and tell exits what their entry filled (below) |
 //! | executions | `executions.<account>` on `EXECUTIONS`: an ordered consumer per replica from the same start (same re-opening); per order, the quantity executed and the stream sequence of its last execution, so a state whose `executions_seq` covers it proves the fill booked (below) |
 //! | backtest returns | MongoDB `<mongo.trading_db>.strategy_backtest_data` ([`crate::backtests`]), loaded in the background at start and every `backtest_refresh`; unavailable = CVaR recorded as [`crate::CvarSkip::Unavailable`], never a blocked decision |
 //! | instrument specs | built-in table ([`InstrumentSpecs::with_defaults`]) overridden by `[accounts.instruments]`, so Cerebro and the ledger margin alike |
@@ -795,6 +795,10 @@ pub struct Evidence<'a> {
     pub now: DateTime<Utc>,
     /// Fills seen on `EXECUTIONS`, by order id (none: time rules only).
     pub fills: Option<&'a HashMap<String, FillProgress>>,
+    /// The order events and executions since the oldest hold are still
+    /// being replayed (start-up): an end or fill may just not be known yet,
+    /// so no time rule settles anything.
+    pub replaying: bool,
     /// The state's working orders: order id → remaining quantity.
     working: HashMap<&'a str, Decimal>,
 }
@@ -815,8 +819,15 @@ impl<'a> Evidence<'a> {
             ended,
             now,
             fills: None,
+            replaying: false,
             working,
         }
+    }
+
+    /// Whether the evidence feeds are still replaying (see the field).
+    pub fn replaying(mut self, replaying: bool) -> Self {
+        self.replaying = replaying;
+        self
     }
 
     /// With the fills seen on `EXECUTIONS`: a filled order is then settled
@@ -927,6 +938,7 @@ fn progress(
     let booked = (leg.seen && !exact)
         || ended.is_some_and(|e| ev.booked(&leg.order_id, e.filled))
         || (!unbooked
+            && !ev.replaying
             && (ended.is_some_and(|e| at_least(state.timestamp, e.at, rules.booking_grace))
                 || at_least(state.timestamp, created_at, rules.unbooked_grace)));
     if booked {
@@ -1409,6 +1421,10 @@ pub struct Cerebro {
     /// them ran out): book syncs wait for it, so no hold is settled by the
     /// time rules while its order's end is still being replayed.
     evidence_ready: tokio::sync::watch::Sender<bool>,
+    /// True once both evidence feeds caught up with their start-up replay
+    /// (unlike `evidence_ready`, never before): until then no time rule
+    /// settles a hold.
+    replayed: std::sync::atomic::AtomicBool,
     metrics: CerebroMetrics,
     shutdown: CancellationToken,
 }
@@ -1550,6 +1566,7 @@ impl Cerebro {
             epoch: AtomicU64::new(0),
             syncing: std::sync::Mutex::new(HashSet::new()),
             evidence_ready: tokio::sync::watch::Sender::new(false),
+            replayed: std::sync::atomic::AtomicBool::new(false),
             metrics,
             shutdown: shutdown.clone(),
         });
@@ -1631,20 +1648,22 @@ impl Cerebro {
                 "executions",
                 Cerebro::on_execution,
             );
+            let c = Arc::clone(&me);
+            let mut replay = tokio::spawn(async move {
+                let _ = events.wait_for(|r| *r).await;
+                let _ = fills.wait_for(|r| *r).await;
+                c.replayed.store(true, Ordering::Release);
+            });
             let wait = me.settings.evidence_initial_wait;
-            let caught_up = tokio::time::timeout(wait, async {
-                let _ = events.wait_for(|r| *r).await.is_ok();
-                let _ = fills.wait_for(|r| *r).await.is_ok();
-            })
-            .await
-            .is_ok();
-            if !caught_up {
+            if tokio::time::timeout(wait, &mut replay).await.is_err() {
                 tracing::warn!(
                     ?wait,
                     %since,
-                    "order events / executions since the oldest reservation not replayed yet; starting without them"
+                    "order events / executions since the oldest reservation not replayed yet; starting without them (no hold is settled by the time rules until they are)"
                 );
             }
+        } else {
+            me.replayed.store(true, Ordering::Release);
         }
         me.evidence_ready.send_replace(true);
         // Reconcile every book with what was replayed while it is fresh.
@@ -2261,6 +2280,20 @@ impl Cerebro {
         Ok(())
     }
 
+    /// The evidence books are reconciled with: the state, the order ends
+    /// and fills this replica knows, and whether those are still replaying.
+    fn evidence<'a>(
+        &self,
+        state: Option<&'a AccountState>,
+        ended: &'a HashMap<String, EndedOrder>,
+        fills: &'a HashMap<String, FillProgress>,
+        now: DateTime<Utc>,
+    ) -> Evidence<'a> {
+        Evidence::new(state, ended, now)
+            .with_fills(fills)
+            .replaying(!self.replayed.load(Ordering::Acquire))
+    }
+
     /// Where the order-event and execution feeds start: at the oldest hold
     /// of any reservation book less a margin for clock skew (its order may
     /// have ended while this replica was down), at least the time ends are remembered back (ends just
@@ -2500,7 +2533,7 @@ impl Cerebro {
         let changed = {
             let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
             let fills = self.fills.read().unwrap_or_else(|p| p.into_inner());
-            let ev = Evidence::new(state.as_deref(), &ended, Utc::now()).with_fills(&fills);
+            let ev = self.evidence(state.as_deref(), &ended, &fills, Utc::now());
             copy.book
                 .reconcile_noting(&ev, &SettleRules::of(&self.settings), &mut short)
         };
@@ -2872,7 +2905,7 @@ impl Cerebro {
             let (changed, mut totals, mut own, mut pending) = {
                 let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
                 let fills = self.fills.read().unwrap_or_else(|p| p.into_inner());
-                let ev = Evidence::new(state.as_deref(), &ended, now).with_fills(&fills);
+                let ev = self.evidence(state.as_deref(), &ended, &fills, now);
                 let changed = copy.book.reconcile_noting(&ev, &rules, &mut short);
                 let totals = copy.book.reserved(&ev, &rules, None);
                 let own: HashMap<String, (String, Reservation)> = jobs
@@ -3087,7 +3120,7 @@ impl Cerebro {
             let records: Vec<Option<EntryRecord>> = {
                 let ended = self.ended.read().unwrap_or_else(|p| p.into_inner());
                 let fills = self.fills.read().unwrap_or_else(|p| p.into_inner());
-                let ev = Evidence::new(state.as_deref(), &ended, now).with_fills(&fills);
+                let ev = self.evidence(state.as_deref(), &ended, &fills, now);
                 copy.dirty |= copy.book.reconcile_noting(&ev, &rules, &mut short);
                 if let Some(st) = &state {
                     let mut a = Self::account_inputs(st, now);
@@ -4063,6 +4096,34 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    /// While the start-up replay of order events and executions runs, an
+    /// order's end or fill may just not be known yet: no time rule settles
+    /// a hold (it could be taken for filled in full when it ended short),
+    /// while what the evidence proves still does.
+    #[test]
+    fn no_time_rule_settles_a_hold_while_the_evidence_is_replaying() {
+        let none = HashMap::new();
+        let fills = HashMap::new();
+        let st = state(600, &[]);
+        let mut b = book(&["a"]);
+        let ev = Evidence::new(Some(&st), &none, t(600))
+            .with_fills(&fills)
+            .replaying(true);
+        assert!(!b.reconcile(&ev, &rules()));
+        assert_eq!(b.held.len(), 1, "settled by the time rule mid-replay");
+        // An end without a fill is proof enough.
+        let ended = ended_a(Decimal::ZERO, t(5), OrderStatus::Rejected);
+        let ev = Evidence::new(Some(&st), &ended, t(600))
+            .with_fills(&fills)
+            .replaying(true);
+        assert!(b.reconcile(&ev, &rules()));
+        assert!(b.held.is_empty());
+        // Replayed: the time rule applies again.
+        let mut b = book(&["a"]);
+        let ev = Evidence::new(Some(&st), &none, t(600)).with_fills(&fills);
+        assert!(b.reconcile(&ev, &rules()));
     }
 
     /// A fill the executions feed saw but the state's `executions_seq`
