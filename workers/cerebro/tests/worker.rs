@@ -156,6 +156,16 @@ impl Env {
         (c, tokio::spawn(p.wait()), registry)
     }
 
+    /// Give the test strategy a `max_position_size` of `notional`.
+    async fn limit_position_size(&self, notional: &str) {
+        let mut s = strategy(SPX);
+        s.risk_limits = Some(mtx_cerebro::RiskLimits {
+            max_position_size: Some(d(notional)),
+            ..Default::default()
+        });
+        self.put_strategy(&s).await;
+    }
+
     async fn publish_mark(&self, symbol: &str, price: &str) {
         let m = MarketPrice {
             symbol: symbol.into(),
@@ -1826,12 +1836,7 @@ async fn target_weight_counts_units_approved_but_not_yet_booked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_position_size_counts_units_approved_but_not_yet_booked() {
     let env = Env::new().await;
-    let mut s = strategy(SPX);
-    s.risk_limits = Some(mtx_cerebro::RiskLimits {
-        max_position_size: Some(d("10000")),
-        ..Default::default()
-    });
-    env.put_strategy(&s).await;
+    env.limit_position_size("10000").await;
     let (_c, _h) = env.replica().await;
     let units = |tag: &str| {
         let mut s = aapl(tag);
@@ -1945,12 +1950,7 @@ async fn seen_order_is_not_released_before_its_fill_is_booked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivered_entry_does_not_rewrite_the_entry_record() {
     let env = Env::new().await;
-    let mut s = strategy(SPX);
-    s.risk_limits = Some(mtx_cerebro::RiskLimits {
-        max_position_size: Some(d("3000")),
-        ..Default::default()
-    });
-    env.put_strategy(&s).await;
+    env.limit_position_size("3000").await;
     let (c, _h) = env.replica().await;
     let entry = aapl("rd1");
     env.publish(&entry).await;
